@@ -1,0 +1,167 @@
+"""Store one artifact (a volume archive or a dump) on every destination, and read it back.
+
+This is the single path every byte of a backup takes: source chunks ->
+compress -> [encrypt] -> hash -> each destination's atomic upload; the
+catalog records the artifact before the first byte and the truth after the
+last. Restore and verify read copies back through `read_copy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import AbstractContextManager
+from typing import Callable, Iterable, Iterator
+
+from backupd.catalog import Catalog, CopyView, ArtifactView, STORED
+from backupd.config import Compression, Encryption
+from backupd.errors import BackupdError, IntegrityError
+from backupd.storage.base import Store
+from backupd.stream import (
+    CHUNK,
+    AllOutputsFailed,
+    Digest,
+    FanOut,
+    Progress,
+    build_pipeline,
+    decompressed,
+    read_chunks,
+    suffix_for,
+)
+
+log = logging.getLogger(__name__)
+
+SourceOpener = Callable[[], AbstractContextManager[Iterable[bytes]]]
+
+
+class Cancelled(BackupdError):
+    """The run was asked to stop (SIGTERM) and aborted cleanly."""
+
+
+def artifact_key(job: str, backup_id: str, kind: str, name: str, suffix: str) -> str:
+    """Where a copy lives in every store: grouped by job and backup, named by what it holds."""
+    return f"{job}/{backup_id}/{kind}-{name}{suffix}"
+
+
+def store_artifact(
+    *,
+    catalog: Catalog,
+    backup_id: str,
+    job: str,
+    kind: str,
+    name: str,
+    source: str,
+    open_source: SourceOpener,
+    stores: dict[str, Store],
+    compression: Compression,
+    encryption: Encryption | None = None,
+    cancel: threading.Event | None = None,
+) -> str:
+    """Stream one artifact to every store; return its status (succeeded/partial/failed)."""
+    encrypter = None
+    if encryption is not None:
+        from backupd.crypto import age_encrypter
+
+        encrypter = age_encrypter(encryption)
+    suffix = suffix_for(compression.algorithm, encrypter is not None)
+    keys = {dest: artifact_key(job, backup_id, kind, name, suffix) for dest in stores}
+    art_id = catalog.add_artifact(backup_id, kind, name, source, compression.algorithm,
+                                  "age" if encrypter else None, keys)
+    logger = logging.LoggerAdapter(log, {"backup_id": backup_id, "job": job, "artifact": f"{kind}:{name}"})
+    uploads, open_errors = {}, {}
+    for dest, store in stores.items():
+        try:
+            uploads[dest] = store.open_upload(keys[dest])
+        except Exception as exc:  # noqa: BLE001 - one destination must not sink the others
+            open_errors[dest] = str(exc)
+            logger.error("cannot start upload to %s: %s", dest, exc)
+    if not uploads:
+        catalog.finish_artifact(art_id, 0, "", open_errors)
+        return "failed"
+    fan = FanOut(uploads)
+    pipe = build_pipeline(fan, compression.algorithm, compression.effective_level,
+                          compression.threads, encrypter)
+    progress = Progress(f"{kind} {name}")
+    logger.info("archiving %s %s to %s", kind, name, ", ".join(uploads))
+    try:
+        with open_source() as chunks:
+            for chunk in chunks:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"{kind} '{name}': backup cancelled")
+                pipe.write(chunk)
+                progress.update(len(chunk))
+        pipe.close()  # flushes and commits each upload: copies appear only now
+    except AllOutputsFailed as exc:
+        progress.done()
+        result = fan.result()
+        catalog.finish_artifact(art_id, result.size, result.sha256, {**open_errors, **exc.errors})
+        logger.error("%s %s reached no destination: %s", kind, name, exc)
+        return "failed"
+    except BaseException as exc:
+        progress.done()
+        if not fan.closed:
+            fan.abort(f"source failed: {exc}")
+        catalog.fail_artifact(art_id, str(exc) or type(exc).__name__)
+        logger.error("%s %s failed: %s", kind, name, exc)
+        raise
+    progress.done()
+    result = fan.result()
+    status = catalog.finish_artifact(art_id, result.size, result.sha256, {**open_errors, **result.errors})
+    logger.info("%s %s %s: %d bytes stored, sha256 %s", kind, name, status, result.size, result.sha256)
+    return status
+
+
+def ordered_copies(artifact: ArtifactView, preference: list[str]) -> list[CopyView]:
+    """Stored copies, the configured destinations first (in their order), then the rest."""
+    stored = [c for c in artifact.copies if c.status == STORED]
+    rank = {name: i for i, name in enumerate(preference)}
+    return sorted(stored, key=lambda c: rank.get(c.destination, len(rank)))
+
+
+def read_copy(
+    store: Store,
+    copy: CopyView,
+    artifact: ArtifactView,
+    identity: str | None = None,
+) -> Iterator[bytes]:
+    """Plain (decrypted, decompressed) bytes of a copy, checking size and SHA-256 at the end.
+
+    An IntegrityError is raised after the last byte if the stored bytes do not
+    match the catalog, so callers must consume the iterator to the end before
+    trusting what they read.
+    """
+    digest = Digest()
+
+    def stored_bytes() -> Iterator[bytes]:
+        with store.open_read(copy.key) as fileobj:
+            for chunk in read_chunks(fileobj, CHUNK):
+                digest.update(chunk)
+                yield chunk
+        if digest.size != artifact.size or digest.sha256 != artifact.sha256:
+            raise IntegrityError(
+                f"copy on '{copy.destination}' ({copy.key}) does not match the catalog: "
+                f"size {digest.size} vs {artifact.size}, sha256 {digest.sha256[:16]}… vs "
+                f"{(artifact.sha256 or '')[:16]}…"
+            )
+
+    raw: Iterable[bytes] = stored_bytes()
+    if artifact.encryption:
+        from backupd.crypto import age_decrypt
+
+        if identity is None:
+            raise BackupdError(
+                f"{artifact.kind} '{artifact.name}' is encrypted: pass --identity FILE with an age identity")
+        raw = age_decrypt(raw, identity)
+    try:
+        yield from decompressed(raw, artifact.compression)
+    except IntegrityError:
+        raise
+    except (ValueError, OSError) as exc:
+        if digest.size != artifact.size or digest.sha256 != artifact.sha256:
+            raise IntegrityError(
+                f"copy on '{copy.destination}' ({copy.key}) is corrupt: {exc}") from None
+        raise IntegrityError(f"copy on '{copy.destination}' ({copy.key}) cannot be unpacked: {exc}") from None
+    except Exception as exc:  # zstd raises its own error type
+        if type(exc).__module__.startswith("zstandard") or "zstd" in type(exc).__name__.lower():
+            raise IntegrityError(f"copy on '{copy.destination}' ({copy.key}) is corrupt: {exc}") from None
+        raise

@@ -1,0 +1,396 @@
+"""The catalog: the record of every backup, artifact and copy.
+
+The catalog is the truth retention and restore work from, so it only ever
+says what happened: a copy is `stored` after its destination committed it,
+an artifact `succeeded` after every byte was hashed, a backup `succeeded`
+only when every artifact reached every destination. Each write is its own
+short transaction so a crash leaves the last true state behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from backupd.catalog.models import (
+    ArtifactRow,
+    BackupRow,
+    Base,
+    CopyRow,
+    HeldContainerRow,
+    SchemaVersion,
+)
+from backupd.errors import BackupdError, ConfigError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+# Backup statuses.
+RUNNING, SUCCEEDED, PARTIAL, FAILED = "running", "succeeded", "partial", "failed"
+# Copy statuses.
+PENDING, STORED, COPY_FAILED, DELETED, MISSING = "pending", "stored", "failed", "deleted", "missing"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_backup_id(now: datetime) -> str:
+    """Sortable by time, unique without coordination, short enough to type."""
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class CopyView:
+    destination: str
+    key: str
+    status: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ArtifactView:
+    id: int
+    kind: str
+    name: str
+    source: str
+    compression: str
+    encryption: str | None
+    status: str
+    size: int | None
+    sha256: str | None
+    error: str | None
+    copies: tuple[CopyView, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["destinations"] = data.pop("copies")
+        del data["id"]
+        return data
+
+
+@dataclass(frozen=True)
+class BackupView:
+    id: str
+    job: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    deleted_at: datetime | None
+    error: str | None
+    host: str
+    artifacts: tuple[ArtifactView, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(a.size or 0 for a in self.artifacts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "job": self.job,
+            "status": self.status,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "deleted_at": _iso(self.deleted_at),
+            "error": self.error,
+            "host": self.host,
+            "size": self.size,
+            "artifacts": [a.to_json() for a in self.artifacts],
+        }
+
+    def artifact(self, kind: str, name: str) -> ArtifactView:
+        for art in self.artifacts:
+            if art.kind == kind and art.name == name:
+                return art
+        have = ", ".join(f"{a.kind} {a.name}" for a in self.artifacts) or "none"
+        raise NotFoundError(f"backup {self.id} has no {kind} '{name}' (it has: {have})")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def _view(row: BackupRow) -> BackupView:
+    return BackupView(
+        id=row.id,
+        job=row.job,
+        status=row.status,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        deleted_at=row.deleted_at,
+        error=row.error,
+        host=row.host,
+        artifacts=tuple(
+            ArtifactView(
+                id=a.id,
+                kind=a.kind,
+                name=a.name,
+                source=a.source,
+                compression=a.compression,
+                encryption=a.encryption,
+                status=a.status,
+                size=a.size,
+                sha256=a.sha256,
+                error=a.error,
+                copies=tuple(CopyView(c.destination, c.key, c.status, c.error) for c in a.copies),
+            )
+            for a in row.artifacts
+        ),
+    )
+
+
+# Schema migrations: append a function per new version; never edit old ones.
+def _v1(engine: Engine) -> None:
+    Base.metadata.create_all(engine)
+
+
+MIGRATIONS: list[Callable[[Engine], None]] = [_v1]
+
+
+def _redact_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable catalog URL>"
+
+
+class Catalog:
+    """All catalog reads and writes; callers get frozen views, never ORM rows."""
+
+    def __init__(self, url: str) -> None:
+        self.url_for_humans = _redact_url(url)
+        try:
+            if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+                path = url.removeprefix("sqlite:///")
+                if path:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(url, future=True)
+        except (ArgumentError, ImportError, OSError) as exc:
+            raise ConfigError(f"catalog: cannot use '{self.url_for_humans}': {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            self.migrate()
+        except OperationalError as exc:
+            raise BackupdError(
+                f"catalog {self.url_for_humans} is not reachable: {exc.orig}"
+            ) from None
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest version; safe to run on every start."""
+        current = 0
+        if inspect(self.engine).has_table(SchemaVersion.__tablename__):
+            with self._session() as s:
+                current = s.scalar(select(SchemaVersion.version).order_by(SchemaVersion.version.desc())) or 0
+        if current > len(MIGRATIONS):
+            raise BackupdError(
+                f"catalog schema version {current} is newer than this backupd understands "
+                f"({len(MIGRATIONS)}); upgrade backupd"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            MIGRATIONS[version - 1](self.engine)
+            with self._session.begin() as s:
+                s.add(SchemaVersion(version=version))
+            log.info("catalog schema migrated to version %d", version)
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ writes
+
+    def start_backup(self, job: str, now: datetime | None = None) -> str:
+        now = now or utcnow()
+        backup_id = new_backup_id(now)
+        with self._session.begin() as s:
+            s.add(BackupRow(id=backup_id, job=job, status=RUNNING, started_at=now,
+                            host=socket.gethostname(), pid=os.getpid()))
+        return backup_id
+
+    def add_artifact(
+        self,
+        backup_id: str,
+        kind: str,
+        name: str,
+        source: str,
+        compression: str,
+        encryption: str | None,
+        keys: dict[str, str],
+    ) -> int:
+        """Record an artifact about to be written, with a pending copy per destination."""
+        with self._session.begin() as s:
+            art = ArtifactRow(backup_id=backup_id, kind=kind, name=name, source=source,
+                              compression=compression, encryption=encryption, status=RUNNING)
+            art.copies = [CopyRow(destination=d, key=k, status=PENDING) for d, k in keys.items()]
+            s.add(art)
+            s.flush()
+            return art.id
+
+    def finish_artifact(
+        self, artifact_id: int, size: int, sha256: str, copy_errors: dict[str, str]
+    ) -> str:
+        """Record the stored size/hash; copies without an error are stored."""
+        with self._session.begin() as s:
+            art = s.get_one(ArtifactRow, artifact_id)
+            art.size, art.sha256 = size, sha256
+            for copy in art.copies:
+                if copy.destination in copy_errors:
+                    copy.status, copy.error = COPY_FAILED, copy_errors[copy.destination]
+                else:
+                    copy.status = STORED
+            stored = [c for c in art.copies if c.status == STORED]
+            art.status = SUCCEEDED if len(stored) == len(art.copies) else (PARTIAL if stored else FAILED)
+            if copy_errors:
+                art.error = "; ".join(f"{d}: {e}" for d, e in copy_errors.items())
+            return art.status
+
+    def fail_artifact(self, artifact_id: int, error: str) -> None:
+        with self._session.begin() as s:
+            art = s.get_one(ArtifactRow, artifact_id)
+            art.status, art.error = FAILED, error
+            for copy in art.copies:
+                if copy.status == PENDING:
+                    copy.status, copy.error = COPY_FAILED, error
+
+    def finish_backup(self, backup_id: str, error: str | None = None) -> str:
+        """Derive the run's status from its artifacts: the catalog never guesses."""
+        with self._session.begin() as s:
+            row = s.get_one(BackupRow, backup_id)
+            statuses = [a.status for a in row.artifacts]
+            if error is None and statuses and all(st == SUCCEEDED for st in statuses):
+                row.status = SUCCEEDED
+            elif any(st in (SUCCEEDED, PARTIAL) for st in statuses):
+                row.status = PARTIAL
+            else:
+                row.status = FAILED
+            errors = [e for e in [error] + [f"{a.kind} {a.name}: {a.error}" for a in row.artifacts if a.error] if e]
+            row.error = "; ".join(errors) or None
+            row.finished_at = utcnow()
+            return row.status
+
+    def set_copy_status(self, backup_id: str, destination: str, key: str, status: str,
+                        error: str | None = None) -> None:
+        with self._session.begin() as s:
+            copy = s.scalars(
+                select(CopyRow).join(ArtifactRow)
+                .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination,
+                       CopyRow.key == key)
+            ).one()
+            copy.status, copy.error = status, error
+
+    def mark_deleted(self, backup_id: str) -> None:
+        with self._session.begin() as s:
+            s.get_one(BackupRow, backup_id).deleted_at = utcnow()
+
+    def fail_interrupted(self) -> list[str]:
+        """Runs left 'running' by a dead process on this host are failed, truthfully."""
+        host = socket.gethostname()
+        failed = []
+        with self._session.begin() as s:
+            rows = s.scalars(select(BackupRow).where(BackupRow.status == RUNNING, BackupRow.host == host))
+            for row in rows:
+                if row.pid != os.getpid() and not _pid_alive(row.pid):
+                    for art in row.artifacts:
+                        if art.status == RUNNING:
+                            art.status, art.error = FAILED, "interrupted"
+                        for copy in art.copies:
+                            if copy.status == PENDING:
+                                copy.status, copy.error = COPY_FAILED, "interrupted"
+                    row.status, row.error, row.finished_at = FAILED, "interrupted: backupd stopped mid-run", utcnow()
+                    failed.append(row.id)
+        return failed
+
+    # ------------------------------------------------------------ held containers
+
+    def hold_container(self, backup_id: str, container_id: str, name: str) -> int:
+        with self._session.begin() as s:
+            row = HeldContainerRow(backup_id=backup_id, container_id=container_id,
+                                   container_name=name, host=socket.gethostname(), stopped_at=utcnow())
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def release_container(self, hold_id: int) -> None:
+        with self._session.begin() as s:
+            s.get_one(HeldContainerRow, hold_id).restarted_at = utcnow()
+
+    def held_containers(self) -> list[tuple[int, str, str]]:
+        """(hold id, container id, name) of containers stopped and not yet restarted, this host."""
+        with self._session() as s:
+            rows = s.scalars(select(HeldContainerRow).where(
+                HeldContainerRow.restarted_at.is_(None), HeldContainerRow.host == socket.gethostname()))
+            return [(r.id, r.container_id, r.container_name) for r in rows]
+
+    # ------------------------------------------------------------ reads
+
+    def get(self, backup_id: str) -> BackupView:
+        with self._session() as s:
+            row = s.scalars(
+                select(BackupRow).where(BackupRow.id == backup_id)
+                .options(selectinload(BackupRow.artifacts).selectinload(ArtifactRow.copies))
+            ).one_or_none()
+            if row is None:
+                raise NotFoundError(f"backup '{backup_id}' is not in the catalog {self.url_for_humans}")
+            return _view(row)
+
+    def list(self, job: str | None = None, include_deleted: bool = False,
+             statuses: Iterable[str] | None = None) -> list[BackupView]:
+        """Backups newest first."""
+        query = select(BackupRow).options(
+            selectinload(BackupRow.artifacts).selectinload(ArtifactRow.copies)
+        ).order_by(BackupRow.started_at.desc(), BackupRow.id.desc())
+        if job is not None:
+            query = query.where(BackupRow.job == job)
+        if not include_deleted:
+            query = query.where(BackupRow.deleted_at.is_(None))
+        if statuses is not None:
+            query = query.where(BackupRow.status.in_(list(statuses)))
+        with self._session() as s:
+            return [_view(r) for r in s.scalars(query)]
+
+    def session(self) -> Session:
+        """For modules (retention, rebuild) that need a query of their own."""
+        return self._session()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = [
+    "Catalog", "BackupView", "ArtifactView", "CopyView", "SQLAlchemyError",
+    "RUNNING", "SUCCEEDED", "PARTIAL", "FAILED",
+    "PENDING", "STORED", "COPY_FAILED", "DELETED", "MISSING", "utcnow",
+]

@@ -1,0 +1,94 @@
+"""SQLAlchemy models of the catalog: runs, artifacts, copies, held containers."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC (SQLite has no time zones), always returned aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the catalog")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "backupd_schema"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class BackupRow(Base):
+    __tablename__ = "backups"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))  # running/succeeded/partial/failed
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    artifacts: Mapped[list["ArtifactRow"]] = relationship(
+        back_populates="backup", order_by="ArtifactRow.id", cascade="all, delete-orphan"
+    )
+    __table_args__ = (Index("ix_backups_job_started", "job", "started_at"),)
+
+
+class ArtifactRow(Base):
+    __tablename__ = "artifacts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    backup_id: Mapped[str] = mapped_column(ForeignKey("backups.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # volume / database
+    name: Mapped[str] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(Text, default="")
+    compression: Mapped[str] = mapped_column(String(16))
+    encryption: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    status: Mapped[str] = mapped_column(String(16))  # running/succeeded/failed
+    size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    backup: Mapped[BackupRow] = relationship(back_populates="artifacts")
+    copies: Mapped[list["CopyRow"]] = relationship(
+        back_populates="artifact", order_by="CopyRow.id", cascade="all, delete-orphan"
+    )
+
+
+class CopyRow(Base):
+    __tablename__ = "copies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    artifact_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    key: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending/stored/failed/deleted/missing
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    artifact: Mapped[ArtifactRow] = relationship(back_populates="copies")
+
+
+class HeldContainerRow(Base):
+    """A container backupd stopped; written before stopping, cleared after starting."""
+
+    __tablename__ = "held_containers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    backup_id: Mapped[str] = mapped_column(String(64), index=True)
+    container_id: Mapped[str] = mapped_column(String(128))
+    container_name: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255), default="")
+    stopped_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    restarted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

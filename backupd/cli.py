@@ -1,0 +1,224 @@
+"""Command line: parse arguments, build what a command needs, print, exit.
+
+Each command is a small function taking the parsed arguments; the dispatch
+is the `func` default set by its subparser. Errors a user can act on are
+BackupdError: printed as one line, exit code from the error's class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from backupd import __version__
+from backupd.catalog import SUCCEEDED, PARTIAL, BackupView, Catalog
+from backupd.config import Config, default_config_path, load_config
+from backupd.errors import BackupdError, PartialError
+from backupd.logs import setup_logging
+from backupd.stream import human_bytes
+
+log = logging.getLogger("backupd")
+
+EXIT_FAILED = 1
+
+
+class Context:
+    """Loads the config, catalog and engine on first use, so `--help` and `config check` stay cheap."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._config: Config | None = None
+        self._catalog: Catalog | None = None
+        self._host: Any = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.args.config or default_config_path())
+        return self._config
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = Catalog(self.config.catalog)
+        return self._catalog
+
+    @property
+    def host(self) -> Any:
+        if self._host is None:
+            from backupd.docker_host import DockerHost, connect
+
+            self._host = DockerHost(connect(), self.config.helper_image)
+        return self._host
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_backup(ctx: Context) -> int:
+    from backupd.run import make_plan, run_backup
+
+    config, job = ctx.config, ctx.args.job
+    config.job(job)
+    plan = make_plan(config, job, ctx.host)
+    ctx.catalog.fail_interrupted()
+    result = run_backup(config, plan, ctx.catalog, ctx.host)
+    print(result.backup_id)
+    if result.status == SUCCEEDED:
+        return 0
+    for err in result.errors:
+        print(f"backupd: backup {result.backup_id} {result.status}: {err}", file=sys.stderr)
+    return PartialError.exit_code if result.status == PARTIAL else EXIT_FAILED
+
+
+def cmd_list(ctx: Context) -> int:
+    backups = ctx.catalog.list(job=ctx.args.job)
+    if ctx.args.json:
+        json.dump([b.to_json() for b in backups], sys.stdout, indent=2)
+        print()
+        return 0
+    rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
+    for b in backups:
+        rows.append((b.id, b.job, b.status, b.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+                     human_bytes(b.size), str(len(b.artifacts))))
+    _print_table(rows)
+    return 0
+
+
+def cmd_show(ctx: Context) -> int:
+    backup = ctx.catalog.get(ctx.args.backup_id)
+    if ctx.args.json:
+        json.dump(backup.to_json(), sys.stdout, indent=2)
+        print()
+        return 0
+    print(_describe(backup))
+    return 0
+
+
+def cmd_restore(ctx: Context) -> int:
+    args = ctx.args
+    if args.volume:
+        from backupd.restore import restore_volume
+
+        target = restore_volume(config=ctx.config, catalog=ctx.catalog, host=ctx.host,
+                                backup_id=args.backup_id, volume=args.volume,
+                                to_volume=args.to_volume, force=args.force, identity=args.identity)
+        print(f"restored volume {args.volume} from {args.backup_id} into {target}")
+        return 0
+    from backupd.quiesce.restore import restore_database
+
+    target = restore_database(config=ctx.config, catalog=ctx.catalog, host=ctx.host,
+                              backup_id=args.backup_id, name=args.database,
+                              to_container=args.to_container, force=args.force, identity=args.identity)
+    print(f"restored database dump {args.database} from {args.backup_id} into {target}")
+    return 0
+
+
+def cmd_config_check(ctx: Context) -> int:
+    config = ctx.config
+    path = ctx.args.config or default_config_path()
+    print(f"{path}: ok ({len(config.jobs)} job(s), {len(config.destinations)} destination(s))")
+    return 0
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _describe(b: BackupView) -> str:
+    lines = [
+        f"backup    {b.id}",
+        f"job       {b.job}",
+        f"status    {b.status}",
+        f"started   {b.started_at.isoformat()}",
+        f"finished  {b.finished_at.isoformat() if b.finished_at else '-'}",
+        f"host      {b.host}",
+    ]
+    if b.deleted_at:
+        lines.append(f"deleted   {b.deleted_at.isoformat()}")
+    if b.error:
+        lines.append(f"error     {b.error}")
+    for a in b.artifacts:
+        enc = f", {a.encryption}" if a.encryption else ""
+        lines.append(f"  {a.kind} {a.name} ({a.source}): {a.status}, "
+                     f"{human_bytes(a.size or 0)}, {a.compression}{enc}, sha256 {a.sha256 or '-'}")
+        for c in a.copies:
+            err = f" ({c.error})" if c.error else ""
+            lines.append(f"    {c.destination}: {c.status} {c.key}{err}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backupd", description="Scheduled backups of Docker volumes and databases.")
+    parser.add_argument("--config", help="config file (default: $BACKUPD_CONFIG, then /etc/backupd/backupd.yml)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="log format (default: text on a terminal, json otherwise)")
+    parser.add_argument("--version", action="version", version=f"backupd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[Context], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("backup", cmd_backup, "run one job now; prints the backup id, exit 0 only if every "
+            "artifact reached every destination")
+    p.add_argument("job")
+
+    p = add("list", cmd_list, "list backups in the catalog, newest first")
+    p.add_argument("--job")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = add("show", cmd_show, "show one backup with its artifacts and copies")
+    p.add_argument("backup_id")
+    p.add_argument("--json", action="store_true")
+
+    p = add("restore", cmd_restore, "restore a volume or a database dump from a backup")
+    p.add_argument("backup_id")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--volume", help="the volume (artifact name) to restore")
+    what.add_argument("--database", help="the database dump (its `name:` in the job) to restore")
+    p.add_argument("--to-volume", help="restore into this volume instead (created if missing)")
+    p.add_argument("--to-container", help="restore the dump into this container instead")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty target (containers using it are stopped meanwhile)")
+    p.add_argument("--identity", help="age identity file, for encrypted backups")
+
+    config_p = sub.add_parser("config", help="config file commands")
+    config_sub = config_p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    check = config_sub.add_parser("check", help="validate the config file; non-zero exit on error")
+    check.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    if getattr(args, "to_volume", None) and not getattr(args, "volume", None):
+        print("backupd: error: --to-volume goes with --volume", file=sys.stderr)
+        return 2
+    if getattr(args, "to_container", None) and not getattr(args, "database", None):
+        print("backupd: error: --to-container goes with --database", file=sys.stderr)
+        return 2
+    ctx = Context(args)
+    try:
+        return args.func(ctx)
+    except BackupdError as exc:
+        print(f"backupd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("backupd: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,507 @@
+"""The config file: schema, loading, ${ENV} interpolation and *_file secrets.
+
+The YAML is parsed once into typed, frozen objects; the rest of backupd never
+sees raw dicts. Every validation error names the key path
+(``jobs.nightly.volumes[1]: ...``) so an operator can find it at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BeforeValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from backupd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/backupd/backupd.yml"
+DEFAULT_CATALOG = "sqlite:////var/lib/backupd/catalog.db"
+DEFAULT_LOCAL_PATH = "/backups"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+DURATION_RE = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str | int | float) -> timedelta:
+    """'90s', '15m', '12h', '7d', '2w', '1d12h' (or a number of seconds)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return timedelta(seconds=text)
+    match = DURATION_RE.match(str(text).strip())
+    if not str(text).strip() or not match:
+        raise ValueError(f"'{text}' is not a duration (use e.g. 30s, 15m, 12h, 7d, 2w)")
+    weeks, days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    """Strict base: unknown keys are typos, and typos in a backup config lose data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_secret_file(path: str | Path) -> SecretStr:
+    """Read a secret from a file (Docker/Compose secrets), without its trailing newline."""
+    try:
+        return SecretStr(Path(path).read_text(encoding="utf-8").rstrip("\r\n"))
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file '{path}': {exc.strerror}") from None
+
+
+def _secret_from_file(model: Any, field: str) -> Any:
+    """Fill `field` from `field_file` when given; both at once is ambiguous."""
+    file_value = getattr(model, f"{field}_file")
+    if file_value is None:
+        return model
+    if getattr(model, field) is not None:
+        raise ValueError(f"set either {field} or {field}_file, not both")
+    object.__setattr__(model, field, read_secret_file(file_value))
+    return model
+
+
+# ---------------------------------------------------------------- destinations
+
+
+class LocalDestination(_Model):
+    type: Literal["local"]
+    path: Path = Path(DEFAULT_LOCAL_PATH)
+
+
+class S3Destination(_Model):
+    type: Literal["s3"]
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    secret_access_key_file: Path | None = None
+    storage_class: str | None = None
+    server_side_encryption: str | None = None  # "AES256" or "aws:kms"
+    sse_kms_key_id: str | None = None
+    part_size_mb: int = Field(default=64, ge=5, le=5120)
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "S3Destination":
+        return _secret_from_file(self, "secret_access_key")
+
+
+class SftpDestination(_Model):
+    type: Literal["sftp"]
+    host: str
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str
+    path: str = "."
+    key_file: Path | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    known_hosts: Path | None = None
+    host_key_fingerprint: str | None = None  # "SHA256:..." as ssh-keygen -l prints
+
+    @model_validator(mode="after")
+    def _checks(self) -> "SftpDestination":
+        _secret_from_file(self, "password")
+        if self.key_file is None and self.password is None:
+            raise ValueError("set key_file or password_file to log in")
+        if self.known_hosts is None and self.host_key_fingerprint is None:
+            raise ValueError(
+                "set known_hosts or host_key_fingerprint: unknown host keys are never accepted"
+            )
+        return self
+
+
+Destination = Annotated[
+    Union[LocalDestination, S3Destination, SftpDestination], Field(discriminator="type")
+]
+
+# ---------------------------------------------------------------- job parts
+
+
+class VolumeSelector(_Model):
+    """One entry of `volumes:`: a name, or exactly one of label/compose_project/container/path."""
+
+    name: str | None = None
+    label: str | None = None
+    compose_project: str | None = None
+    container: str | None = None
+    path: str | None = None
+    as_name: str | None = Field(default=None, alias="as")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "VolumeSelector":
+        given = [k for k in ("name", "label", "compose_project", "container", "path") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of name, label, compose_project, container, path"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.path is not None and not self.path.startswith("/"):
+            raise ValueError(f"path '{self.path}' must be absolute (a path on the Docker host)")
+        if self.label is not None and not re.match(r"^[^=\s]+(=[^\s]*)?$", self.label):
+            raise ValueError(f"label '{self.label}' must be key or key=value")
+        if self.as_name is not None and not NAME_RE.match(self.as_name):
+            raise ValueError(f"as '{self.as_name}' must match {NAME_RE.pattern}")
+        return self
+
+
+class ContainerSelector(_Model):
+    name: str | None = None
+    label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ContainerSelector":
+        if (self.name is None) == (self.label is None):
+            raise ValueError("give exactly one of name or label")
+        return self
+
+
+class DatabaseSpec(_Model):
+    name: str
+    type: Literal["postgres", "postgresql", "mysql", "mariadb"]
+    container: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    user: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    database: str | list[str] = "all"
+    options: list[str] = []
+    timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> "DatabaseSpec":
+        _secret_from_file(self, "password")
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"name '{self.name}' must match {NAME_RE.pattern}")
+        if (self.container is None) == (self.host is None):
+            raise ValueError("give exactly one of container (docker exec) or host (network)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """postgres or mysql: mariadb and postgresql are aliases."""
+        return {"postgresql": "postgres", "mariadb": "mysql"}.get(self.type, self.type)
+
+
+class Hook(_Model):
+    command: list[str] | str
+    container: str | None = None  # None: run inside backupd itself
+    timeout: Duration = timedelta(minutes=5)
+    on_error: Literal["fail", "continue"] = "fail"
+
+    @property
+    def argv(self) -> list[str]:
+        """A string command runs through sh -c; a list is exec'd as is."""
+        return ["sh", "-c", self.command] if isinstance(self.command, str) else list(self.command)
+
+
+class Hooks(_Model):
+    before: list[Hook] = []
+    after: list[Hook] = []
+
+
+class Compression(_Model):
+    algorithm: Literal["zstd", "gzip"] = "zstd"
+    level: int | None = None  # zstd default 3, gzip default 6
+    threads: int = 0  # zstd worker threads; 0 = one per core
+
+    @model_validator(mode="after")
+    def _level_range(self) -> "Compression":
+        low, high = (1, 19) if self.algorithm == "zstd" else (1, 9)
+        if self.level is not None and not low <= self.level <= high:
+            raise ValueError(f"level {self.level} is out of range {low}..{high} for {self.algorithm}")
+        return self
+
+    @property
+    def effective_level(self) -> int:
+        return self.level if self.level is not None else (3 if self.algorithm == "zstd" else 6)
+
+
+class Encryption(_Model):
+    age_recipients: list[str] = []
+    age_recipients_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _some_recipient(self) -> "Encryption":
+        if not self.age_recipients and self.age_recipients_file is None:
+            raise ValueError("give age_recipients or age_recipients_file")
+        return self
+
+
+class Retention(_Model):
+    keep_last: int | None = Field(default=None, ge=0)
+    keep_hourly: int | None = Field(default=None, ge=0)
+    keep_daily: int | None = Field(default=None, ge=0)
+    keep_weekly: int | None = Field(default=None, ge=0)
+    keep_monthly: int | None = Field(default=None, ge=0)
+    keep_yearly: int | None = Field(default=None, ge=0)
+    keep_within: Duration | None = None
+    keep_failed: Duration | None = None
+    schedule: str | None = None
+
+    @model_validator(mode="after")
+    def _keeps_something(self) -> "Retention":
+        counts = (self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly,
+                  self.keep_monthly, self.keep_yearly)
+        if not any(counts) and not self.keep_within:
+            raise ValueError("this policy would keep nothing: set at least one keep_* rule")
+        return self
+
+
+class Job(_Model):
+    schedule: str | None = None
+    timezone: str = "UTC"
+    jitter: Duration | None = None
+    volumes: list[VolumeSelector] = []
+    databases: list[DatabaseSpec] = []
+    stop_containers: list[ContainerSelector] = []
+    hooks: Hooks = Hooks()
+    destinations: list[str] | None = None  # None: every configured destination
+    retention: Retention | None = None
+    compression: Compression | None = None
+    encryption: Encryption | None = None
+    verify_schedule: str | None = None
+    notify_on_success: bool | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone '{value}'") from None
+        return value
+
+    @field_validator("schedule", "verify_schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            validate_cron(value)
+        return value
+
+
+def validate_cron(expr: str) -> None:
+    """Five-field cron only: a six-field one silently means seconds elsewhere."""
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"schedule '{expr}' must have 5 fields (minute hour day month weekday)")
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(expr)
+    except ValueError as exc:
+        raise ValueError(f"schedule '{expr}' is not valid cron: {exc}") from None
+
+
+class Http(_Model):
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class Notifications(_Model):
+    webhook_url: str | None = None
+    webhook_url_file: Path | None = None
+    ping_url: str | None = None
+    on_success: bool = False
+    timeout: Duration = timedelta(seconds=10)
+
+
+class Scheduler(_Model):
+    misfire_grace: Duration = timedelta(hours=1)
+    stop_grace: Duration = timedelta(minutes=5)
+
+
+class Config(_Model):
+    catalog: str = DEFAULT_CATALOG
+    helper_image: str | None = None  # None: backupd's own image when it runs in a container
+    destinations: dict[str, Destination] = Field(
+        default_factory=lambda: {"local": LocalDestination(type="local")}
+    )
+    jobs: dict[str, Job] = {}
+    compression: Compression = Compression()
+    encryption: Encryption | None = None
+    retention: Retention | None = None
+    http: Http = Http()
+    notifications: Notifications = Notifications()
+    scheduler: Scheduler = Scheduler()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "Config":
+        for name in list(self.destinations) + list(self.jobs):
+            if not NAME_RE.match(name):
+                raise ValueError(f"name '{name}' must match {NAME_RE.pattern}")
+        for job_name, job in self.jobs.items():
+            for i, dest in enumerate(job.destinations or []):
+                if dest not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none"
+                    raise _KeyedError(
+                        f"jobs.{job_name}.destinations[{i}]",
+                        f"destination '{dest}' is not defined (defined: {known})",
+                    )
+            if not job.volumes and not job.databases:
+                raise _KeyedError(f"jobs.{job_name}", "job backs up nothing: add volumes or databases")
+            names = [d.name for d in job.databases]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise _KeyedError(f"jobs.{job_name}.databases", f"duplicate name '{dupes[0]}'")
+        return self
+
+    def job(self, name: str) -> Job:
+        try:
+            return self.jobs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.jobs)) or "none"
+            raise ConfigError(f"job '{name}' is not defined in the config (jobs: {known})") from None
+
+    def job_destinations(self, job_name: str) -> dict[str, Any]:
+        names = self.jobs[job_name].destinations or list(self.destinations)
+        return {n: self.destinations[n] for n in names}
+
+    def job_compression(self, job_name: str) -> Compression:
+        return self.jobs[job_name].compression or self.compression
+
+    def job_encryption(self, job_name: str) -> Encryption | None:
+        return self.jobs[job_name].encryption or self.encryption
+
+    def job_retention(self, job_name: str) -> Retention | None:
+        return self.jobs[job_name].retention or self.retention
+
+
+class _KeyedError(ValueError):
+    """A cross-reference error that knows its own key path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+# ---------------------------------------------------------------- loading
+
+_ENV_RE = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+
+
+def interpolate(value: Any, env: dict[str, str], path: str = "") -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string; $$ is a literal $."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(1) == "$":
+            return "$"
+        name, default = match.group(2), match.group(3)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable '{name}' is not set")
+
+    return _ENV_RE.sub(substitute, value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _key_path(loc: tuple[Any, ...], data: Any) -> str:
+    """Render a pydantic error location as jobs.x.volumes[1], skipping union tags."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            continue
+        if isinstance(node, dict) and item not in node and item == node.get("type"):
+            continue  # discriminator tag, not a key
+        if "[" in str(item) or "(" in str(item):
+            continue  # validator wrapper names
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+def _first_error(exc: ValidationError, data: Any) -> str:
+    err = exc.errors()[0]
+    original = (err.get("ctx") or {}).get("error")
+    if isinstance(original, _KeyedError):
+        return f"{original.path}: {original.message}"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key (check spelling)"
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{_key_path(tuple(err['loc']), data)}: {message}{suffix}"
+
+
+def parse_config(data: Any, source: str = "config", env: dict[str, str] | None = None) -> Config:
+    """Validate already-parsed YAML data; errors name the source and key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        data = interpolate(data, dict(os.environ) if env is None else env)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_error(exc, data)}") from None
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    """Read and validate the config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist (set --config or BACKUPD_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+    return parse_config(data, str(path), env)
+
+
+def default_config_path() -> str:
+    return os.environ.get("BACKUPD_CONFIG") or DEFAULT_CONFIG_PATH

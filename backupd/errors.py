@@ -1,0 +1,43 @@
+"""Error types that carry enough context for a one-line message to an operator.
+
+Every error backupd raises on purpose is a BackupdError; the CLI prints its
+message on one line and exits with its `exit_code`. Anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class BackupdError(Exception):
+    """A failure the operator can act on; the message names what and where."""
+
+    exit_code = 1
+
+
+class ConfigError(BackupdError):
+    """The config file (or a CLI argument) is wrong; nothing was touched."""
+
+    exit_code = 2
+
+
+class NotFoundError(BackupdError):
+    """A volume, container, backup id or destination object does not exist."""
+
+    exit_code = 2
+
+
+class RefusedError(BackupdError):
+    """An operation was refused to protect data (e.g. overwrite without --force)."""
+
+    exit_code = 3
+
+
+class IntegrityError(BackupdError):
+    """Stored bytes do not match the catalog (size, checksum) or the archive is unsafe."""
+
+    exit_code = 4
+
+
+class PartialError(BackupdError):
+    """Some artifacts or copies landed and others did not."""
+
+    exit_code = 5

@@ -1,0 +1,1 @@
+"""Quiescing steps: database dumps, exec hooks, stopped containers."""

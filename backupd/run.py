@@ -1,0 +1,121 @@
+"""One backup run, from plan to record: the only place that sequences the steps.
+
+Order (each step logged): resolve everything first (unknown names fail before
+anything is touched), then archive each volume to every destination, then
+record the outcome and write a manifest beside the archives so the catalog can
+be rebuilt from any destination.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from backupd.artifact import Cancelled, store_artifact
+from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog
+from backupd.config import Config
+from backupd.docker_host import DockerHost, VolumeSource
+from backupd.storage import Store, open_store
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Plan:
+    """Everything a run will touch, resolved before it starts."""
+
+    job: str
+    volumes: list[VolumeSource]
+    stores: dict[str, Store]
+
+
+@dataclass
+class RunResult:
+    backup_id: str
+    status: str
+    errors: list[str] = field(default_factory=list)
+
+
+def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
+    """Resolve names and open destinations; raises before any side effect."""
+    job = config.job(job_name)
+    volumes = host.resolve_volumes(job_name, list(job.volumes))
+    if volumes:
+        host.check_helper_image()
+    stores = {name: open_store(name, spec) for name, spec in config.job_destinations(job_name).items()}
+    return Plan(job_name, volumes, stores)
+
+
+def run_backup(
+    config: Config,
+    plan: Plan,
+    catalog: Catalog,
+    host: DockerHost,
+    cancel: threading.Event | None = None,
+    on_start: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run one planned backup and record it; never raises for a failed artifact."""
+    job_name = plan.job
+    backup_id = catalog.start_backup(job_name)
+    if on_start is not None:
+        on_start(backup_id)
+    logger = logging.LoggerAdapter(log, {"backup_id": backup_id, "job": job_name})
+    logger.info("backup %s of job %s started: %d volume(s) to %s", backup_id, job_name,
+                len(plan.volumes), ", ".join(plan.stores))
+    compression = config.job_compression(job_name)
+    encryption = config.job_encryption(job_name)
+    run_error: str | None = None
+    try:
+        for src in plan.volumes:
+            try:
+                store_artifact(
+                    catalog=catalog, backup_id=backup_id, job=job_name, kind="volume",
+                    name=src.name, source=f"{src.kind}:{src.source}",
+                    open_source=lambda src=src: host.tar_stream(src),
+                    stores=plan.stores, compression=compression, encryption=encryption,
+                    cancel=cancel,
+                )
+            except Cancelled:
+                raise
+            except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
+                continue
+    except Cancelled as exc:
+        run_error = str(exc)
+    status = catalog.finish_backup(backup_id, run_error)
+    backup = catalog.get(backup_id)
+    if status != FAILED:
+        write_manifests(backup, plan.stores)
+    errors = [backup.error] if backup.error else []
+    log_fn = logger.info if status == SUCCEEDED else logger.error
+    log_fn("backup %s of job %s %s (%d bytes)%s", backup_id, job_name, status, backup.size,
+           f": {backup.error}" if backup.error else "")
+    return RunResult(backup_id, status, errors)
+
+
+def manifest_of(backup: "object") -> dict:
+    """What a destination needs to rebuild this backup's catalog rows."""
+    data = backup.to_json()  # type: ignore[attr-defined]
+    data["format"] = 1
+    return data
+
+
+def write_manifests(backup: "object", stores: dict[str, Store]) -> None:
+    """Put a manifest beside the archives on each destination that holds any of them."""
+    data = json.dumps(manifest_of(backup), indent=2).encode()
+    for dest, store in stores.items():
+        keys = [c.key for a in backup.artifacts for c in a.copies  # type: ignore[attr-defined]
+                if c.destination == dest and c.status == STORED]
+        if not keys:
+            continue
+        key = keys[0].rsplit("/", 1)[0] + "/" + MANIFEST
+        try:
+            upload = store.open_upload(key)
+            upload.write(data)
+            upload.commit()
+        except Exception as exc:  # noqa: BLE001 - the archives are safe; only rebuild suffers
+            log.warning("could not write %s to %s: %s", key, dest, exc)

@@ -1,0 +1,19 @@
+"""Destinations: one module per kind behind the Store interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backupd.storage.base import ObjectInfo, Store, Upload
+
+
+def open_store(name: str, spec: Any) -> Store:
+    """Build the Store for a destination entry of the config."""
+    if spec.type == "local":
+        from backupd.storage.local import LocalStore
+
+        return LocalStore(name, spec.path)
+    raise ValueError(f"destination '{name}': type '{spec.type}' is not supported yet")
+
+
+__all__ = ["ObjectInfo", "Store", "Upload", "open_store"]

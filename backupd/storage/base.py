@@ -1,0 +1,76 @@
+"""The one small interface every destination implements.
+
+Everything above this module is destination-agnostic: a backup writes a
+stream under a key, a restore reads it back, retention lists and deletes.
+An upload becomes visible under its final key only on `commit()`; `abort()`
+leaves nothing behind under that key.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO, Iterator
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: datetime | None = None
+
+
+class Upload(ABC):
+    """An in-progress write of one object."""
+
+    @abstractmethod
+    def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make the object visible under its final key (durably)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything written; idempotent."""
+
+
+class Store(ABC):
+    """A destination: local directory, S3 bucket, SFTP server."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def open_upload(self, key: str) -> Upload: ...
+
+    @abstractmethod
+    def open_read(self, key: str) -> BinaryIO:
+        """A readable binary stream of the object; raises NotFoundError if missing."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every complete object under prefix (never in-progress uploads)."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; an object already gone is not an error."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this store is, for messages; never includes credentials."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def check_key(key: str) -> str:
+    """Keys are relative, normalised POSIX paths: no '..', no absolute, no empty parts."""
+    if not key or key.startswith("/") or posixpath.normpath(key) != key or ".." in key.split("/"):
+        raise ValueError(f"invalid object key '{key}'")
+    return key

@@ -1,0 +1,106 @@
+"""Local directory destination (the embedded default).
+
+A copy is written as a hidden temporary file beside its final name, fsynced,
+then renamed: a crash leaves only a `.partial` file, never a short archive
+under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from backupd.errors import BackupdError, NotFoundError
+from backupd.storage.base import ObjectInfo, Store, Upload, check_key
+
+PARTIAL_MARK = ".partial-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalUpload(Upload):
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = final.with_name(f".{final.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+        self._file: BinaryIO | None = open(self.temp, "xb")
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None, "write after commit/abort"
+        self._file.write(data)
+
+    def commit(self) -> None:
+        assert self._file is not None, "commit after commit/abort"
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        if self.final.exists():
+            self.temp.unlink()
+            raise BackupdError(f"refusing to overwrite existing archive '{self.final}'")
+        os.rename(self.temp, self.final)
+        _fsync_dir(self.final.parent)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.temp.unlink(missing_ok=True)
+
+
+class LocalStore(Store):
+    def __init__(self, name: str, root: Path) -> None:
+        super().__init__(name)
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def open_upload(self, key: str) -> Upload:
+        try:
+            return LocalUpload(self._path(key))
+        except OSError as exc:
+            raise BackupdError(
+                f"destination '{self.name}': cannot write under {self.root}: {exc.strerror}"
+            ) from None
+
+    def open_read(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"destination '{self.name}': '{key}' does not exist") from None
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(self.root):
+            for fname in sorted(files):
+                if fname.startswith(".") and PARTIAL_MARK in fname:
+                    continue
+                path = Path(dirpath) / fname
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    st = path.stat()
+                    yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def describe(self) -> str:
+        return f"local:{self.root}"

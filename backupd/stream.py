@@ -1,0 +1,278 @@
+"""The byte pipeline: compress, (encrypt,) hash and fan out one stream.
+
+Data is pushed through a chain of writers, each with `write(bytes)` and
+`close()`. Nothing is staged on disk and every stage holds at most a few
+chunks, so memory stays bounded whatever the volume size. The hash and size
+are of the bytes as stored (after compression and encryption), so anyone can
+check a copy with `sha256sum` and no key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import zlib
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable, Iterator, Protocol
+
+import zstandard
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # 1 MiB: large enough to amortise per-call overhead, small for memory
+
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+def suffix_for(algorithm: str, encrypted: bool = False) -> str:
+    """File name suffix of an archive: .tar.zst, .tar.gz, plus .age when encrypted."""
+    return ".tar." + {"zstd": "zst", "gzip": "gz"}[algorithm] + (".age" if encrypted else "")
+
+
+class Compressor:
+    """zstd (multithreaded) or gzip compression as a pass-through writer."""
+
+    def __init__(self, downstream: Writer, algorithm: str, level: int, threads: int = 0) -> None:
+        self.downstream = downstream
+        if algorithm == "zstd":
+            cctx = zstandard.ZstdCompressor(level=level, threads=threads or -1)
+            self._obj = cctx.compressobj(size=-1)
+            self._flush = lambda: self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        elif algorithm == "gzip":
+            self._obj = zlib.compressobj(level, zlib.DEFLATED, 31)
+            self._flush = self._obj.flush
+        else:
+            raise ValueError(f"unknown compression '{algorithm}'")
+
+    def write(self, data: bytes) -> None:
+        out = self._obj.compress(data)
+        if out:
+            self.downstream.write(out)
+
+    def close(self) -> None:
+        out = self._flush()
+        if out:
+            self.downstream.write(out)
+        self.downstream.close()
+
+
+def decompressed(chunks: Iterable[bytes], algorithm: str) -> Iterator[bytes]:
+    """Decompress a stream of stored chunks into plain tar chunks."""
+    if algorithm == "zstd":
+        obj = zstandard.ZstdDecompressor().decompressobj()
+    elif algorithm == "gzip":
+        obj = zlib.decompressobj(31)
+    else:
+        raise ValueError(f"unknown compression '{algorithm}'")
+    for chunk in chunks:
+        out = obj.decompress(chunk)
+        if out:
+            yield out
+    if algorithm == "gzip":
+        tail = obj.flush()
+        if tail:
+            yield tail
+        if not obj.eof:
+            raise ValueError("compressed stream is truncated")
+
+
+@dataclass
+class Digest:
+    """SHA-256 and byte count of what passes through."""
+
+    size: int = 0
+    _sha: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+    def update(self, data: bytes) -> None:
+        self._sha.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+
+class Rechunker:
+    """Coalesce small writes (Docker frames are ~32 KiB) into CHUNK-sized ones."""
+
+    def __init__(self, downstream: Writer, size: int = CHUNK) -> None:
+        self.downstream = downstream
+        self.size = size
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= self.size:
+            self.downstream.write(bytes(self._buf))
+            self._buf.clear()
+
+    def close(self) -> None:
+        if self._buf:
+            self.downstream.write(bytes(self._buf))
+            self._buf.clear()
+        self.downstream.close()
+
+
+class Output(Protocol):
+    """One destination's in-progress upload: see backupd.storage.base.Upload."""
+
+    def write(self, data: bytes) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+@dataclass
+class FanOutResult:
+    size: int
+    sha256: str
+    errors: dict[str, str]  # output name -> why that copy failed
+
+
+class FanOut:
+    """Hash the stored bytes once and write them to every output.
+
+    One output failing does not stop the others: its upload is aborted and
+    the reason kept, so the run can be recorded as partial with the truth.
+    """
+
+    def __init__(self, outputs: dict[str, Output]) -> None:
+        self.outputs = dict(outputs)
+        self.digest = Digest()
+        self.errors: dict[str, str] = {}
+        self.closed = False
+
+    def _fail(self, name: str, exc: BaseException) -> None:
+        self.errors[name] = str(exc) or type(exc).__name__
+        log.warning("copy to %s failed: %s", name, self.errors[name], extra={"destination": name})
+        output = self.outputs.pop(name)
+        try:
+            output.abort()
+        except Exception as abort_exc:  # noqa: BLE001 - cleanup must not mask the cause
+            log.warning("aborting upload to %s failed too: %s", name, abort_exc)
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        for name, output in list(self.outputs.items()):
+            try:
+                output.write(data)
+            except Exception as exc:  # noqa: BLE001 - isolate one destination
+                self._fail(name, exc)
+        if not self.outputs:
+            raise AllOutputsFailed(self.errors)
+
+    def close(self) -> None:
+        """Commit every surviving output: the point where copies become visible."""
+        self.closed = True
+        for name, output in list(self.outputs.items()):
+            try:
+                output.commit()
+            except Exception as exc:  # noqa: BLE001
+                self._fail(name, exc)
+
+    def abort(self, reason: str) -> None:
+        """The source failed: no copy may appear under its final name."""
+        for name in list(self.outputs):
+            self._fail(name, RuntimeError(reason))
+
+    def result(self) -> FanOutResult:
+        return FanOutResult(self.digest.size, self.digest.sha256, dict(self.errors))
+
+
+class AllOutputsFailed(Exception):
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+
+
+def build_pipeline(
+    sink: Writer,
+    algorithm: str,
+    level: int,
+    threads: int = 0,
+    encrypt: Callable[[Writer], Writer] | None = None,
+) -> Writer:
+    """tar bytes -> rechunk -> compress -> [encrypt] -> sink (usually a FanOut)."""
+    stored: Writer = encrypt(sink) if encrypt else sink
+    return Rechunker(Compressor(stored, algorithm, level, threads))
+
+
+def read_chunks(fileobj: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
+    """Iterate a binary file object in chunks."""
+    while True:
+        chunk = fileobj.read(size)
+        if not chunk:
+            return
+        yield chunk
+
+
+class Progress:
+    """Bytes and rate on a terminal; silent when stderr is not a TTY."""
+
+    def __init__(self, label: str, stream: object | None = None) -> None:
+        import sys
+        import time
+
+        self._time = time.monotonic
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.label = label
+        self.start = self._time()
+        self.last = 0.0
+        self.total = 0
+
+    def update(self, n: int) -> None:
+        self.total += n
+        now = self._time()
+        if self.enabled and now - self.last >= 0.5:
+            self.last = now
+            self._render(now)
+
+    def _render(self, now: float) -> None:
+        rate = self.total / max(now - self.start, 1e-6)
+        self.stream.write(f"\r{self.label}: {human_bytes(self.total)} at {human_bytes(rate)}/s   ")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            self._render(self._time())
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class IterReader(io.RawIOBase):
+    """A read-only file object over an iterator of byte chunks (for tarfile)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: "bytearray | memoryview") -> int:  # type: ignore[override]
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def drain(self) -> None:
+        """Consume the rest, so checks that run at the end of the iterator run."""
+        for _ in self._it:
+            pass
