@@ -1,0 +1,157 @@
+"""The catalog records only what happened, and derives run status from artifacts."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from backupd.catalog import Catalog
+from backupd.errors import NotFoundError
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    return Catalog(f"sqlite:///{tmp_path}/sub/dir/catalog.db")
+
+
+def add(catalog: Catalog, backup_id: str, name: str = "vol", dests=("local", "s3")) -> int:
+    keys = {d: f"job/{backup_id}/volume-{name}.tar.zst" for d in dests}
+    return catalog.add_artifact(backup_id, "volume", name, f"volume:{name}", "zstd", None, keys)
+
+
+def test_creates_parent_directory_and_schema(tmp_path: Path, catalog: Catalog):
+    db = tmp_path / "sub/dir/catalog.db"
+    assert db.exists()
+    tables = {r[0] for r in sqlite3.connect(db).execute("select name from sqlite_master")}
+    assert {"backups", "artifacts", "copies", "held_containers", "backupd_schema"} <= tables
+
+
+def test_migrate_is_idempotent_across_restarts(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/c.db"
+    Catalog(url).start_backup("j")
+    again = Catalog(url)
+    assert len(again.list()) == 1
+    versions = sqlite3.connect(tmp_path / "c.db").execute("select version from backupd_schema").fetchall()
+    assert versions == [(1,)]
+
+
+def test_newer_schema_is_refused(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/c.db"
+    Catalog(url)
+    con = sqlite3.connect(tmp_path / "c.db")
+    con.execute("insert into backupd_schema values (99)")
+    con.commit()
+    with pytest.raises(Exception, match="newer than this backupd"):
+        Catalog(url)
+
+
+def test_all_copies_stored_means_succeeded(catalog: Catalog):
+    bid = catalog.start_backup("nightly")
+    art = add(catalog, bid)
+    assert catalog.finish_artifact(art, 123, "ab" * 32, {}) == "succeeded"
+    assert catalog.finish_backup(bid) == "succeeded"
+    view = catalog.get(bid)
+    assert view.status == "succeeded" and view.finished_at is not None
+    assert [c.status for c in view.artifacts[0].copies] == ["stored", "stored"]
+    assert view.size == 123
+
+
+def test_one_failed_copy_makes_the_backup_partial_and_says_why(catalog: Catalog):
+    bid = catalog.start_backup("nightly")
+    art = add(catalog, bid)
+    catalog.finish_artifact(art, 10, "cd" * 32, {"s3": "AccessDenied"})
+    assert catalog.finish_backup(bid) == "partial"
+    view = catalog.get(bid)
+    copies = {c.destination: (c.status, c.error) for c in view.artifacts[0].copies}
+    assert copies == {"local": ("stored", None), "s3": ("failed", "AccessDenied")}
+    assert "s3: AccessDenied" in view.error
+
+
+def test_failed_artifact_leaves_no_copy_claimed(catalog: Catalog):
+    bid = catalog.start_backup("nightly")
+    art = add(catalog, bid)
+    catalog.fail_artifact(art, "helper exited 2")
+    assert catalog.finish_backup(bid) == "failed"
+    view = catalog.get(bid)
+    assert all(c.status == "failed" for c in view.artifacts[0].copies)
+    assert view.artifacts[0].sha256 is None
+
+
+def test_a_run_error_prevents_success(catalog: Catalog):
+    bid = catalog.start_backup("nightly")
+    catalog.finish_artifact(add(catalog, bid), 1, "0" * 64, {})
+    assert catalog.finish_backup(bid, "cancelled") == "partial"
+
+
+def test_run_with_no_artifacts_is_failed(catalog: Catalog):
+    bid = catalog.start_backup("nightly")
+    assert catalog.finish_backup(bid) == "failed"
+
+
+def test_list_is_newest_first_and_filters_by_job(catalog: Catalog):
+    t = [datetime(2026, 1, d, tzinfo=timezone.utc) for d in (1, 2, 3)]
+    ids = [catalog.start_backup(j, now=ts) for j, ts in zip(("a", "b", "a"), t)]
+    assert [b.id for b in catalog.list()] == ids[::-1]
+    assert [b.id for b in catalog.list(job="a")] == [ids[2], ids[0]]
+    assert catalog.list()[0].started_at == t[2]  # aware UTC comes back
+
+
+def test_deleted_backups_are_hidden_unless_asked(catalog: Catalog):
+    bid = catalog.start_backup("a")
+    catalog.mark_deleted(bid)
+    assert catalog.list() == []
+    assert [b.id for b in catalog.list(include_deleted=True)] == [bid]
+
+
+def test_unknown_backup_id(catalog: Catalog):
+    with pytest.raises(NotFoundError, match="backup 'nope' is not in the catalog"):
+        catalog.get("nope")
+
+
+def test_list_json_contract(catalog: Catalog):
+    bid = catalog.start_backup("nightly")
+    catalog.finish_artifact(add(catalog, bid), 5, "e" * 64, {})
+    catalog.finish_backup(bid)
+    data = catalog.get(bid).to_json()
+    assert {"id", "job", "status", "started_at", "finished_at", "artifacts"} <= set(data)
+    art = data["artifacts"][0]
+    assert {"kind", "name", "size", "sha256", "destinations"} <= set(art)
+    assert art["destinations"][0]["destination"] == "local"
+    assert data["started_at"].endswith("Z")
+
+
+def test_interrupted_run_of_dead_process_is_failed(catalog: Catalog):
+    bid = catalog.start_backup("nightly")
+    add(catalog, bid)
+    with catalog.session() as s:  # pretend a dead process owned it
+        from backupd.catalog.models import BackupRow
+        s.get(BackupRow, bid).pid = 2**22 + 12345
+        s.commit()
+    assert catalog.fail_interrupted() == [bid]
+    view = catalog.get(bid)
+    assert view.status == "failed" and "interrupted" in view.error
+    assert all(c.status == "failed" for c in view.artifacts[0].copies)
+
+
+def test_running_run_of_live_process_is_left_alone(catalog: Catalog):
+    bid = catalog.start_backup("nightly")
+    assert catalog.fail_interrupted() == []
+    assert catalog.get(bid).status == "running"
+    assert os.getpid() > 0
+
+
+def test_held_containers_round_trip(catalog: Catalog):
+    hold = catalog.hold_container("b1", "cid123", "web")
+    assert catalog.held_containers() == [(hold, "cid123", "web")]
+    catalog.release_container(hold)
+    assert catalog.held_containers() == []
+
+
+def test_catalog_url_password_is_never_shown():
+    with pytest.raises(Exception) as info:
+        Catalog("postgresql://user:s3cret@127.0.0.1:1/db")
+    assert "s3cret" not in str(info.value)

@@ -1,0 +1,95 @@
+"""CLI parsing and the commands that need no Docker engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from backupd.catalog import Catalog
+from backupd.cli import build_parser, main
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch) -> Path:
+    path = tmp_path / "backupd.yml"
+    path.write_text(f"""
+catalog: sqlite:///{tmp_path}/catalog.db
+destinations:
+  local: {{type: local, path: {tmp_path}/backups}}
+jobs:
+  nightly:
+    volumes: [app_data]
+""")
+    monkeypatch.setenv("BACKUPD_CONFIG", str(path))
+    return path
+
+
+@pytest.mark.parametrize("argv", [
+    ["list"], ["list", "--job", "j", "--json"], ["show", "id", "--json"],
+    ["backup", "nightly"], ["restore", "id", "--volume", "v", "--to-volume", "w", "--force"],
+    ["restore", "id", "--database", "db", "--to-container", "c"], ["config", "check"],
+    ["--config", "x.yml", "list"],
+])
+def test_contract_commands_parse(argv):
+    args = build_parser().parse_args(argv)
+    assert callable(args.func)
+
+
+def test_restore_needs_exactly_one_of_volume_or_database(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["restore", "id", "--volume", "v", "--database", "d"])
+    assert info.value.code == 2
+
+
+def test_to_volume_requires_volume(capsys, config_file):
+    assert main(["restore", "id", "--database", "d", "--to-volume", "x"]) == 2
+    assert "--to-volume goes with --volume" in capsys.readouterr().err
+
+
+def test_config_check_ok(capsys, config_file):
+    assert main(["config", "check"]) == 0
+    assert "ok (1 job(s), 1 destination(s))" in capsys.readouterr().out
+
+
+def test_config_check_reports_key_path_and_fails(capsys, tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("jobs:\n  nightly:\n    volumes: [a]\n    destinations: [nowhere]\n")
+    assert main(["--config", str(bad), "config", "check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"backupd: error: {bad}: jobs.nightly.destinations[0]: "
+                   "destination 'nowhere' is not defined (defined: local)")
+
+
+def test_list_json_is_an_array_even_when_empty(capsys, config_file):
+    assert main(["list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_show_unknown_id_fails_clearly(capsys, config_file):
+    assert main(["show", "20990101T000000Z-abcdef"]) == 2
+    assert "backup '20990101T000000Z-abcdef' is not in the catalog" in capsys.readouterr().err
+
+
+def test_list_and_show_print_recorded_backups(capsys, config_file, tmp_path):
+    catalog = Catalog(f"sqlite:///{tmp_path}/catalog.db")
+    bid = catalog.start_backup("nightly")
+    art = catalog.add_artifact(bid, "volume", "app_data", "volume:app_data", "zstd", None,
+                               {"local": f"nightly/{bid}/volume-app_data.tar.zst"})
+    catalog.finish_artifact(art, 2048, "f" * 64, {})
+    catalog.finish_backup(bid)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert bid in out and "succeeded" in out and "2.0 KiB" in out
+    assert main(["list", "--json", "--job", "nightly"]) == 0
+    [item] = json.loads(capsys.readouterr().out)
+    assert item["id"] == bid and item["artifacts"][0]["sha256"] == "f" * 64
+    assert main(["show", bid]) == 0
+    assert f"local: stored nightly/{bid}/volume-app_data.tar.zst" in capsys.readouterr().out
+
+
+def test_backup_of_unknown_job_fails_before_touching_anything(capsys, config_file, tmp_path):
+    assert main(["backup", "weekly"]) == 2
+    assert "job 'weekly' is not defined" in capsys.readouterr().err
+    assert not (tmp_path / "backups").exists()
