@@ -1,0 +1,386 @@
+"""Volume backups end to end against a real Docker engine.
+
+Contents are created and compared straight through the volume's mount point
+on the host (the tests run as root beside the engine), so the comparison sees
+every byte, owner, mode, timestamp, link and hole exactly as the kernel does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+import zstandard
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def mountpoint(client, volume: str) -> Path:
+    return Path(client.volumes.get(volume).attrs["Mountpoint"])
+
+
+def snapshot(root: Path) -> dict:
+    """Everything about a tree that a restore must bring back, keyed by raw name bytes."""
+    root_b = os.fsencode(root)
+    entries: dict[bytes, tuple] = {}
+    inodes: dict[int, list[bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(root_b):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root_b)
+            st = os.lstat(path)
+            kind = stat.S_IFMT(st.st_mode)
+            extra: object = None
+            if stat.S_ISREG(kind):
+                with open(path, "rb") as f:
+                    extra = hashlib.file_digest(f, "sha256").hexdigest()
+                inodes.setdefault(st.st_ino, []).append(rel)
+            elif stat.S_ISLNK(kind):
+                extra = os.readlink(path)
+            size = st.st_size if not stat.S_ISDIR(kind) else None
+            entries[rel] = (st.st_mode, st.st_uid, st.st_gid, size, st.st_mtime_ns, extra)
+    top = os.lstat(root_b)
+    entries[b"."] = (top.st_mode, top.st_uid, top.st_gid)
+    hardlinks = sorted(sorted(names) for names in inodes.values() if len(names) > 1)
+    return {"entries": entries, "hardlinks": hardlinks}
+
+
+def populate_awkward(root: Path, big_mb: int = 110, small_files: int = 3000) -> None:
+    """The cases tar-based backups tend to get wrong."""
+    r = os.fsencode(root)
+    os.chown(r, 1000, 1000)
+    os.chmod(r, 0o750)
+
+    def p(*parts: bytes) -> bytes:
+        return os.path.join(r, *parts)
+
+    os.makedirs(p(b"empty", b"nested", b"dir"))
+    os.makedirs(p(b"data"))
+    with open(p(b"data", b"plain.txt"), "wb") as f:
+        f.write(b"hello\n" * 1000)
+    open(p(b"data", b"empty-file"), "wb").close()
+    # owners that exist nowhere, and special modes
+    with open(p(b"data", b"owned"), "wb") as f:
+        f.write(b"x")
+    os.chown(p(b"data", b"owned"), 123456, 654321)
+    with open(p(b"data", b"setuid"), "wb") as f:
+        f.write(b"#!/bin/sh\n")
+    os.chmod(p(b"data", b"setuid"), 0o4755)
+    os.makedirs(p(b"setgid-dir"))
+    os.chmod(p(b"setgid-dir"), 0o2775)
+    os.makedirs(p(b"sticky"))
+    os.chmod(p(b"sticky"), 0o1777)
+    with open(p(b"data", b"secret"), "wb") as f:
+        f.write(b"s")
+    os.chmod(p(b"data", b"secret"), 0o600)
+    # links: relative, dangling, hard
+    os.symlink(b"plain.txt", p(b"data", b"link-to-plain"))
+    os.symlink(b"does/not/exist", p(b"data", b"dangling"))
+    os.symlink(b"../data", p(b"empty", b"up-link"))
+    os.link(p(b"data", b"plain.txt"), p(b"data", b"hardlink-to-plain"))
+    os.link(p(b"data", b"plain.txt"), p(b"empty", b"nested", b"third-name"))
+    # a sparse file: 64 MiB with two small islands of data
+    with open(p(b"sparse.img"), "wb") as f:
+        f.write(b"start")
+        f.seek(32 << 20)
+        f.write(b"middle")
+        f.truncate(64 << 20)
+    # names: non-UTF-8 bytes, newline, spaces, very long, deep
+    for name in (b"caf\xc3\xa9", b"latin1-\xe9\xff", b"new\nline", b"  spaced  name ", b"L" * 250):
+        with open(p(b"data", name), "wb") as f:
+            f.write(name)
+    deep = p(*([b"d" * 60] * 6))
+    os.makedirs(deep)
+    with open(os.path.join(deep, b"deep-file"), "wb") as f:
+        f.write(b"deep")
+    os.mkfifo(p(b"data", b"fifo"))
+    # many small files
+    for i in range(small_files):
+        d = p(b"small", str(i % 50).encode())
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i}.txt".encode()), "wb") as f:
+            f.write(f"small file {i}\n".encode() * (i % 7))
+    # one big incompressible file
+    with open(p(b"big.bin"), "wb") as f:
+        for _ in range(big_mb):
+            f.write(os.urandom(1 << 20))
+    # timestamps with nanoseconds, set last (after children were created)
+    for i, (dirpath, dirnames, filenames) in enumerate(os.walk(r, topdown=False)):
+        for name in filenames + dirnames:
+            path = os.path.join(dirpath, name)
+            os.utime(path, ns=(1_600_000_000_123_456_789 + i, 1_600_000_000_987_654_321 + i),
+                     follow_symlinks=False)
+
+
+def write_config(tmp_path: Path, helper_image: str, jobs: dict, **extra) -> Path:
+    config = {
+        "catalog": f"sqlite:///{tmp_path}/catalog.db",
+        "helper_image": helper_image,
+        "destinations": {"local": {"type": "local", "path": str(tmp_path / "backups")}},
+        "jobs": jobs,
+        **extra,
+    }
+    path = tmp_path / "backupd.yml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def backupd(config: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "backupd", "--config", str(config), *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"backupd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def listing(config: Path) -> list[dict]:
+    return json.loads(backupd(config, "list", "--json", check=True).stdout)
+
+
+def stored_files(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "backups").rglob("*") if p.is_file())
+
+
+def archives(tmp_path: Path) -> list[Path]:
+    return [p for p in stored_files(tmp_path) if ".tar." in p.name]
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_round_trip_brings_back_every_byte_owner_mode_link_hole_and_timestamp(
+        docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("awkward")
+    root = mountpoint(docker_client, vol)
+    populate_awkward(root)
+    before = snapshot(root)
+    config = write_config(tmp_path, helper_image, {"awkward": {"volumes": [vol]}})
+
+    result = backupd(config, "backup", "awkward", check=True)
+    backup_id = result.stdout.strip()
+    [entry] = listing(config)
+    assert entry["id"] == backup_id and entry["status"] == "succeeded"
+    [art] = entry["artifacts"]
+    assert art["kind"] == "volume" and art["name"] == vol
+    [archive] = archives(tmp_path)
+    assert archive.stat().st_size == art["size"]
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == art["sha256"]  # sha256sum-checkable
+
+    docker_client.volumes.get(vol).remove()
+    backupd(config, "restore", backup_id, "--volume", vol, check=True)
+    after = snapshot(mountpoint(docker_client, vol))
+    assert after["hardlinks"] == before["hardlinks"]
+    missing = set(before["entries"]) ^ set(after["entries"])
+    assert not missing, f"entries differ: {sorted(missing)[:5]}"
+    for name, attrs in before["entries"].items():
+        assert after["entries"][name] == attrs, name
+    sparse = os.stat(mountpoint(docker_client, vol) / "sparse.img")
+    assert sparse.st_blocks * 512 < 1 << 20, "sparse file came back fully allocated"
+
+
+def test_restore_to_new_volume_leaves_the_original_untouched(
+        docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("orig")
+    root = mountpoint(docker_client, vol)
+    (root / "a.txt").write_text("one")
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol], "compression": {"algorithm": "gzip"}}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    (root / "a.txt").write_text("changed")
+    copy = f"{vol}-copy"
+    try:
+        backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", copy, check=True)
+        assert (mountpoint(docker_client, copy) / "a.txt").read_text() == "one"
+        assert (root / "a.txt").read_text() == "changed"
+        assert archives(tmp_path)[0].name.endswith(".tar.gz")
+    finally:
+        docker_client.volumes.get(copy).remove(force=True)
+
+
+def test_non_empty_target_is_refused_without_force_and_left_untouched(
+        docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("keep")
+    root = mountpoint(docker_client, vol)
+    (root / "a.txt").write_text("backed up")
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    (root / "a.txt").write_text("newer work")
+    (root / "b.txt").write_text("more")
+    before = snapshot(root)
+
+    proc = backupd(config, "restore", backup_id, "--volume", vol)
+    assert proc.returncode == 3
+    assert f"volume '{vol}' is not empty" in proc.stderr and "--force" in proc.stderr
+    assert snapshot(root) == before
+
+
+def test_force_replaces_contents_and_restarts_the_containers_using_the_volume(
+        docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("force")
+    root = mountpoint(docker_client, vol)
+    (root / "a.txt").write_text("backed up")
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    (root / "a.txt").write_text("newer")
+    (root / "extra.txt").write_text("not in the backup")
+    app = docker_client.containers.run(helper_image, ["sleep", "3600"], detach=True,
+                                       volumes={vol: {"bind": "/data", "mode": "rw"}},
+                                       name=f"app-{uuid.uuid4().hex[:8]}")
+    try:
+        started_before = app.attrs["State"]["StartedAt"]
+        backupd(config, "restore", backup_id, "--volume", vol, "--force", check=True)
+        app.reload()
+        assert app.status == "running"
+        assert app.attrs["State"]["StartedAt"] != started_before, "container was not stopped"
+        assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
+        assert (root / "a.txt").read_text() == "backed up"
+    finally:
+        app.remove(force=True)
+
+
+def test_unknown_volume_is_an_error_before_anything_runs(helper_image, tmp_path):
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": ["no-such-volume-" + uuid.uuid4().hex]}})
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 2
+    assert "jobs.j.volumes[0]: volume 'no-such-volume-" in proc.stderr
+    assert "does not exist" in proc.stderr
+    assert listing(config) == []
+    assert not (tmp_path / "backups").exists()
+
+
+@pytest.fixture(scope="module")
+def broken_helper(docker_client, helper_image):
+    """A helper whose tar writes 2 MB of tar-looking bytes and then dies with exit 2."""
+    tag = "backupd-helper-broken:test"
+    dockerfile = (f"FROM {helper_image}\n"
+                  "COPY tar /usr/local/bin/tar\n"
+                  'ENV PATH=/usr/local/bin:/usr/bin:/bin\n')
+    script = b"#!/bin/sh\nhead -c 2000000 /dev/zero\necho 'tar: read error: Input/output error' >&2\nexit 2\n"
+    ctx = io.BytesIO()
+    with tarfile.open(fileobj=ctx, mode="w") as tar:
+        for name, data, mode in (("Dockerfile", dockerfile.encode(), 0o644), ("tar", script, 0o755)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    ctx.seek(0)
+    docker_client.images.build(fileobj=ctx, custom_context=True, tag=tag, rm=True)
+    yield tag
+    docker_client.images.remove(tag, force=True)
+
+
+def test_helper_dying_mid_stream_fails_the_backup_and_leaves_no_archive(
+        docker_client, broken_helper, volume_factory, tmp_path):
+    vol = volume_factory("broken")
+    (mountpoint(docker_client, vol) / "a").write_text("x")
+    config = write_config(tmp_path, broken_helper, {"j": {"volumes": [vol]}})
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 1
+    assert "exited 2" in proc.stderr and "Input/output error" in proc.stderr
+    [entry] = listing(config)
+    assert entry["status"] == "failed"
+    assert entry["artifacts"][0]["destinations"][0]["status"] == "failed"
+    assert stored_files(tmp_path) == [], "something was left under the backups directory"
+    leftovers = docker_client.containers.list(all=True, filters={"label": "backupd.helper"})
+    assert leftovers == []
+
+
+def test_volumes_selected_by_label_container_and_host_path(
+        docker_client, helper_image, volume_factory, tmp_path):
+    tag = f"sel{uuid.uuid4().hex[:8]}"
+    labelled = []
+    for i in range(2):
+        name = f"{tag}-{i}"
+        docker_client.volumes.create(name, labels={"backupd-test": "1", "team": tag})
+        (mountpoint(docker_client, name) / "f").write_text(str(i))
+        labelled.append(name)
+    mounted = volume_factory("mounted")
+    host_dir = tmp_path / "hostdir"
+    host_dir.mkdir()
+    (host_dir / "h.txt").write_text("host file")
+    app = docker_client.containers.create(helper_image, ["sleep", "3600"],
+                                          volumes={mounted: {"bind": "/m", "mode": "rw"}},
+                                          tmpfs={"/scratch": ""}, name=f"sel-{tag}")
+    try:
+        config = write_config(tmp_path, helper_image, {"j": {"volumes": [
+            {"label": f"team={tag}"}, {"container": app.name}, {"path": str(host_dir), "as": "hostdir"}]}})
+        proc = backupd(config, "backup", "j", check=True)
+        assert "skipping tmpfs mount /scratch" in proc.stderr
+        [entry] = listing(config)
+        assert sorted(a["name"] for a in entry["artifacts"]) == sorted(labelled + [mounted, "hostdir"])
+        backup_id = entry["id"]
+        target = f"{tag}-restored"
+        backupd(config, "restore", backup_id, "--volume", "hostdir", "--to-volume", target, check=True)
+        assert (mountpoint(docker_client, target) / "h.txt").read_text() == "host file"
+        docker_client.volumes.get(target).remove()
+        proc = backupd(config, "restore", backup_id, "--volume", "hostdir")
+        assert proc.returncode == 2 and "pass --to-volume" in proc.stderr
+    finally:
+        app.remove(force=True)
+        for name in labelled:
+            docker_client.volumes.get(name).remove(force=True)
+
+
+def test_label_matching_nothing_is_an_error(helper_image, tmp_path):
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [{"label": "nobody=" + uuid.uuid4().hex}]}})
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 2 and "jobs.j.volumes[0]: no volume matches label" in proc.stderr
+
+
+def test_corrupted_copy_is_refused_before_anything_is_written(
+        docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("corrupt")
+    (mountpoint(docker_client, vol) / "a").write_bytes(os.urandom(100_000))
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    [archive] = archives(tmp_path)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    target = f"{vol}-never"
+    proc = backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", target)
+    assert proc.returncode != 0
+    assert "does not match the catalog" in proc.stderr or "corrupt" in proc.stderr
+    assert target not in [v.name for v in docker_client.volumes.list()]
+
+
+def test_malicious_archive_is_refused_and_nothing_is_created(docker_client, helper_image, tmp_path):
+    """An attacker with write access to a destination swaps in an archive that escapes."""
+    from backupd.catalog import Catalog
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("./etc")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(link)
+        evil = tarfile.TarInfo("./etc/cron.d/evil")
+        evil.size = 4
+        tar.addfile(evil, io.BytesIO(b"boom"))
+    stored = zstandard.ZstdCompressor().compress(buf.getvalue())
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": ["whatever"]}})
+    catalog = Catalog(f"sqlite:///{tmp_path}/catalog.db")
+    backup_id = catalog.start_backup("j")
+    key = f"j/{backup_id}/volume-evil.tar.zst"
+    (tmp_path / "backups" / key).parent.mkdir(parents=True)
+    (tmp_path / "backups" / key).write_bytes(stored)
+    art = catalog.add_artifact(backup_id, "volume", "evil", "volume:evil", "zstd", None, {"local": key})
+    catalog.finish_artifact(art, len(stored), hashlib.sha256(stored).hexdigest(), {})
+    catalog.finish_backup(backup_id)
+    target = f"evil-{uuid.uuid4().hex[:8]}"
+    proc = backupd(config, "restore", backup_id, "--volume", "evil", "--to-volume", target)
+    assert proc.returncode == 4
+    assert "unsafe archive" in proc.stderr and "/etc" in proc.stderr
+    assert target not in [v.name for v in docker_client.volumes.list()]
