@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from backupd import __version__
@@ -65,6 +67,7 @@ def cmd_backup(ctx: Context) -> int:
     config.job(job)
     plan = make_plan(config, job, ctx.host)
     ctx.catalog.fail_interrupted()
+    ctx.host.remove_stale_helpers()
     result = run_backup(config, plan, ctx.catalog, ctx.host)
     print(result.backup_id)
     if result.status == SUCCEEDED:
@@ -204,8 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every finally (helper removal, upload abort,
+    container restart, catalog record) runs before the process exits."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     setup_logging(args.log_level, args.log_format)
     if getattr(args, "to_volume", None) and not getattr(args, "volume", None):
         print("backupd: error: --to-volume goes with --volume", file=sys.stderr)

@@ -13,6 +13,7 @@ import logging
 import re
 import socket
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -181,10 +182,13 @@ class DockerHost:
 
     def _create_helper(self, command: list[str], mounts: list[Mount], stdin: bool = False,
                        purpose: str = "") -> str:
+        # Named up front: if we are interrupted while the engine creates it, we can still remove it.
+        name = f"backupd-helper-{uuid.uuid4().hex[:12]}"
         try:
             created = self.api.create_container(
                 self.helper_image,
                 command=command,
+                name=name,
                 stdin_open=stdin,  # with detach=False this also sets StdinOnce
                 detach=not stdin,
                 network_disabled=True,
@@ -195,6 +199,9 @@ class DockerHost:
             raise ConfigError(f"helper_image: image '{self.helper_image}' is not present on the Docker engine") from None
         except APIError as exc:
             raise HelperError(f"cannot create helper container for {purpose}: {exc.explanation}") from None
+        except BaseException:
+            self._remove(name)
+            raise
         return created["Id"]
 
     def _remove(self, cid: str) -> None:
@@ -206,8 +213,12 @@ class DockerHost:
             log.warning("could not remove helper container %s: %s", cid[:12], exc)
 
     def remove_stale_helpers(self) -> int:
-        """Helpers left by a killed backupd hold volumes busy; remove them on start."""
-        stale = self.api.containers(all=True, filters={"label": HELPER_LABEL})
+        """Helpers left by a killed backupd hold volumes busy; remove the ones not running.
+
+        Running helpers may belong to another backupd process on this engine.
+        """
+        stale = [c for c in self.api.containers(all=True, filters={"label": HELPER_LABEL})
+                 if c.get("State") != "running"]
         for c in stale:
             self._remove(c["Id"])
         return len(stale)

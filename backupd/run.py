@@ -86,6 +86,9 @@ def run_backup(
                 continue
     except Cancelled as exc:
         run_error = str(exc)
+    except BaseException as exc:  # Ctrl-C / SIGTERM in the CLI: record the truth, then stop
+        catalog.finish_backup(backup_id, f"interrupted: {type(exc).__name__}")
+        raise
     status = catalog.finish_backup(backup_id, run_error)
     backup = catalog.get(backup_id)
     if status != FAILED:

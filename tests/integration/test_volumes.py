@@ -294,7 +294,7 @@ def test_helper_dying_mid_stream_fails_the_backup_and_leaves_no_archive(
     assert entry["status"] == "failed"
     assert entry["artifacts"][0]["destinations"][0]["status"] == "failed"
     assert stored_files(tmp_path) == [], "something was left under the backups directory"
-    leftovers = docker_client.containers.list(all=True, filters={"label": "backupd.helper"})
+    leftovers = docker_client.containers.list(all=True, filters={"label": "backupd.helper", "volume": vol})
     assert leftovers == []
 
 
@@ -384,3 +384,29 @@ def test_malicious_archive_is_refused_and_nothing_is_created(docker_client, help
     assert proc.returncode == 4
     assert "unsafe archive" in proc.stderr and "/etc" in proc.stderr
     assert target not in [v.name for v in docker_client.volumes.list()]
+
+
+def test_sigterm_mid_backup_leaves_no_archive_no_helper_and_a_failed_record(
+        docker_client, helper_image, volume_factory, tmp_path):
+    import signal
+    import time
+
+    vol = volume_factory("sigterm")
+    with open(mountpoint(docker_client, vol) / "big.bin", "wb") as f:
+        for _ in range(400):
+            f.write(os.urandom(1 << 20))
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(config), "backup", "j"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while sum(p.stat().st_size for p in (tmp_path / "backups").rglob(".*partial*")) < 4 << 20:
+        assert proc.poll() is None and time.monotonic() < deadline, "backup never started writing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert stored_files(tmp_path) == [], "a partial or final file was left behind"
+    [entry] = listing(config)
+    assert entry["status"] == "failed" and "interrupted" in entry["error"]
+    assert docker_client.containers.list(all=True, filters={"label": "backupd.helper", "volume": vol}) == []
