@@ -13,6 +13,8 @@ import threading
 from contextlib import AbstractContextManager
 from typing import Callable, Iterable, Iterator
 
+import zstandard
+
 from backupd.catalog import Catalog, CopyView, ArtifactView, STORED
 from backupd.config import Compression, Encryption
 from backupd.errors import BackupdError, IntegrityError
@@ -118,33 +120,31 @@ def ordered_copies(artifact: ArtifactView, preference: list[str]) -> list[CopyVi
     return sorted(stored, key=lambda c: rank.get(c.destination, len(rank)))
 
 
+def stored_chunks(store: Store, copy: CopyView, artifact: ArtifactView) -> Iterator[bytes]:
+    """The copy's bytes as stored; raises IntegrityError after the last one if they do
+    not match the catalog's size and SHA-256 (so consume to the end before trusting)."""
+    digest = Digest()
+    with store.open_read(copy.key) as fileobj:
+        for chunk in read_chunks(fileobj, CHUNK):
+            digest.update(chunk)
+            yield chunk
+    if digest.size != artifact.size or digest.sha256 != artifact.sha256:
+        raise IntegrityError(
+            f"copy on '{copy.destination}' ({copy.key}) does not match the catalog: "
+            f"size {digest.size} vs {artifact.size}, sha256 {digest.sha256[:16]}… vs "
+            f"{(artifact.sha256 or '')[:16]}…"
+        )
+
+
 def read_copy(
     store: Store,
     copy: CopyView,
     artifact: ArtifactView,
     identity: str | None = None,
 ) -> Iterator[bytes]:
-    """Plain (decrypted, decompressed) bytes of a copy, checking size and SHA-256 at the end.
-
-    An IntegrityError is raised after the last byte if the stored bytes do not
-    match the catalog, so callers must consume the iterator to the end before
-    trusting what they read.
-    """
-    digest = Digest()
-
-    def stored_bytes() -> Iterator[bytes]:
-        with store.open_read(copy.key) as fileobj:
-            for chunk in read_chunks(fileobj, CHUNK):
-                digest.update(chunk)
-                yield chunk
-        if digest.size != artifact.size or digest.sha256 != artifact.sha256:
-            raise IntegrityError(
-                f"copy on '{copy.destination}' ({copy.key}) does not match the catalog: "
-                f"size {digest.size} vs {artifact.size}, sha256 {digest.sha256[:16]}… vs "
-                f"{(artifact.sha256 or '')[:16]}…"
-            )
-
-    raw: Iterable[bytes] = stored_bytes()
+    """Plain (decrypted, decompressed) bytes of a copy, checked against the catalog at the end."""
+    where = f"copy on '{copy.destination}' ({copy.key})"
+    raw: Iterable[bytes] = stored_chunks(store, copy, artifact)
     if artifact.encryption:
         from backupd.crypto import age_decrypt
 
@@ -154,14 +154,7 @@ def read_copy(
         raw = age_decrypt(raw, identity)
     try:
         yield from decompressed(raw, artifact.compression)
-    except IntegrityError:
+    except BackupdError:
         raise
-    except (ValueError, OSError) as exc:
-        if digest.size != artifact.size or digest.sha256 != artifact.sha256:
-            raise IntegrityError(
-                f"copy on '{copy.destination}' ({copy.key}) is corrupt: {exc}") from None
-        raise IntegrityError(f"copy on '{copy.destination}' ({copy.key}) cannot be unpacked: {exc}") from None
-    except Exception as exc:  # zstd raises its own error type
-        if type(exc).__module__.startswith("zstandard") or "zstd" in type(exc).__name__.lower():
-            raise IntegrityError(f"copy on '{copy.destination}' ({copy.key}) is corrupt: {exc}") from None
-        raise
+    except (ValueError, OSError, zstandard.ZstdError) as exc:
+        raise IntegrityError(f"{where} is corrupt: cannot be decompressed: {exc}") from None

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from backupd import __version__
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupView, Catalog
 from backupd.config import Config, default_config_path, load_config
-from backupd.errors import BackupdError, PartialError
+from backupd.errors import BackupdError, IntegrityError, PartialError
 from backupd.logs import setup_logging
 from backupd.stream import human_bytes
 
@@ -120,6 +120,23 @@ def cmd_restore(ctx: Context) -> int:
     return 0
 
 
+def cmd_verify(ctx: Context) -> int:
+    from backupd.restore import configured_stores
+    from backupd.verify import restore_drill, verify_backup
+
+    results = verify_backup(ctx.config, ctx.catalog, configured_stores(ctx.config),
+                            ctx.args.backup_id, ctx.args.identity)
+    for r in results:
+        print(f"{'ok  ' if r.ok else 'FAIL'} {r.artifact} on {r.destination}: {r.detail}")
+    bad = [r for r in results if not r.ok]
+    if ctx.args.restore and not bad:
+        for name in restore_drill(ctx.config, ctx.catalog, ctx.host, ctx.args.backup_id, ctx.args.identity):
+            print(f"ok   volume {name}: restored into a scratch volume and removed")
+    if bad or not results:
+        raise IntegrityError(f"backup {ctx.args.backup_id}: {len(bad)} of {len(results)} copies failed verification")
+    return 0
+
+
 def cmd_config_check(ctx: Context) -> int:
     config = ctx.config
     path = ctx.args.config or default_config_path()
@@ -199,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty target (containers using it are stopped meanwhile)")
     p.add_argument("--identity", help="age identity file, for encrypted backups")
+
+    p = add("verify", cmd_verify, "re-read every copy of a backup: size, sha256, decompression, tar")
+    p.add_argument("backup_id")
+    p.add_argument("--restore", action="store_true",
+                   help="also restore each volume into a scratch volume and remove it (a restore drill)")
+    p.add_argument("--identity", help="age identity file, to check encrypted contents")
 
     config_p = sub.add_parser("config", help="config file commands")
     config_sub = config_p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

@@ -13,6 +13,14 @@ def open_store(name: str, spec: Any) -> Store:
         from backupd.storage.local import LocalStore
 
         return LocalStore(name, spec.path)
+    if spec.type == "s3":
+        from backupd.storage.s3 import S3Store
+
+        return S3Store(name, spec)
+    if spec.type == "sftp":
+        from backupd.storage.sftp import SftpStore
+
+        return SftpStore(name, spec)
     raise ValueError(f"destination '{name}': type '{spec.type}' is not supported yet")
 
 

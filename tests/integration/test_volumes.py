@@ -264,12 +264,12 @@ def test_unknown_volume_is_an_error_before_anything_runs(helper_image, tmp_path)
 
 @pytest.fixture(scope="module")
 def broken_helper(docker_client, helper_image):
-    """A helper whose tar writes 2 MB of tar-looking bytes and then dies with exit 2."""
+    """A helper whose tar writes 12 MB of bytes and then dies with exit 2."""
     tag = "backupd-helper-broken:test"
     dockerfile = (f"FROM {helper_image}\n"
                   "COPY tar /usr/local/bin/tar\n"
                   'ENV PATH=/usr/local/bin:/usr/bin:/bin\n')
-    script = b"#!/bin/sh\nhead -c 2000000 /dev/zero\necho 'tar: read error: Input/output error' >&2\nexit 2\n"
+    script = b"#!/bin/sh\nhead -c 12000000 /dev/urandom\necho 'tar: read error: Input/output error' >&2\nexit 2\n"
     ctx = io.BytesIO()
     with tarfile.open(fileobj=ctx, mode="w") as tar:
         for name, data, mode in (("Dockerfile", dockerfile.encode(), 0o644), ("tar", script, 0o755)):

@@ -1,0 +1,181 @@
+"""S3 and S3-compatible destination (boto3).
+
+Uploads stream as a multipart upload, one part buffered at a time, so memory
+is bounded by the part size whatever the artifact size. The object appears
+under its final key only when the upload is completed; abort() aborts the
+multipart upload so no object and no orphaned parts remain.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, BinaryIO, Iterator
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+
+from backupd.config import S3Destination
+from backupd.errors import BackupdError, NotFoundError
+from backupd.retry import retry
+from backupd.storage.base import ObjectInfo, Store, Upload, check_key
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling",
+                   "ThrottlingException", "InternalError", "ServiceUnavailable", "503", "500"}
+PERMANENT_HINTS = {
+    "InvalidAccessKeyId": "the access key is not known to the store",
+    "SignatureDoesNotMatch": "the secret key is wrong",
+    "AccessDenied": "access denied: check the credentials' permissions",
+    "NoSuchBucket": "the bucket does not exist",
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code") in TRANSIENT_CODES or status >= 500 or status == 429
+    return isinstance(exc, (BotoConnectionError, BotoCoreError, ConnectionError, TimeoutError))
+
+
+class S3Store(Store):
+    def __init__(self, name: str, spec: S3Destination, client: Any = None) -> None:
+        super().__init__(name)
+        self.spec = spec
+        self.bucket = spec.bucket
+        self.prefix = spec.prefix.strip("/") + "/" if spec.prefix.strip("/") else ""
+        self.part_size = spec.part_size_mb * 1024 * 1024
+        self.client = client or boto3.client(
+            "s3",
+            endpoint_url=spec.endpoint_url,
+            region_name=spec.region,
+            aws_access_key_id=spec.access_key_id,
+            aws_secret_access_key=spec.secret_access_key.get_secret_value() if spec.secret_access_key else None,
+            config=BotoConfig(retries={"mode": "standard", "max_attempts": 3},
+                              connect_timeout=10, read_timeout=120),
+        )
+
+    def describe(self) -> str:
+        where = f" at {self.spec.endpoint_url}" if self.spec.endpoint_url else ""
+        return f"s3://{self.bucket}/{self.prefix}{where}"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def error(self, action: str, key: str, exc: BaseException) -> BackupdError:
+        """One line naming destination, action and cause; never credentials."""
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "?")
+            hint = PERMANENT_HINTS.get(code, exc.response.get("Error", {}).get("Message", ""))
+            return BackupdError(f"destination '{self.name}' ({self.describe()}): {action} {key}: {code}: {hint}")
+        return BackupdError(f"destination '{self.name}' ({self.describe()}): {action} {key}: {exc}")
+
+    def _call(self, action: str, key: str, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return retry(lambda: fn(**kwargs), is_transient=is_transient,
+                         what=f"{self.name}: {action} {key}")
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise self.error(action, key, exc) from None
+
+    def open_upload(self, key: str) -> Upload:
+        return S3Upload(self, self._key(key))
+
+    def open_read(self, key: str) -> BinaryIO:
+        try:
+            obj = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        except BackupdError as exc:
+            if "NoSuchKey" in str(exc) or "404" in str(exc):
+                raise NotFoundError(f"destination '{self.name}': '{key}' does not exist") from None
+            raise
+        return obj["Body"]
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], obj.get("LastModified"))
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error("list", prefix or "/", exc) from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            head = retry(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)),
+                         is_transient=is_transient, what=f"{self.name}: stat {key}")
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise self.error("stat", key, exc) from None
+        return ObjectInfo(key, head["ContentLength"], head.get("LastModified"))
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def extra_args(self) -> dict[str, str]:
+        args = {}
+        if self.spec.storage_class:
+            args["StorageClass"] = self.spec.storage_class
+        if self.spec.server_side_encryption:
+            args["ServerSideEncryption"] = self.spec.server_side_encryption
+        if self.spec.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.spec.sse_kms_key_id
+        return args
+
+
+class S3Upload(Upload):
+    """Multipart upload fed by write(); a part is sent each time part_size bytes gathered."""
+
+    def __init__(self, store: S3Store, key: str) -> None:
+        self.store = store
+        self.key = key
+        self.buffer = bytearray()
+        self.parts: list[dict[str, Any]] = []
+        self.upload_id: str | None = None
+        self.done = False
+
+    def _start(self) -> None:
+        resp = self.store._call("start upload of", self.key, self.store.client.create_multipart_upload,
+                                Bucket=self.store.bucket, Key=self.key, **self.store.extra_args())
+        self.upload_id = resp["UploadId"]
+
+    def _send_part(self, data: bytes) -> None:
+        if self.upload_id is None:
+            self._start()
+        number = len(self.parts) + 1
+        resp = self.store._call(f"upload part {number} of", self.key, self.store.client.upload_part,
+                                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                                PartNumber=number, Body=data)
+        self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= self.store.part_size:
+            part = bytes(self.buffer[: self.store.part_size])
+            del self.buffer[: self.store.part_size]
+            self._send_part(part)
+
+    def commit(self) -> None:
+        if self.upload_id is None:  # small object: one PUT, atomic by nature
+            self.store._call("upload", self.key, self.store.client.put_object, Bucket=self.store.bucket,
+                             Key=self.key, Body=bytes(self.buffer), **self.store.extra_args())
+        else:
+            if self.buffer:
+                self._send_part(bytes(self.buffer))
+            self.store._call("complete upload of", self.key, self.store.client.complete_multipart_upload,
+                             Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                             MultipartUpload={"Parts": self.parts})
+        self.buffer = bytearray()
+        self.done = True
+
+    def abort(self) -> None:
+        self.buffer = bytearray()
+        if self.upload_id is not None and not self.done:
+            try:
+                self.store.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
+                                                         UploadId=self.upload_id)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("%s: could not abort upload of %s: %s", self.store.name, self.key,
+                            self.store.error("abort", self.key, exc))
+        self.done = True
