@@ -93,6 +93,8 @@ def run_backup(
     backup = catalog.get(backup_id)
     if status != FAILED:
         write_manifests(backup, plan.stores)
+    for store in plan.stores.values():
+        store.close()
     errors = [backup.error] if backup.error else []
     log_fn = logger.info if status == SUCCEEDED else logger.error
     log_fn("backup %s of job %s %s (%d bytes)%s", backup_id, job_name, status, backup.size,
