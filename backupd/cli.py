@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from backupd import __version__
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupView, Catalog
 from backupd.config import Config, default_config_path, load_config
-from backupd.errors import BackupdError, IntegrityError, PartialError
+from backupd.errors import BackupdError, ConfigError, IntegrityError, PartialError
 from backupd.logs import setup_logging
 from backupd.stream import human_bytes
 
@@ -137,6 +137,52 @@ def cmd_verify(ctx: Context) -> int:
     return 0
 
 
+def cmd_prune(ctx: Context) -> int:
+    from backupd.catalog import utcnow
+    from backupd.prune import find_orphans, prune_job
+    from backupd.restore import configured_stores
+
+    config, args = ctx.config, ctx.args
+    stores = configured_stores(config)
+    if args.orphans:
+        report = find_orphans(ctx.catalog, stores, delete=args.delete)
+        for dest, key in report.orphans:
+            print(f"orphan   {dest}: {key}{' (deleted)' if (dest, key) in report.removed else ''}")
+        for backup_id, dest, key in report.missing:
+            print(f"missing  {dest}: {key} (backup {backup_id}; marked missing)")
+        if not report.orphans and not report.missing:
+            print("no orphans, no missing copies")
+        return 0
+    jobs = [args.job] if args.job else [j for j in config.jobs if config.job_retention(j)]
+    if args.job:
+        config.job(args.job)
+    failures = []
+    for job in jobs:
+        report = prune_job(config, ctx.catalog, job, utcnow(), stores, dry_run=args.dry_run)
+        from backupd.retention import summarize
+
+        print(f"job {job}{' (dry run: nothing deleted)' if args.dry_run else ''}")
+        print(summarize(report.decisions))
+        if not args.dry_run:
+            print(f"deleted {len(report.deleted)} backup(s)")
+        failures += report.failures
+    for failure in failures:
+        print(f"backupd: could not delete {failure}", file=sys.stderr)
+    return EXIT_FAILED if failures else 0
+
+
+def cmd_catalog_rebuild(ctx: Context) -> int:
+    from backupd.prune import rebuild_catalog
+    from backupd.storage import open_store
+
+    dest = ctx.args.destination
+    if dest not in ctx.config.destinations:
+        raise ConfigError(f"--destination: '{dest}' is not defined (defined: {', '.join(ctx.config.destinations)})")
+    imported, skipped = rebuild_catalog(ctx.catalog, dest, open_store(dest, ctx.config.destinations[dest]))
+    print(f"imported {len(imported)} backup(s) from {dest}; {len(skipped)} already in the catalog")
+    return 0
+
+
 def cmd_config_check(ctx: Context) -> int:
     config = ctx.config
     path = ctx.args.config or default_config_path()
@@ -222,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", action="store_true",
                    help="also restore each volume into a scratch volume and remove it (a restore drill)")
     p.add_argument("--identity", help="age identity file, to check encrypted contents")
+
+    p = add("prune", cmd_prune, "apply retention: delete backups no rule keeps, from every destination")
+    p.add_argument("--job", help="only this job (default: every job with a retention policy)")
+    p.add_argument("--dry-run", action="store_true", help="print the decision, delete nothing")
+    p.add_argument("--orphans", action="store_true",
+                   help="instead, list objects the catalog does not know and copies that vanished")
+    p.add_argument("--delete", action="store_true", help="with --orphans: delete the orphaned objects")
+
+    catalog_p = sub.add_parser("catalog", help="catalog maintenance")
+    catalog_sub = catalog_p.add_subparsers(dest="catalog_command", required=True, metavar="SUBCOMMAND")
+    rebuild = catalog_sub.add_parser("rebuild", help="re-create catalog rows from the manifests on a destination")
+    rebuild.add_argument("--destination", required=True)
+    rebuild.set_defaults(func=cmd_catalog_rebuild)
 
     config_p = sub.add_parser("config", help="config file commands")
     config_sub = config_p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

@@ -268,10 +268,11 @@ class Retention(_Model):
 
     @model_validator(mode="after")
     def _keeps_something(self) -> "Retention":
-        counts = (self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly,
-                  self.keep_monthly, self.keep_yearly)
-        if not any(counts) and not self.keep_within:
-            raise ValueError("this policy would keep nothing: set at least one keep_* rule")
+        from backupd.retention import Policy, policy_problems
+
+        problems = policy_problems(Policy.from_config(self))
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

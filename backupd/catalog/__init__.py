@@ -116,6 +116,10 @@ class BackupView:
         raise NotFoundError(f"backup {self.id} has no {kind} '{name}' (it has: {have})")
 
 
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
@@ -315,6 +319,26 @@ class Catalog:
                     row.status, row.error, row.finished_at = FAILED, "interrupted: backupd stopped mid-run", utcnow()
                     failed.append(row.id)
         return failed
+
+    def import_backup(self, data: dict[str, Any]) -> bool:
+        """Insert a backup from its JSON form (a manifest); False if the id is already known."""
+        with self._session.begin() as s:
+            if s.get(BackupRow, data["id"]) is not None:
+                return False
+            row = BackupRow(id=data["id"], job=data["job"], status=data["status"],
+                            started_at=_parse_time(data["started_at"]),
+                            finished_at=_parse_time(data.get("finished_at")),
+                            error=data.get("error"), host=data.get("host") or "", pid=0)
+            for art in data.get("artifacts", []):
+                row.artifacts.append(ArtifactRow(
+                    kind=art["kind"], name=art["name"], source=art.get("source", ""),
+                    compression=art["compression"], encryption=art.get("encryption"),
+                    status=art["status"], size=art.get("size"), sha256=art.get("sha256"),
+                    error=art.get("error"),
+                    copies=[CopyRow(destination=c["destination"], key=c["key"], status=c["status"],
+                                    error=c.get("error")) for c in art.get("destinations", [])]))
+            s.add(row)
+            return True
 
     # ------------------------------------------------------------ held containers
 

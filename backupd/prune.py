@@ -1,0 +1,174 @@
+"""Prune: apply the retention decision to every destination, then to the catalog.
+
+Order matters for truth: each copy is deleted from its store first and only
+then marked deleted; a backup is marked deleted only when none of its copies
+remains. A copy that cannot be deleted keeps its row (with the error) and is
+retried next time. Also finds orphans (objects the catalog does not know,
+copies whose object vanished) and rebuilds catalog rows from the manifests
+stored beside the archives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from backupd.catalog import DELETED, MISSING, RUNNING, STORED, BackupView, Catalog
+from backupd.config import Config
+from backupd.errors import ConfigError
+from backupd.retention import BackupRecord, Decision, Policy, decide
+from backupd.run import MANIFEST
+from backupd.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneReport:
+    job: str
+    decisions: list[Decision]
+    deleted: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # "backup id: destination key: why"
+
+
+def job_policy(config: Config, job: str) -> Policy:
+    retention = config.job_retention(job)
+    if retention is None:
+        raise ConfigError(f"jobs.{job}.retention: no retention policy (set one per job or globally)")
+    return Policy.from_config(retention)
+
+
+def prune_job(
+    config: Config,
+    catalog: Catalog,
+    job: str,
+    now: datetime,
+    stores: dict[str, Store],
+    dry_run: bool = False,
+) -> PruneReport:
+    """Decide from the catalog, then delete the doomed backups everywhere (unless dry_run)."""
+    policy = job_policy(config, job)
+    tz = ZoneInfo(config.jobs[job].timezone) if job in config.jobs else ZoneInfo("UTC")
+    backups = catalog.list(job=job)
+    records = [BackupRecord(b.id, b.started_at, b.status) for b in backups]
+    report = PruneReport(job, decide(records, policy, now, tz))
+    if dry_run:
+        return report
+    by_id = {b.id: b for b in backups}
+    for decision in report.decisions:
+        if not decision.keep:
+            delete_backup(catalog, by_id[decision.id], stores, report)
+    log.info("pruned job %s: %d deleted, %d kept, %d deletion failures", job, len(report.deleted),
+             sum(d.keep for d in report.decisions), len(report.failures), extra={"job": job})
+    return report
+
+
+def delete_backup(catalog: Catalog, backup: BackupView, stores: dict[str, Store], report: PruneReport) -> None:
+    """Delete every copy (and manifest); mark the backup deleted only if nothing is left."""
+    remaining = 0
+    manifests: set[tuple[str, str]] = set()
+    for art in backup.artifacts:
+        for copy in art.copies:
+            if copy.status == DELETED:
+                continue
+            store = stores.get(copy.destination)
+            if store is None:
+                remaining += 1
+                report.failures.append(f"{backup.id}: {copy.destination} {copy.key}: destination not in config")
+                continue
+            try:
+                store.delete(copy.key)
+            except Exception as exc:  # noqa: BLE001 - recorded, retried next prune
+                remaining += 1
+                catalog.set_copy_status(backup.id, copy.destination, copy.key, copy.status, f"delete failed: {exc}")
+                report.failures.append(f"{backup.id}: {copy.destination} {copy.key}: {exc}")
+                continue
+            catalog.set_copy_status(backup.id, copy.destination, copy.key, DELETED)
+            manifests.add((copy.destination, copy.key.rsplit("/", 1)[0] + "/" + MANIFEST))
+    for dest, key in sorted(manifests):
+        try:
+            stores[dest].delete(key)
+        except Exception as exc:  # noqa: BLE001 - only rebuild suffers from a stray manifest
+            remaining += 1
+            report.failures.append(f"{backup.id}: {dest} {key}: {exc}")
+    if remaining == 0:
+        catalog.mark_deleted(backup.id)
+        report.deleted.append(backup.id)
+
+
+# ------------------------------------------------------------------ orphans
+
+
+@dataclass
+class OrphanReport:
+    orphans: list[tuple[str, str]] = field(default_factory=list)  # (destination, key)
+    missing: list[tuple[str, str, str]] = field(default_factory=list)  # (backup id, destination, key)
+    removed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_orphans(catalog: Catalog, stores: dict[str, Store], delete: bool = False) -> OrphanReport:
+    """Objects under backupd's layout the catalog does not know, and copies whose object vanished."""
+    report = OrphanReport()
+    backups = {b.id: b for b in catalog.list(include_deleted=True)}
+    for dest, store in stores.items():
+        live: dict[str, tuple[str, str]] = {}  # key -> (backup id, status)
+        for b in backups.values():
+            for art in b.artifacts:
+                for copy in art.copies:
+                    if copy.destination == dest:
+                        live[copy.key] = (b.id, copy.status)
+        present = set()
+        for obj in store.list():
+            parts = obj.key.split("/")
+            if len(parts) != 3:
+                continue  # not backupd's <job>/<backup id>/<file> layout: not ours to judge
+            job, backup_id, name = parts
+            present.add(obj.key)
+            backup = backups.get(backup_id)
+            if backup is not None and backup.status == RUNNING:
+                continue  # a run in progress owns it
+            if name == MANIFEST and backup is not None and backup.deleted_at is None:
+                continue
+            if obj.key in live and live[obj.key][1] not in (DELETED,):
+                continue
+            report.orphans.append((dest, obj.key))
+            if delete:
+                store.delete(obj.key)
+                report.removed.append((dest, obj.key))
+        for key, (backup_id, status) in live.items():
+            if status == STORED and key not in present:
+                catalog.set_copy_status(backup_id, dest, key, MISSING, "object vanished from the destination")
+                report.missing.append((backup_id, dest, key))
+    return report
+
+
+# ------------------------------------------------------------------ rebuild
+
+
+def rebuild_catalog(catalog: Catalog, destination: str, store: Store) -> tuple[list[str], list[str]]:
+    """Re-create catalog rows from the manifests on one destination.
+
+    Returns (imported ids, skipped ids). A copy on this destination is recorded
+    as stored only if its object exists with the recorded size.
+    """
+    imported, skipped = [], []
+    for obj in store.list():
+        if not obj.key.endswith("/" + MANIFEST):
+            continue
+        with store.open_read(obj.key) as f:
+            data = json.loads(f.read())
+        for art in data.get("artifacts", []):
+            for copy in art.get("destinations", []):
+                if copy["destination"] == destination:
+                    info = store.stat(copy["key"])
+                    ok = info is not None and info.size == art.get("size")
+                    copy["status"] = STORED if ok else MISSING
+                    copy["error"] = None if ok else "not found with the recorded size during rebuild"
+        if catalog.import_backup(data):
+            imported.append(data["id"])
+        else:
+            skipped.append(data["id"])
+    return imported, skipped
