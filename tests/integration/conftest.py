@@ -1,8 +1,8 @@
-"""Fixtures for real services: the Docker engine, helper image, volumes, and (in
-services.py) SeaweedFS as S3, OpenSSH as SFTP, PostgreSQL and MariaDB containers.
+"""Fixtures for real services: the Docker engine, the helper image, volumes, SeaweedFS (S3),
+OpenSSH (SFTP), PostgreSQL and MariaDB. How they start lives in services.py.
 
-Integration tests never skip for lack of a service: CI must not pass without
-them. `bash scripts/testenv.sh all` installs and starts what they need.
+Missing services FAIL the tests rather than skip them: CI must not go green without
+integration tests. `bash scripts/testenv.sh all` (as root) installs and builds everything.
 """
 
 from __future__ import annotations
@@ -12,54 +12,108 @@ from typing import Callable, Iterator
 
 import docker
 import pytest
-from docker.errors import ImageNotFound, NotFound
+from docker.errors import NotFound
 
-from tests.integration.services import (  # noqa: F401 - fixtures re-exported for pytest
-    mariadb_container,
-    postgres_container,
-    s3_bucket,
-    s3_server,
-    sftp_server,
-)
+try:  # tests/ as a package (with __init__.py files) or as plain rootdir-relative modules
+    from .services import (HELPER_IMAGE, SETUP_HINT, TEST_LABELS, DbContainer, S3Server, ServiceError,
+                           SftpServer, create_bucket, remove_db, require_image, start_mariadb,
+                           start_postgres, start_seaweedfs, start_sshd, stop_process)
+except ImportError:
+    from services import (HELPER_IMAGE, SETUP_HINT, TEST_LABELS, DbContainer, S3Server, ServiceError,
+                          SftpServer, create_bucket, remove_db, require_image, start_mariadb,
+                          start_postgres, start_seaweedfs, start_sshd, stop_process)
 
-HELPER_IMAGE = "backupd-helper:test"
+
+def _fail(exc: Exception) -> None:
+    pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
-def docker_client() -> docker.DockerClient:
+def docker_client() -> Iterator[docker.DockerClient]:
     try:
         client = docker.from_env(timeout=300)
         client.ping()
-        return client
     except docker.errors.DockerException as exc:
-        pytest.fail(f"no Docker engine ({exc}); run `bash scripts/testenv.sh all` first", pytrace=False)
+        pytest.fail(f"Docker engine unreachable ({exc}); {SETUP_HINT}", pytrace=False)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")
 def helper_image(docker_client: docker.DockerClient) -> str:
     try:
-        docker_client.images.get(HELPER_IMAGE)
-    except ImageNotFound:
-        pytest.fail(f"image {HELPER_IMAGE} missing; run `bash scripts/testenv.sh helper-image`", pytrace=False)
-    return HELPER_IMAGE
+        return require_image(docker_client, HELPER_IMAGE)
+    except ServiceError as exc:
+        _fail(exc)
 
 
 @pytest.fixture
 def volume_factory(docker_client: docker.DockerClient) -> Iterator[Callable[..., str]]:
-    """make(prefix) -> a new, uniquely named volume, removed (with its users) afterwards."""
+    """make(prefix="t") -> name of a new, uniquely named volume; removed (with its users) afterwards."""
     made: list[str] = []
 
     def make(prefix: str = "t") -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        docker_client.volumes.create(name, labels={"backupd-test": "1"})
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        docker_client.volumes.create(name, labels=TEST_LABELS)
         made.append(name)
         return name
 
     yield make
     for name in made:
-        for c in docker_client.containers.list(all=True, filters={"volume": name}):
-            c.remove(force=True)
+        # A volume in use cannot be removed: drop the containers still holding it first.
+        for container in docker_client.containers.list(all=True, filters={"volume": name}):
+            container.remove(force=True)
         try:
             docker_client.volumes.get(name).remove(force=True)
         except NotFound:
             pass
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS with an S3 gateway on 127.0.0.1; .endpoint_url, .access_key, .secret_key, .client()."""
+    try:
+        server, weed = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    except ServiceError as exc:
+        _fail(exc)
+    yield server
+    weed.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh, empty bucket's name."""
+    return create_bucket(s3_server)
+
+
+@pytest.fixture(scope="session")
+def sftp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SftpServer]:
+    """OpenSSH sshd on 127.0.0.1 for root with a test key; .root_dir is the remote directory to use."""
+    try:
+        server, proc = start_sshd(tmp_path_factory.mktemp("sshd"))
+    except ServiceError as exc:
+        _fail(exc)
+    yield server
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def postgres_container(docker_client: docker.DockerClient) -> Iterator[DbContainer]:
+    """PostgreSQL 15 in a container: .name, .password (user postgres), .ip on the bridge."""
+    try:
+        db = start_postgres(docker_client)
+    except ServiceError as exc:
+        _fail(exc)
+    yield db
+    remove_db(docker_client, db)
+
+
+@pytest.fixture(scope="session")
+def mariadb_container(docker_client: docker.DockerClient) -> Iterator[DbContainer]:
+    """MariaDB in a container: .name, .password (user root), .ip on the bridge."""
+    try:
+        db = start_mariadb(docker_client)
+    except ServiceError as exc:
+        _fail(exc)
+    yield db
+    remove_db(docker_client, db)

@@ -1,46 +1,84 @@
-"""The test services themselves work, so other failures point at backupd."""
+"""The test services themselves work, so a failure elsewhere points at backupd, not the bench."""
 
 from __future__ import annotations
 
-import paramiko
+import base64
+from pathlib import Path
+
 import pytest
+
+try:
+    from .services import fill_volume, fingerprint_sha256
+except ImportError:
+    from services import fill_volume, fingerprint_sha256
 
 pytestmark = pytest.mark.integration
 
 
-def test_helper_image_runs_gnu_tar(docker_client, helper_image):
+def test_helper_image_has_gnu_tar_and_busybox(docker_client, helper_image):
     out = docker_client.containers.run(helper_image, ["tar", "--version"], remove=True)
-    assert b"GNU tar" in out
+    assert out.startswith(b"tar (GNU tar)"), out
+    out = docker_client.containers.run(helper_image, ["sh", "-c", "find / -maxdepth 0"], remove=True)
+    assert out == b"/\n"
+
+
+def test_fill_volume_writes_into_the_volume(docker_client, helper_image, volume_factory):
+    vol = volume_factory("fill")
+    fill_volume(docker_client, helper_image, vol, "mkdir -p /data/d && echo hi > /data/d/f && chown 1234:5678 /data/d/f")
+    root = Path(docker_client.volumes.get(vol).attrs["Mountpoint"])
+    st = (root / "d" / "f").stat()
+    assert (root / "d" / "f").read_text() == "hi\n" and (st.st_uid, st.st_gid) == (1234, 5678)
+    # Inside sh, GNU tar must be called by path (busybox sh prefers its own applets).
+    listing = fill_volume(docker_client, helper_image, vol, "/bin/tar --numeric-owner -cf - -C /data . | /bin/tar -tvf -")
+    assert "1234/5678" in listing
+    with pytest.raises(RuntimeError, match="exited 3"):
+        fill_volume(docker_client, helper_image, vol, "echo boom; exit 3")
 
 
 def test_s3_bucket_put_and_get(s3_server, s3_bucket):
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="a/b", Body=b"hello")
     assert client.get_object(Bucket=s3_bucket, Key="a/b")["Body"].read() == b"hello"
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]] == ["a/b"]
 
 
-def test_sftp_put_and_get_with_verified_host_key(sftp_server, tmp_path):
-    ssh = paramiko.SSHClient()
-    ssh.load_host_keys(sftp_server.known_hosts_path)
-    ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
-    ssh.connect(sftp_server.host, sftp_server.port, username=sftp_server.username,
-                key_filename=sftp_server.key_path, look_for_keys=False, allow_agent=False)
-    sftp = ssh.open_sftp()
-    with sftp.open(f"{sftp_server.root_dir}/x", "wb") as f:
-        f.write(b"data")
-    assert (tmp_path.parent / "x").exists() or sftp.stat(f"{sftp_server.root_dir}/x").st_size == 4
-    ssh.close()
+def test_sftp_put_and_get_with_verified_host_key(sftp_server):
+    with sftp_server.connect() as ssh:  # RejectPolicy: only the known_hosts key is accepted
+        key = ssh.get_transport().get_remote_server_key()
+        assert fingerprint_sha256(key.asbytes()) == sftp_server.host_key_fingerprint
+        sftp = ssh.open_sftp()
+        with sftp.open(f"{sftp_server.root_dir}/x", "wb") as f:
+            f.write(b"data")
+        with sftp.open(f"{sftp_server.root_dir}/x", "rb") as f:
+            assert f.read() == b"data"
+    assert (Path(sftp_server.root_dir) / "x").read_bytes() == b"data"
+    line = Path(sftp_server.known_hosts_path).read_text().split()
+    assert line[0] == f"[127.0.0.1]:{sftp_server.port}" and line[1] == "ssh-ed25519"
+    assert base64.b64decode(line[2]) == key.asbytes()
 
 
-def test_postgres_answers(docker_client, postgres_container):
+def test_postgres_answers_in_the_container_and_on_the_bridge(docker_client, postgres_container):
     c = docker_client.containers.get(postgres_container.name)
-    res = c.exec_run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-tAc", "select 1"],
-                     environment={"PGPASSWORD": postgres_container.password})
-    assert res.exit_code == 0 and res.output.strip() == b"1"
+    res = c.exec_run(["psql", "-U", "postgres", "-tAc", "select 1"])
+    assert res.exit_code == 0 and res.output.strip() == b"1", res.output
+    env = c.attrs["Config"]["Env"]
+    assert f"POSTGRES_PASSWORD={postgres_container.password}" in env
+    import psycopg2
+
+    with psycopg2.connect(host=postgres_container.ip, user="postgres", password=postgres_container.password,
+                          dbname="postgres", connect_timeout=10) as conn, conn.cursor() as cur:
+        cur.execute("select 1")
+        assert cur.fetchone() == (1,)
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(host=postgres_container.ip, user="postgres", password="wrong", connect_timeout=10)
 
 
-def test_mariadb_answers(docker_client, mariadb_container):
+def test_mariadb_answers_with_its_password(docker_client, mariadb_container):
     c = docker_client.containers.get(mariadb_container.name)
-    res = c.exec_run(["mariadb", "-uroot", "-N", "-e", "select 1"],
+    assert f"MARIADB_ROOT_PASSWORD={mariadb_container.password}" in c.attrs["Config"]["Env"]
+    res = c.exec_run(["mariadb", "-uroot", "-h", mariadb_container.ip, "-N", "-e", "select 1"],
                      environment={"MYSQL_PWD": mariadb_container.password})
-    assert res.exit_code == 0 and res.output.strip() == b"1"
+    assert res.exit_code == 0 and res.output.strip() == b"1", res.output
+    res = c.exec_run(["mariadb", "-uroot", "-h", mariadb_container.ip, "-e", "select 1"],
+                     environment={"MYSQL_PWD": "wrong"})
+    assert res.exit_code != 0
