@@ -50,10 +50,15 @@ class Context:
 
     @property
     def host(self) -> Any:
+        """The engine; on first use, undo what a killed backupd left behind."""
         if self._host is None:
             from backupd.docker_host import DockerHost, connect
+            from backupd.quiesce.stop import recover_held_containers
 
             self._host = DockerHost(connect(), self.config.helper_image)
+            self.catalog.fail_interrupted()
+            recover_held_containers(self.catalog, self._host)
+            self._host.remove_stale_helpers()
         return self._host
 
 
@@ -66,8 +71,6 @@ def cmd_backup(ctx: Context) -> int:
     config, job = ctx.config, ctx.args.job
     config.job(job)
     plan = make_plan(config, job, ctx.host)
-    ctx.catalog.fail_interrupted()
-    ctx.host.remove_stale_helpers()
     result = run_backup(config, plan, ctx.catalog, ctx.host)
     print(result.backup_id)
     if result.status == SUCCEEDED:

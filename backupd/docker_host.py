@@ -13,6 +13,7 @@ import logging
 import re
 import socket
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -299,6 +300,39 @@ class DockerHost:
         finally:
             self._remove(cid)
 
+    # ------------------------------------------------------------ exec in containers
+
+    def container(self, name: str, where: str) -> Any:
+        try:
+            return self.client.containers.get(name)
+        except NotFound:
+            raise NotFoundError(f"{where}: container '{name}' does not exist") from None
+
+    def container_env(self, name: str) -> dict[str, str]:
+        env = self.client.containers.get(name).attrs["Config"].get("Env") or []
+        return dict(item.split("=", 1) for item in env if "=" in item)
+
+    @contextmanager
+    def exec_stream(self, container: str, argv: list[str], env: dict[str, str],
+                    stdin: Iterable[bytes] | None = None) -> Iterator["ExecStream"]:
+        """Run argv in a running container; yield its stdout chunks, keep stderr's tail.
+
+        The exit code is read once stdout ends (ExecStream.exit_code()).
+        """
+        try:
+            exec_id = self.api.exec_create(container, argv, environment=env, stdout=True,
+                                           stderr=True, stdin=stdin is not None)["Id"]
+            sock = self.api.exec_start(exec_id, socket=True)
+        except NotFound:
+            raise NotFoundError(f"container '{container}' does not exist") from None
+        except APIError as exc:
+            raise HelperError(f"cannot run {argv[0]} in container '{container}': {exc.explanation}") from None
+        stream = ExecStream(self.api, exec_id, sock, stdin)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
     # ------------------------------------------------------------ volumes
 
     def volume_exists(self, name: str) -> bool:
@@ -348,6 +382,67 @@ def _demux(reader: io.BufferedReader, stderr: bytearray) -> Iterator[bytes]:
             yield payload
         if len(payload) < length:
             return
+
+
+class ExecStream:
+    """stdout of a `docker exec`, optionally fed stdin from an iterator in a thread."""
+
+    def __init__(self, api: Any, exec_id: str, sock: Any, stdin: Iterable[bytes] | None) -> None:
+        self.api = api
+        self.exec_id = exec_id
+        self.sock = sock
+        self.stderr = bytearray()
+        self.feed_error: BaseException | None = None
+        self._feeder: threading.Thread | None = None
+        if stdin is not None:
+            self._feeder = threading.Thread(target=self._feed, args=(stdin,), daemon=True)
+            self._feeder.start()
+
+    def _feed(self, chunks: Iterable[bytes]) -> None:
+        raw = getattr(self.sock, "_sock", self.sock)
+        try:
+            for chunk in chunks:
+                raw.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the command exited; its exit code and stderr say why
+        except BaseException as exc:  # noqa: BLE001 - e.g. a checksum mismatch of the source
+            self.feed_error = exc
+        finally:
+            try:
+                raw.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def stdout(self) -> Iterator[bytes]:
+        yield from _demux(io.BufferedReader(self.sock, 1 << 20), self.stderr)
+
+    def drain(self) -> bytes:
+        out = bytearray()
+        for chunk in self.stdout():
+            out += chunk
+            del out[:-STDERR_KEEP]
+        return bytes(out)
+
+    def exit_code(self, timeout: float = 30) -> int:
+        if self._feeder is not None:
+            self._feeder.join()
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.api.exec_inspect(self.exec_id)
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                return int(info["ExitCode"])
+            if time.monotonic() > deadline:
+                return -1
+            time.sleep(0.05)
+
+    def stderr_text(self) -> str:
+        return bytes(self.stderr).decode("utf-8", "replace").strip()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 def _drain(sock: Any, keep: bytearray) -> None:

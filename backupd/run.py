@@ -1,9 +1,10 @@
 """One backup run, from plan to record: the only place that sequences the steps.
 
-Order (each step logged): resolve everything first (unknown names fail before
-anything is touched), then archive each volume to every destination, then
-record the outcome and write a manifest beside the archives so the catalog can
-be rebuilt from any destination.
+Order, each step logged: resolve everything first (unknown names fail before
+anything is touched); then before-hooks, database dumps, stop containers,
+archive volumes, start containers, after-hooks (always, even after a
+failure); then record the outcome and write a manifest beside the archives
+so the catalog can be rebuilt from any destination.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from backupd.artifact import Cancelled, store_artifact
+from backupd.quiesce.databases import Dump, plan_dumps
+from backupd.quiesce.hooks import run_hooks
+from backupd.quiesce.stop import held, resolve_containers
 from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog
 from backupd.config import Config
 from backupd.docker_host import DockerHost, VolumeSource
@@ -32,6 +36,8 @@ class Plan:
     job: str
     volumes: list[VolumeSource]
     stores: dict[str, Store]
+    dumps: list[Dump] = field(default_factory=list)
+    stop: list[Any] = field(default_factory=list)  # running containers to stop, in stop order
 
 
 @dataclass
@@ -47,8 +53,11 @@ def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
     volumes = host.resolve_volumes(job_name, list(job.volumes))
     if volumes:
         host.check_helper_image()
+    dumps = [d for i, spec in enumerate(job.databases)
+             for d in plan_dumps(spec, host, f"jobs.{job_name}.databases[{i}]")]
+    stop = resolve_containers(host, job_name, list(job.stop_containers))
     stores = {name: open_store(name, spec) for name, spec in config.job_destinations(job_name).items()}
-    return Plan(job_name, volumes, stores)
+    return Plan(job_name, volumes, stores, dumps, stop)
 
 
 def run_backup(
@@ -69,37 +78,60 @@ def run_backup(
                 len(plan.volumes), ", ".join(plan.stores))
     compression = config.job_compression(job_name)
     encryption = config.job_encryption(job_name)
-    run_error: str | None = None
+    hooks = config.jobs[job_name].hooks
+    where = f"jobs.{job_name}"
+
+    def store(kind: str, name: str, source: str, opener: Any) -> None:
+        try:
+            store_artifact(catalog=catalog, backup_id=backup_id, job=job_name, kind=kind, name=name,
+                           source=source, open_source=opener, stores=plan.stores,
+                           compression=compression, encryption=encryption, cancel=cancel)
+        except Cancelled:
+            raise
+        except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
+            pass
+
+    errors: list[str] = []
     try:
-        for src in plan.volumes:
-            try:
-                store_artifact(
-                    catalog=catalog, backup_id=backup_id, job=job_name, kind="volume",
-                    name=src.name, source=f"{src.kind}:{src.source}",
-                    open_source=lambda src=src: host.tar_stream(src),
-                    stores=plan.stores, compression=compression, encryption=encryption,
-                    cancel=cancel,
-                )
-            except Cancelled:
-                raise
-            except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
-                continue
-    except Cancelled as exc:
-        run_error = str(exc)
-    except BaseException as exc:  # Ctrl-C / SIGTERM in the CLI: record the truth, then stop
-        catalog.finish_backup(backup_id, f"interrupted: {type(exc).__name__}")
-        raise
+        logger.info("step 1/6: before hooks (%d)", len(hooks.before))
+        run_hooks(hooks.before, "before", host, where)
+        logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
+        for dump in plan.dumps:
+            store("database", dump.artifact, dump.source, dump.open)
+        logger.info("step 3/6: stop containers (%s)", ", ".join(c.name for c in plan.stop) or "none")
+        with held(catalog, backup_id, plan.stop) as restart_problems:
+            logger.info("step 4/6: archive volumes (%d)", len(plan.volumes))
+            for src in plan.volumes:
+                store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
+            logger.info("step 5/6: start containers")
+        errors += restart_problems
+    except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
+        errors.append(str(exc) or type(exc).__name__)
+        if not isinstance(exc, Exception):
+            _after_hooks(hooks.after, host, where, errors, logger)
+            catalog.finish_backup(backup_id, f"interrupted: {type(exc).__name__}")
+            raise
+    _after_hooks(hooks.after, host, where, errors, logger)
+    run_error = "; ".join(errors) or None
     status = catalog.finish_backup(backup_id, run_error)
     backup = catalog.get(backup_id)
     if status != FAILED:
         write_manifests(backup, plan.stores)
-    for store in plan.stores.values():
-        store.close()
+    for opened in plan.stores.values():
+        opened.close()
     errors = [backup.error] if backup.error else []
     log_fn = logger.info if status == SUCCEEDED else logger.error
     log_fn("backup %s of job %s %s (%d bytes)%s", backup_id, job_name, status, backup.size,
            f": {backup.error}" if backup.error else "")
     return RunResult(backup_id, status, errors)
+
+
+def _after_hooks(hooks: list, host: DockerHost, where: str, errors: list[str], logger: Any) -> None:
+    logger.info("step 6/6: after hooks (%d)", len(hooks))
+    try:
+        run_hooks(hooks, "after", host, where)
+    except Exception as exc:  # noqa: BLE001 - recorded with the run
+        errors.append(str(exc))
 
 
 def manifest_of(backup: "object") -> dict:

@@ -224,7 +224,7 @@ class Catalog:
         backup_id = new_backup_id(now)
         with self._session.begin() as s:
             s.add(BackupRow(id=backup_id, job=job, status=RUNNING, started_at=now,
-                            host=socket.gethostname(), pid=os.getpid()))
+                            host=socket.gethostname(), process=process_token()))
         return backup_id
 
     def add_artifact(
@@ -309,7 +309,7 @@ class Catalog:
         with self._session.begin() as s:
             rows = s.scalars(select(BackupRow).where(BackupRow.status == RUNNING, BackupRow.host == host))
             for row in rows:
-                if row.pid != os.getpid() and not _pid_alive(row.pid):
+                if not process_alive(row.process):
                     for art in row.artifacts:
                         if art.status == RUNNING:
                             art.status, art.error = FAILED, "interrupted"
@@ -328,7 +328,7 @@ class Catalog:
             row = BackupRow(id=data["id"], job=data["job"], status=data["status"],
                             started_at=_parse_time(data["started_at"]),
                             finished_at=_parse_time(data.get("finished_at")),
-                            error=data.get("error"), host=data.get("host") or "", pid=0)
+                            error=data.get("error"), host=data.get("host") or "", process="")
             for art in data.get("artifacts", []):
                 row.artifacts.append(ArtifactRow(
                     kind=art["kind"], name=art["name"], source=art.get("source", ""),
@@ -344,8 +344,8 @@ class Catalog:
 
     def hold_container(self, backup_id: str, container_id: str, name: str) -> int:
         with self._session.begin() as s:
-            row = HeldContainerRow(backup_id=backup_id, container_id=container_id,
-                                   container_name=name, host=socket.gethostname(), stopped_at=utcnow())
+            row = HeldContainerRow(backup_id=backup_id, container_id=container_id, container_name=name,
+                                   host=socket.gethostname(), process=process_token(), stopped_at=utcnow())
             s.add(row)
             s.flush()
             return row.id
@@ -355,11 +355,14 @@ class Catalog:
             s.get_one(HeldContainerRow, hold_id).restarted_at = utcnow()
 
     def held_containers(self) -> list[tuple[int, str, str]]:
-        """(hold id, container id, name) of containers stopped and not yet restarted, this host."""
+        """(hold id, container id, name) of containers a dead backupd on this host left stopped.
+
+        Holds of live processes (a backup running right now) are not returned.
+        """
         with self._session() as s:
             rows = s.scalars(select(HeldContainerRow).where(
                 HeldContainerRow.restarted_at.is_(None), HeldContainerRow.host == socket.gethostname()))
-            return [(r.id, r.container_id, r.container_name) for r in rows]
+            return [(r.id, r.container_id, r.container_name) for r in rows if not process_alive(r.process)]
 
     # ------------------------------------------------------------ reads
 
@@ -401,16 +404,27 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def _start_time(pid: int) -> str | None:
+    """Kernel start time of a process: tells a reused pid (pid 1 after a restart) apart."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_token() -> str:
+    pid = os.getpid()
+    return f"{pid}:{_start_time(pid) or ''}"
+
+
+def process_alive(token: str) -> bool:
+    """Is the process that wrote this token (on this host) still running?"""
+    pid_text, _, start = token.partition(":")
+    if not pid_text.isdigit():
         return False
-    except PermissionError:
-        return True
-    return True
+    current = _start_time(int(pid_text))
+    return current is not None and current == start
 
 
 __all__ = [

@@ -44,7 +44,7 @@ class BackupRow(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     host: Mapped[str] = mapped_column(String(255), default="")
-    pid: Mapped[int] = mapped_column(Integer, default=0)
+    process: Mapped[str] = mapped_column(String(64), default="")  # "pid:start time" of the owner
     artifacts: Mapped[list["ArtifactRow"]] = relationship(
         back_populates="backup", order_by="ArtifactRow.id", cascade="all, delete-orphan"
     )
@@ -90,5 +90,6 @@ class HeldContainerRow(Base):
     container_id: Mapped[str] = mapped_column(String(128))
     container_name: Mapped[str] = mapped_column(String(255))
     host: Mapped[str] = mapped_column(String(255), default="")
+    process: Mapped[str] = mapped_column(String(64), default="")
     stopped_at: Mapped[datetime] = mapped_column(UTCDateTime)
     restarted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

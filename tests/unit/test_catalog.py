@@ -129,7 +129,7 @@ def test_interrupted_run_of_dead_process_is_failed(catalog: Catalog):
     add(catalog, bid)
     with catalog.session() as s:  # pretend a dead process owned it
         from backupd.catalog.models import BackupRow
-        s.get(BackupRow, bid).pid = 2**22 + 12345
+        s.get(BackupRow, bid).process = "4000000:1"
         s.commit()
     assert catalog.fail_interrupted() == [bid]
     view = catalog.get(bid)
@@ -144,8 +144,13 @@ def test_running_run_of_live_process_is_left_alone(catalog: Catalog):
     assert os.getpid() > 0
 
 
-def test_held_containers_round_trip(catalog: Catalog):
+def test_held_containers_of_a_dead_process_are_returned_for_recovery(catalog: Catalog):
     hold = catalog.hold_container("b1", "cid123", "web")
+    assert catalog.held_containers() == []  # ours: we are alive and will restart it
+    with catalog.session() as s:
+        from backupd.catalog.models import HeldContainerRow
+        s.get(HeldContainerRow, hold).process = "1:12345"  # pid 1 reused after a restart
+        s.commit()
     assert catalog.held_containers() == [(hold, "cid123", "web")]
     catalog.release_container(hold)
     assert catalog.held_containers() == []

@@ -1,0 +1,54 @@
+"""restore --database: stream a dump back into a database container."""
+
+from __future__ import annotations
+
+import logging
+
+from backupd.artifact import read_copy
+from backupd.catalog import Catalog
+from backupd.config import Config, DatabaseSpec
+from backupd.docker_host import DockerHost
+from backupd.errors import ConfigError
+from backupd.quiesce.databases import connect, parse_source, restore_dump
+from backupd.restore import configured_stores, find_good_copy, preference
+
+log = logging.getLogger(__name__)
+
+
+def _spec_for(config: Config, job: str, artifact: str, kind: str, server: str) -> DatabaseSpec:
+    """The config entry that made the artifact (for user and password), or defaults."""
+    job_cfg = config.jobs.get(job)
+    for spec in job_cfg.databases if job_cfg else []:
+        if artifact == spec.name or artifact.startswith(spec.name + "."):
+            return spec
+    container = None if ":" in server else server
+    return DatabaseSpec(name=artifact.split(".")[0], type=kind, container=container,
+                        host=server.split(":")[0] if container is None else None)
+
+
+def restore_database(
+    *,
+    config: Config,
+    catalog: Catalog,
+    host: DockerHost,
+    backup_id: str,
+    name: str,
+    to_container: str | None = None,
+    force: bool = False,
+    identity: str | None = None,
+) -> str:
+    """Restore dump `name` of a backup into its container (or `to_container`); returns where."""
+    backup = catalog.get(backup_id)
+    artifact = backup.artifact("database", name)
+    kind, server, database = parse_source(artifact.source)
+    spec = _spec_for(config, backup.job, name, kind, server)
+    if to_container is None and spec.container is None and spec.host is None:
+        raise ConfigError(f"'{name}' came from {server}; pass --to-container C")
+    target = connect(spec, host, f"restore {name}", container=to_container)
+    stores = configured_stores(config)
+    store, copy = find_good_copy(backup, artifact, stores, preference(config, backup.job),
+                                 identity, check_tar=False)
+    log.info("restoring dump %s of backup %s (copy on %s) into %s", name, backup_id,
+             copy.destination, target.runner.where)
+    restore_dump(target, database, read_copy(store, copy, artifact, identity), force)
+    return target.runner.where

@@ -1,0 +1,185 @@
+"""Where a dump tool or hook runs: inside a container (docker exec) or in backupd itself.
+
+Both runners answer the same two calls, so dump modules and hooks never care
+where they run: `stream` (stdout as chunks, for dumps and restores) and `run`
+(a short command with a timeout, for hooks and queries). Secrets travel in
+the environment, never in argv, and are redacted from any text we report.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Protocol
+
+from backupd.docker_host import STDERR_KEEP, DockerHost
+from backupd.errors import BackupdError
+
+MISSING_COMMAND = (126, 127)
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+
+class Proc(Protocol):
+    def stdout(self) -> Iterator[bytes]: ...
+    def exit_code(self) -> int: ...
+    def stderr_text(self) -> str: ...
+
+
+class Runner(Protocol):
+    where: str
+
+    def stream(self, argv: list[str], env: dict[str, str],
+               stdin: Iterable[bytes] | None = None) -> "contextmanager[Proc]": ...
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float,
+            stdin: Iterable[bytes] | None = None) -> Result: ...
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _collect(proc: Proc, timeout: float) -> tuple[bytes, bool]:
+    """Drain stdout within timeout; (output tail, timed out?)."""
+    out = bytearray()
+
+    def drain() -> None:
+        for chunk in proc.stdout():
+            out.extend(chunk)
+            del out[:-STDERR_KEEP]
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return bytes(out), reader.is_alive()
+
+
+class ContainerRunner:
+    """docker exec in a running container."""
+
+    def __init__(self, host: DockerHost, container: str) -> None:
+        self.host = host
+        self.container = container
+        self.where = f"container '{container}'"
+        self._has_timeout: bool | None = None
+
+    @contextmanager
+    def stream(self, argv: list[str], env: dict[str, str],
+               stdin: Iterable[bytes] | None = None) -> Iterator[Proc]:
+        with self.host.exec_stream(self.container, argv, env, stdin) as proc:
+            yield proc
+
+    def _timeout_wrapper(self, timeout: float) -> list[str]:
+        """`timeout -s KILL N` where the container has it, so a hung hook really dies."""
+        if self._has_timeout is None:
+            with self.host.exec_stream(self.container, ["timeout", "--help"], {}) as probe:
+                probe.drain()
+                self._has_timeout = probe.exit_code() not in MISSING_COMMAND
+        return ["timeout", "-s", "KILL", str(max(1, int(timeout)))] if self._has_timeout else []
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float,
+            stdin: Iterable[bytes] | None = None) -> Result:
+        wrapped = self._timeout_wrapper(timeout) + argv
+        with self.host.exec_stream(self.container, wrapped, env, stdin) as proc:
+            out, timed_out = _collect(proc, timeout + 5)
+            code = proc.exit_code(timeout=5) if not timed_out else -1
+            if wrapped[0] == "timeout" and code in (124, 137):  # killed by `timeout`
+                timed_out = True
+            return Result(code, out.decode("utf-8", "replace"), proc.stderr_text(), timed_out)
+
+
+class _LocalProc:
+    def __init__(self, argv: list[str], env: dict[str, str], stdin: Iterable[bytes] | None) -> None:
+        import os
+
+        try:
+            self.popen = subprocess.Popen(
+                argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise BackupdError(f"'{argv[0]}' is not installed where backupd runs") from None
+        self.stderr = bytearray()
+        self.feed_error: BaseException | None = None
+        self._err = threading.Thread(target=self._read_err, daemon=True)
+        self._err.start()
+        self._feeder = None
+        if stdin is not None:
+            self._feeder = threading.Thread(target=self._feed, args=(stdin,), daemon=True)
+            self._feeder.start()
+
+    def _read_err(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            self.stderr.extend(line)
+            del self.stderr[:-STDERR_KEEP]
+
+    def _feed(self, chunks: Iterable[bytes]) -> None:
+        assert self.popen.stdin is not None
+        try:
+            for chunk in chunks:
+                self.popen.stdin.write(chunk)
+        except BrokenPipeError:
+            pass
+        except BaseException as exc:  # noqa: BLE001
+            self.feed_error = exc
+        finally:
+            try:
+                self.popen.stdin.close()
+            except BrokenPipeError:
+                pass
+
+    def stdout(self) -> Iterator[bytes]:
+        assert self.popen.stdout is not None
+        while chunk := self.popen.stdout.read(1 << 20):
+            yield chunk
+
+    def exit_code(self) -> int:
+        if self._feeder is not None:
+            self._feeder.join()
+        code = self.popen.wait()
+        self._err.join(timeout=5)
+        return code
+
+    def stderr_text(self) -> str:
+        return bytes(self.stderr).decode("utf-8", "replace").strip()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+class LocalRunner:
+    """A subprocess of backupd itself (network dumps, hooks without a container)."""
+
+    where = "backupd"
+
+    @contextmanager
+    def stream(self, argv: list[str], env: dict[str, str],
+               stdin: Iterable[bytes] | None = None) -> Iterator[Proc]:
+        proc = _LocalProc(argv, env, stdin)
+        try:
+            yield proc
+        finally:
+            proc.kill()
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float,
+            stdin: Iterable[bytes] | None = None) -> Result:
+        proc = _LocalProc(argv, env, stdin)
+        out, timed_out = _collect(proc, timeout)
+        if timed_out:
+            proc.kill()
+            return Result(-1, out.decode("utf-8", "replace"), proc.stderr_text(), True)
+        return Result(proc.exit_code(), out.decode("utf-8", "replace"), proc.stderr_text())
