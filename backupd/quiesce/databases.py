@@ -25,7 +25,12 @@ from backupd.quiesce.runner import MISSING_COMMAND, ContainerRunner, LocalRunner
 log = logging.getLogger(__name__)
 
 KINDS: dict[str, ModuleType] = {"postgres": postgres, "mysql": mysql}
-ERROR_LINE = re.compile(r"(^|:\s)(error|fatal)\b", re.IGNORECASE | re.MULTILINE)
+ERROR_WORD = re.compile(r"\b(error|fatal)\b", re.IGNORECASE)
+
+
+def reports_error(stderr: str) -> bool:
+    """A tool that exits 0 but prints an error line still failed (warnings are fine)."""
+    return any(ERROR_WORD.search(line) and "warning" not in line.lower() for line in stderr.splitlines())
 QUERY_TIMEOUT = 60.0
 
 
@@ -74,7 +79,7 @@ def _checked(proc, tool: str, target: Target) -> Iterator[bytes]:
     yield from proc.stdout()
     code = proc.exit_code()
     stderr = target.redact(proc.stderr_text())
-    if code != 0 or ERROR_LINE.search(stderr):
+    if code != 0 or reports_error(stderr):
         raise DumpError(f"{tool} in {target.runner.where} failed (exit {code}): {stderr[-500:] or 'no message'}")
     if stderr:
         log.warning("%s said: %s", tool, stderr[-500:])
