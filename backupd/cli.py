@@ -81,15 +81,14 @@ def cmd_backup(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
-    backups = ctx.catalog.list(job=ctx.args.job)
     if ctx.args.json:
-        json.dump([b.to_json() for b in backups], sys.stdout, indent=2)
+        json.dump([b.to_json() for b in ctx.catalog.list(job=ctx.args.job)], sys.stdout, indent=2)
         print()
         return 0
     rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
-    for b in backups:
+    for b in ctx.catalog.summaries(job=ctx.args.job):
         rows.append((b.id, b.job, b.status, b.started_at.strftime("%Y-%m-%d %H:%M:%S"),
-                     human_bytes(b.size), str(len(b.artifacts))))
+                     human_bytes(b.size), str(b.artifacts)))
     _print_table(rows)
     return 0
 

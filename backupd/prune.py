@@ -52,15 +52,13 @@ def prune_job(
     """Decide from the catalog, then delete the doomed backups everywhere (unless dry_run)."""
     policy = job_policy(config, job)
     tz = ZoneInfo(config.jobs[job].timezone) if job in config.jobs else ZoneInfo("UTC")
-    backups = catalog.list(job=job)
-    records = [BackupRecord(b.id, b.started_at, b.status) for b in backups]
+    records = [BackupRecord(b.id, b.started_at, b.status) for b in catalog.summaries(job=job)]
     report = PruneReport(job, decide(records, policy, now, tz))
     if dry_run:
         return report
-    by_id = {b.id: b for b in backups}
     for decision in report.decisions:
         if not decision.keep:
-            delete_backup(catalog, by_id[decision.id], stores, report)
+            delete_backup(catalog, catalog.get(decision.id), stores, report)
     log.info("pruned job %s: %d deleted, %d kept, %d deletion failures", job, len(report.deleted),
              sum(d.keep for d in report.decisions), len(report.failures), extra={"job": job})
     return report

@@ -79,6 +79,19 @@ class ArtifactView:
 
 
 @dataclass(frozen=True)
+class BackupSummary:
+    """One backup without its artifacts: what tables and retention need, cheap at 100k rows."""
+
+    id: str
+    job: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    size: int
+    artifacts: int
+
+
+@dataclass(frozen=True)
 class BackupView:
     id: str
     job: str
@@ -391,6 +404,23 @@ class Catalog:
         with self._session() as s:
             return [_view(r) for r in s.scalars(query)]
 
+    def summaries(self, job: str | None = None) -> list[BackupSummary]:
+        """Backups (not deleted) newest first, with artifact count and total size, in one query."""
+        from sqlalchemy import func
+
+        query = (
+            select(BackupRow.id, BackupRow.job, BackupRow.status, BackupRow.started_at, BackupRow.finished_at,
+                   func.coalesce(func.sum(ArtifactRow.size), 0), func.count(ArtifactRow.id))
+            .outerjoin(ArtifactRow, ArtifactRow.backup_id == BackupRow.id)
+            .where(BackupRow.deleted_at.is_(None))
+            .group_by(BackupRow.id)
+            .order_by(BackupRow.started_at.desc(), BackupRow.id.desc())
+        )
+        if job is not None:
+            query = query.where(BackupRow.job == job)
+        with self._session() as s:
+            return [BackupSummary(*row) for row in s.execute(query)]
+
     def session(self) -> Session:
         """For modules (retention, rebuild) that need a query of their own."""
         return self._session()
@@ -428,7 +458,7 @@ def process_alive(token: str) -> bool:
 
 
 __all__ = [
-    "Catalog", "BackupView", "ArtifactView", "CopyView", "SQLAlchemyError",
+    "Catalog", "BackupSummary", "BackupView", "ArtifactView", "CopyView", "SQLAlchemyError",
     "RUNNING", "SUCCEEDED", "PARTIAL", "FAILED",
     "PENDING", "STORED", "COPY_FAILED", "DELETED", "MISSING", "utcnow",
 ]
