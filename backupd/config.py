@@ -32,18 +32,13 @@ DEFAULT_CONFIG_PATH = "/etc/backupd/backupd.yml"
 DEFAULT_CATALOG = "sqlite:////var/lib/backupd/catalog.db"
 DEFAULT_LOCAL_PATH = "/backups"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-DURATION_RE = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-
-
 def parse_duration(text: str | int | float) -> timedelta:
     """'90s', '15m', '12h', '7d', '2w', '1d12h' (or a number of seconds)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return timedelta(seconds=text)
-    match = DURATION_RE.match(str(text).strip())
-    if not str(text).strip() or not match:
-        raise ValueError(f"'{text}' is not a duration (use e.g. 30s, 15m, 12h, 7d, 2w)")
-    weeks, days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+    from backupd.retention import parse_duration as parse_text
+
+    return parse_text(str(text).strip())
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]

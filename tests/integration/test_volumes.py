@@ -139,8 +139,8 @@ def write_config(tmp_path: Path, helper_image: str, jobs: dict, **extra) -> Path
     return path
 
 
-def backupd(config: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def backupd(config: Path, *args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "backupd", "--config", str(config), *args],
                           capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
@@ -191,6 +191,24 @@ def test_round_trip_brings_back_every_byte_owner_mode_link_hole_and_timestamp(
         assert after["entries"][name] == attrs, name
     sparse = os.stat(mountpoint(docker_client, vol) / "sparse.img")
     assert sparse.st_blocks * 512 < 1 << 20, "sparse file came back fully allocated"
+
+
+def test_attach_stream_transport_round_trips_too(docker_client, helper_image, volume_factory, tmp_path):
+    """Without a mount shared with helpers, archives travel over Docker's attach stream."""
+    vol = volume_factory("attach")
+    root = mountpoint(docker_client, vol)
+    populate_awkward(root, big_mb=20, small_files=200)
+    before = snapshot(root)
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+    attach = {"BACKUPD_TRANSFER": "attach"}
+    backup_id = backupd(config, "backup", "j", check=True, env=attach).stdout.strip()
+    target = f"{vol}-copy"
+    try:
+        backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", target, check=True, env=attach)
+        after = snapshot(mountpoint(docker_client, target))
+        assert after["entries"] == before["entries"] and after["hardlinks"] == before["hardlinks"]
+    finally:
+        docker_client.volumes.get(target).remove(force=True)
 
 
 def test_restore_to_new_volume_leaves_the_original_untouched(

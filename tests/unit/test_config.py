@@ -79,7 +79,7 @@ def test_bad_cron_and_timezone_and_duration():
     assert "jobs.nightly.schedule: schedule '* * *' must have 5 fields" in error_of(job(schedule="* * *"))
     assert "jobs.nightly.timezone: unknown timezone 'Mars/Base'" in error_of(job(timezone="Mars/Base"))
     msg = error_of(job(hooks={"before": [{"command": "x", "timeout": "soon"}]}))
-    assert "jobs.nightly.hooks.before[0].timeout: 'soon' is not a duration" in msg
+    assert "jobs.nightly.hooks.before[0].timeout: invalid duration 'soon'" in msg
 
 
 def test_retention_that_keeps_nothing_is_an_error():
