@@ -623,21 +623,3 @@ def _drain(sock: Any, keep: bytearray) -> None:
     for payload in _demux(io.BufferedReader(sock, 65536), keep):
         keep.extend(payload)
         del keep[:-STDERR_KEEP]
-
-
-def stop_and_start(containers: list[Any], action: Callable[[], None]) -> None:
-    """Stop containers, run action, start them again whatever happens."""
-    stopped = []
-    try:
-        for c in containers:
-            log.info("stopping container %s", c.name)
-            c.stop()
-            stopped.append(c)
-        action()
-    finally:
-        for c in reversed(stopped):
-            log.info("starting container %s", c.name)
-            try:
-                c.start()
-            except DockerException as exc:
-                log.error("could not start container %s again: %s", c.name, exc)

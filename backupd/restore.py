@@ -1,27 +1,30 @@
 """Restore: pick a good copy, prove it, then unpack it into a volume.
 
-Two passes over the copy: the first checks size, SHA-256 and that every tar
-member is safe *before anything is written*; the second streams it into a
-helper container that extracts it. A copy that fails the first pass is skipped
-for the next destination that holds one. An existing non-empty volume is only
+Before anything is written, a first pass proves the copy's size and SHA-256
+against the catalog (a copy that fails is skipped for the next destination
+holding one). The second pass decompresses it and streams it into a helper
+container's tar through a guard that refuses any unsafe member before tar
+sees it. When the target holds data that --force will replace, the first pass
+also decompresses and checks every member, so nothing is emptied for an
+archive that cannot be restored. An existing non-empty volume is only
 overwritten with --force, and then its running containers are stopped first
 and started again after, whatever happens.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Iterator
 
-from backupd.artifact import ordered_copies, read_copy
+from backupd.artifact import ordered_copies, read_copy, stored_chunks
 from backupd.catalog import ArtifactView, BackupView, Catalog, CopyView
 from backupd.config import Config
-from backupd.docker_host import DockerHost, stop_and_start
+from backupd.docker_host import DockerHost
+from backupd.quiesce.stop import held
 from backupd.errors import BackupdError, ConfigError, IntegrityError, RefusedError
 from backupd.storage import Store, open_store
-from backupd.stream import IterReader, Progress
-from backupd.tarsafety import check_tar_stream
+from backupd.stream import Progress
+from backupd.tarsafety import guarded
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,10 @@ def find_good_copy(
     identity: str | None,
     check_tar: bool,
 ) -> tuple[Store, CopyView]:
-    """First copy (in preference order) whose bytes match the catalog and whose tar is safe."""
+    """First copy (in preference order) whose bytes match the catalog.
+
+    With check_tar, the copy is also decrypted, decompressed and every member checked.
+    """
     problems = []
     for copy in ordered_copies(artifact, prefer):
         store = stores.get(copy.destination)
@@ -52,10 +58,12 @@ def find_good_copy(
             problems.append(f"{copy.destination}: not in the current config")
             continue
         try:
-            reader = IterReader(read_copy(store, copy, artifact, identity))
             if check_tar:
-                check_tar_stream(io.BufferedReader(reader, 1 << 20))
-            reader.drain()
+                for _ in guarded(read_copy(store, copy, artifact, identity)):
+                    pass
+            else:
+                for _ in stored_chunks(store, copy, artifact):
+                    pass
             return store, copy
         except IntegrityError as exc:
             if "unsafe archive" in str(exc):
@@ -90,22 +98,24 @@ def restore_volume(
     host.check_helper_image()
     # Decide about the target first: refusing is cheap, verifying a copy is not.
     exists = host.volume_exists(target)
+    empty = not exists or host.volume_is_empty(target)
     users: list = []
-    if exists and not host.volume_is_empty(target):
+    if not empty:
         if not force:
             raise RefusedError(
                 f"volume '{target}' is not empty; restore to a new volume with --to-volume NAME, "
                 "or pass --force to replace its contents (its containers are stopped meanwhile)")
         users = host.running_containers_using(target)
     stores = configured_stores(config)
+    # Replacing data: prove every member first, so nothing is emptied for a bad archive.
     store, copy = find_good_copy(backup, artifact, stores, preference(config, backup.job),
-                                 identity, check_tar=True)
+                                 identity, check_tar=not empty)
     log.info("restoring %s from backup %s (copy on %s) into volume %s",
              volume, backup_id, copy.destination, target)
 
     def extract() -> None:
         progress = Progress(f"restore {volume}")
-        host.tar_extract(target, _counted(read_copy(store, copy, artifact, identity), progress),
+        host.tar_extract(target, guarded(_counted(read_copy(store, copy, artifact, identity), progress)),
                          purpose=f"volume '{target}'")
         progress.done()
 
@@ -116,15 +126,18 @@ def restore_volume(
         except BaseException:
             host.remove_volume(target)  # a half-restored new volume would look whole
             raise
-    elif force:
-
-        def replace() -> None:
+    elif not empty:
+        with held(catalog, backup_id, users) as restart_problems:
             host.clear_volume(target)
             extract()
-
-        stop_and_start(users, replace)
+        if restart_problems:
+            raise BackupdError("; ".join(restart_problems))
     else:
-        extract()
+        try:
+            extract()
+        except BaseException:
+            host.clear_volume(target)  # it was empty: leave it empty, not half-filled
+            raise
     log.info("restored %s into volume %s", volume, target)
     return target
 

@@ -2,17 +2,40 @@
 
 A member is refused when its name is absolute or climbs with '..', when its
 path runs through a symlink the archive itself created (the classic way to
-write outside the target), or when it is a link that points outside the target.
-The checks run on a full pass over the archive before anything is written.
+write outside the target), or when it is a link that points outside the
+target (symlinks with absolute targets included).
+
+`guarded` checks a tar stream *as it flows*: it parses each header (ustar,
+GNU long names, PAX records) and refuses a member before its header block is
+passed on, so tar downstream never sees an unsafe member. Header checksums
+are verified, so a corrupt or desynchronised stream fails as not well-formed.
 """
 
 from __future__ import annotations
 
 import posixpath
 import tarfile
-from typing import IO
+from dataclasses import dataclass
+from typing import IO, Iterable, Iterator
 
 from backupd.errors import IntegrityError
+
+BLOCK = 512
+PAX_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+GNU_LONG = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    linkname: str
+    type: bytes
+
+    def issym(self) -> bool:
+        return self.type == tarfile.SYMTYPE
+
+    def islnk(self) -> bool:
+        return self.type == tarfile.LNKTYPE
 
 
 def _normal(name: str) -> str:
@@ -39,7 +62,7 @@ class TarChecker:
                 return prefix
         return None
 
-    def check(self, member: tarfile.TarInfo) -> None:
+    def check(self, member: Member | tarfile.TarInfo) -> None:
         self.members += 1
         raw = member.name
         if raw.startswith("/"):
@@ -69,16 +92,122 @@ class TarChecker:
             self.symlinks.discard(path)
 
 
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes, what: str) -> int:
+    try:
+        return tarfile.nti(field)
+    except tarfile.InvalidHeaderError:
+        raise IntegrityError(f"archive is not a well-formed tar: bad {what} field") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """'%d key=value\\n' records; raw bytes kept (hdrcharset=BINARY names)."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise IntegrityError("archive is not a well-formed tar: bad PAX record") from None
+        if length <= 0 or space < 0:
+            raise IntegrityError("archive is not a well-formed tar: bad PAX record")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _padded(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Iterator[bytes]:
+    """Pass a tar stream through, refusing an unsafe or malformed member before its header."""
+    checker = checker or TarChecker()
+    buf = bytearray()
+    skip = 0  # content bytes of the current member still to pass through
+    pending: dict[str, str] = {}  # long name/link from PAX or GNU headers, for the next member
+    ended = False
+    for chunk in chunks:
+        if ended:
+            yield chunk
+            continue
+        buf += chunk
+        out = bytearray()
+        while True:
+            if skip:
+                n = min(skip, len(buf))
+                out += buf[:n]
+                del buf[:n]
+                skip -= n
+                if skip:
+                    break
+            if len(buf) < BLOCK:
+                break
+            header = bytes(buf[:BLOCK])
+            if header == b"\0" * BLOCK:  # end-of-archive mark: the rest is padding
+                ended = True
+                out += buf
+                buf.clear()
+                break
+            unsigned, signed = tarfile.calc_chksums(header)
+            if _number(header[148:156], "checksum") not in (unsigned, signed):
+                raise IntegrityError("archive is not a well-formed tar: header checksum mismatch")
+            kind = header[156:157] or tarfile.REGTYPE
+            size = _number(header[124:136], "size")
+            if kind in PAX_TYPES or kind in GNU_LONG:
+                need = BLOCK + _padded(size)
+                if len(buf) < need:
+                    break  # wait for the whole extended header
+                data = bytes(buf[BLOCK:BLOCK + size])
+                if kind in PAX_TYPES:
+                    records = _pax_records(data)
+                    names = {k: v for k, v in records.items() if k in ("path", "linkpath", "GNU.sparse.name")}
+                    if kind == tarfile.XGLTYPE:
+                        if names:
+                            raise IntegrityError("unsafe archive: a global PAX header renames members")
+                    else:
+                        pending.update(names)
+                        if "size" in records:
+                            pending["size"] = records["size"]
+                elif kind == tarfile.GNUTYPE_LONGNAME:
+                    pending["path"] = _text(data)
+                elif kind == tarfile.GNUTYPE_LONGLINK:
+                    pending["linkpath"] = _text(data)
+                out += buf[:need]
+                del buf[:need]
+                continue
+            name = _text(header[0:100])
+            if header[257:262] == b"ustar" and header[345:346] != b"\0" and kind != tarfile.GNUTYPE_SPARSE:
+                name = _text(header[345:500]) + "/" + name
+            if kind == tarfile.GNUTYPE_SPARSE:
+                raise IntegrityError("archive uses old GNU sparse members, which backupd never writes")
+            path = pending.get("GNU.sparse.name", pending.get("path", name))
+            member = Member(path, pending.get("linkpath", _text(header[157:257])), kind)
+            checker.check(member)  # raises before the header is passed on
+            if "size" in pending:
+                size = int(pending["size"])
+            pending.clear()
+            has_data = kind not in (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.CHRTYPE,
+                                    tarfile.BLKTYPE, tarfile.FIFOTYPE)
+            out += buf[:BLOCK]
+            del buf[:BLOCK]
+            skip = _padded(size) if has_data else 0
+        if out:
+            yield bytes(out)
+    if not ended and (buf or skip or checker.members == 0):
+        raise IntegrityError("archive is not a well-formed tar: it ends in the middle of a member")
+
+
 def check_tar_stream(fileobj: IO[bytes]) -> int:
     """Read a whole tar stream, check every member, return the member count.
 
     Also proves the tar is well-formed: a truncated or corrupt archive raises.
     """
     checker = TarChecker()
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for member in tar:
-                checker.check(member)
-    except tarfile.TarError as exc:
-        raise IntegrityError(f"archive is not a well-formed tar: {exc}") from None
+    for _ in guarded(iter(lambda: fileobj.read(1 << 20), b""), checker):
+        pass
     return checker.members

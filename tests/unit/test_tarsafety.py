@@ -61,3 +61,58 @@ def test_truncated_archive_is_not_well_formed():
     data = archive(("file", "a", "x" * 5000)).getvalue()
     with pytest.raises(IntegrityError, match="not a well-formed tar"):
         check_tar_stream(io.BytesIO(data[:700]))
+
+
+def stream_of(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("chunk", [1, 511, 512, 513, 4096, 1 << 20])
+def test_guard_passes_bytes_through_unchanged_whatever_the_chunking(chunk):
+    from backupd.tarsafety import guarded
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, size in (("./a/" + "long" * 60, 3000), ("./b", 0), ("./ü-\udcff".encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape"), 700)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"x" * size))
+    data = buf.getvalue()
+    assert b"".join(guarded(stream_of(data, chunk))) == data
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_names_are_checked_in_gnu_and_pax_form(fmt):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("d" * 150 + "/../../../escape"))
+    buf.seek(0)
+    with pytest.raises(IntegrityError, match="contains '..'"):
+        check_tar_stream(buf)
+
+
+def test_unsafe_member_is_refused_before_its_header_is_passed_on():
+    from backupd.tarsafety import guarded
+
+    data = archive(("file", "./ok", "fine"), ("sym", "./evil", "/etc")).getvalue()
+    passed = bytearray()
+    with pytest.raises(IntegrityError):
+        for piece in guarded(stream_of(data, 512)):
+            passed += piece
+    assert len(passed) == 1024  # the first member's header and content, nothing of the symlink
+
+
+def test_global_pax_header_renaming_members_is_refused():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"path": "x"}) as tar:
+        tar.addfile(tarfile.TarInfo("a"))
+    buf.seek(0)
+    with pytest.raises(IntegrityError, match="global PAX header"):
+        check_tar_stream(buf)
+
+
+def test_corrupt_header_checksum_is_not_well_formed():
+    data = bytearray(archive(("file", "./a", "x" * 100)).getvalue())
+    data[10] ^= 0xFF
+    with pytest.raises(IntegrityError, match="checksum"):
+        check_tar_stream(io.BytesIO(bytes(data)))
