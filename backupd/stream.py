@@ -65,23 +65,35 @@ class Compressor:
 
 
 def decompressed(chunks: Iterable[bytes], algorithm: str) -> Iterator[bytes]:
-    """Decompress a stream of stored chunks into plain tar chunks."""
+    """Decompress a stream of stored chunks into plain tar chunks of at most CHUNK bytes.
+
+    Output is bounded per step: a few kilobytes of zstd can stand for gigabytes
+    of zeros (sparse files), which must not land in memory at once.
+    """
+    source = iter(chunks)
     if algorithm == "zstd":
-        obj = zstandard.ZstdDecompressor().decompressobj()
-    elif algorithm == "gzip":
-        obj = zlib.decompressobj(31)
-    else:
+        reader = IterReader(source)
+        yield from zstandard.ZstdDecompressor().read_to_iter(reader, read_size=CHUNK, write_size=CHUNK)
+        reader.drain()  # checks at the end of the source must still run
+        return
+    if algorithm != "gzip":
         raise ValueError(f"unknown compression '{algorithm}'")
-    for chunk in chunks:
-        out = obj.decompress(chunk)
-        if out:
-            yield out
-    if algorithm == "gzip":
-        tail = obj.flush()
-        if tail:
-            yield tail
-        if not obj.eof:
-            raise ValueError("compressed stream is truncated")
+    obj = zlib.decompressobj(31)
+    for chunk in source:
+        data = chunk
+        while data:
+            out = obj.decompress(data, CHUNK)
+            if out:
+                yield out
+            data = obj.unconsumed_tail
+        if obj.eof:
+            break
+    while tail := obj.flush():
+        yield tail
+    if not obj.eof:
+        raise ValueError("compressed stream is truncated")
+    for _ in source:  # drain: checks at the end of the source must still run
+        pass
 
 
 @dataclass

@@ -113,3 +113,28 @@ def test_human_bytes():
     assert human_bytes(512) == "512 B"
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(3 * 1024**3) == "3.0 GiB"
+
+
+@pytest.mark.parametrize("algorithm", ["zstd", "gzip"])
+def test_decompression_output_is_bounded_even_for_highly_compressible_data(algorithm):
+    from backupd.stream import CHUNK
+
+    zeros = bytes(64 << 20)  # a sparse file's holes: megabytes from a few kilobytes
+    packed = zstandard.ZstdCompressor().compress(zeros) if algorithm == "zstd" else gzip.compress(zeros, 1)
+    assert len(packed) < 1 << 20
+    total = 0
+    for piece in decompressed([packed], algorithm):
+        assert len(piece) <= CHUNK
+        total += len(piece)
+    assert total == len(zeros)
+
+
+def test_decompression_reads_the_source_to_its_end():
+    seen = []
+
+    def source():
+        yield zstandard.ZstdCompressor().compress(b"data")
+        seen.append("end reached")
+
+    assert b"".join(decompressed(source(), "zstd")) == b"data"
+    assert seen == ["end reached"]
