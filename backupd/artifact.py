@@ -25,6 +25,7 @@ from backupd.stream import (
     Digest,
     FanOut,
     Progress,
+    ThreadedSink,
     build_pipeline,
     decompressed,
     read_chunks,
@@ -81,7 +82,8 @@ def store_artifact(
         catalog.finish_artifact(art_id, 0, "", open_errors)
         return "failed"
     fan = FanOut(uploads)
-    pipe = build_pipeline(fan, compression.algorithm, compression.effective_level,
+    sink = ThreadedSink(fan)  # hashing and uploads overlap with compression
+    pipe = build_pipeline(sink, compression.algorithm, compression.effective_level,
                           compression.threads, encrypter)
     progress = Progress(f"{kind} {name}")
     logger.info("archiving %s %s to %s", kind, name, ", ".join(uploads))
@@ -94,12 +96,14 @@ def store_artifact(
                 progress.update(len(chunk))
         pipe.close()  # flushes and commits each upload: copies appear only now
     except AllOutputsFailed as exc:
+        sink.stop()
         progress.done()
         result = fan.result()
         catalog.finish_artifact(art_id, result.size, result.sha256, {**open_errors, **exc.errors})
         logger.error("%s %s reached no destination: %s", kind, name, exc)
         return "failed"
     except BaseException as exc:
+        sink.stop()
         progress.done()
         if not fan.closed:
             fan.abort(f"source failed: {exc}")

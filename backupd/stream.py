@@ -121,6 +121,9 @@ class Rechunker:
         self._buf = bytearray()
 
     def write(self, data: bytes) -> None:
+        if not self._buf and len(data) >= self.size:
+            self.downstream.write(data)  # already large (pipe reads): no copy
+            return
         self._buf += data
         if len(self._buf) >= self.size:
             self.downstream.write(bytes(self._buf))
@@ -204,6 +207,54 @@ class AllOutputsFailed(Exception):
         self.errors = errors
 
 
+class ThreadedSink:
+    """Run the downstream writer (hashing, destination writes) in its own thread.
+
+    Compression and the stored-bytes work then overlap instead of taking turns;
+    a bounded queue keeps memory at a few chunks. An error in the thread is
+    raised in the writer's thread at the next write or at close.
+    """
+
+    _DONE = object()
+
+    def __init__(self, downstream: Writer, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.downstream = downstream
+        self.error: BaseException | None = None
+        self._queue: "queue.Queue[object]" = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="stored-bytes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._DONE:
+            if self.error is None:
+                try:
+                    self.downstream.write(item)  # type: ignore[arg-type]
+                except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread
+                    self.error = exc
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def write(self, data: bytes) -> None:
+        self._raise()
+        self._queue.put(data)
+
+    def stop(self) -> None:
+        """Finish the thread (pending chunks are written or, after an error, dropped)."""
+        if self._thread.is_alive():
+            self._queue.put(self._DONE)
+            self._thread.join()
+
+    def close(self) -> None:
+        self.stop()
+        self._raise()
+        self.downstream.close()
+
+
 def build_pipeline(
     sink: Writer,
     algorithm: str,
@@ -211,7 +262,7 @@ def build_pipeline(
     threads: int = 0,
     encrypt: Callable[[Writer], Writer] | None = None,
 ) -> Writer:
-    """tar bytes -> rechunk -> compress -> [encrypt] -> sink (usually a FanOut)."""
+    """tar bytes -> rechunk -> compress -> [encrypt] -> sink (a FanOut, usually behind a ThreadedSink)."""
     stored: Writer = encrypt(sink) if encrypt else sink
     return Rechunker(Compressor(stored, algorithm, level, threads))
 
