@@ -1,0 +1,333 @@
+"""Side-by-side throughput and memory of backupd against what users would do instead.
+
+Run as root beside a Docker engine (see benchmarks/run). Builds a test volume,
+then measures on the same data: backupd backup/restore, the tutorial recipe
+(docker run ... tar czf / tar xzf), the limit (host tar | zstd -T0 -1, and a
+pure tar read), restic and borg. Prints a table and ratios, writes JSON.
+Also: backupd's peak memory at 1x and 5x the data, and catalog scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import docker
+
+REPO = Path(__file__).resolve().parents[1]
+HELPER = os.environ.get("BACKUPD_HELPER_IMAGE", "backupd-helper:test")
+MiB = 1 << 20
+WORDS = ("backup volume restore docker container archive stream catalog retention policy error warning "
+         "info debug request response user session token database table index query commit rollback "
+         "GET POST 200 404 500 /api/v1/items /healthz latency ms bytes").split()
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    data_bytes: int
+    archive_bytes: int | None = None
+    peak_rss_mb: float | None = None
+    note: str = ""
+
+    @property
+    def mib_s(self) -> float:
+        return self.data_bytes / MiB / self.seconds if self.seconds else 0.0
+
+
+def sh(cmd: list[str] | str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
+
+
+def drop_caches() -> None:
+    """Every measurement starts with a cold page cache, so none rides on another's reads."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def timed(name: str, cmd: list[str] | str, data_bytes: int, env: dict | None = None,
+          archive: Path | None = None, measure_rss: bool = False, note: str = "") -> Result:
+    drop_caches()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, shell=isinstance(cmd, str), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    size = None
+    if archive is not None:
+        size = sum(p.stat().st_size for p in archive.rglob("*") if p.is_file()) if archive.is_dir() else archive.stat().st_size
+    rss = usage.ru_maxrss / 1024 if measure_rss else None
+    result = Result(name, seconds, data_bytes, size, rss, note)
+    result_out = out.decode().strip()
+    print(f"  {name:<34} {seconds:7.1f} s  {result.mib_s:7.1f} MiB/s"
+          + (f"  archive {size / MiB:7.1f} MiB" if size else "") + (f"  peak {rss:.0f} MB" if rss else ""),
+          flush=True)
+    result.note = note or (result_out.splitlines()[-1] if result_out and name.startswith("backupd backup") else note)
+    return result
+
+
+# ------------------------------------------------------------------ data
+
+
+def text_blocks(count: int, size: int, rng: random.Random) -> list[bytes]:
+    blocks = []
+    for _ in range(count):
+        lines = []
+        total = 0
+        while total < size:
+            line = f"{rng.randrange(10**9)} " + " ".join(rng.choices(WORDS, k=rng.randint(6, 16))) + "\n"
+            lines.append(line)
+            total += len(line)
+        blocks.append("".join(lines).encode()[:size])
+    return blocks
+
+
+def build_volume(client: docker.DockerClient, name: str, total: int, small_files: int) -> tuple[Path, int]:
+    """~45% incompressible, ~45% compressible text, and many small files in nested dirs."""
+    client.volumes.create(name, labels={"backupd-bench": "1"})
+    root = Path(client.volumes.get(name).attrs["Mountpoint"])
+    rng = random.Random(42)
+    big = int(total * 0.45)
+    with open(root / "random.bin", "wb") as f:
+        for _ in range(big // (4 * MiB)):
+            f.write(os.urandom(4 * MiB))
+    blocks = text_blocks(64, MiB, rng)
+    with open(root / "app.log", "wb") as f:
+        for i in range(big // MiB):
+            f.write(blocks[(i * 7 + i // 64) % 64])
+    per = max(1, int(total * 0.10) // max(small_files, 1))
+    for i in range(small_files):
+        d = root / "small" / f"{i % 40:02d}" / f"{(i // 40) % 25:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"file{i}.txt").write_bytes(blocks[i % 64][: rng.randint(per // 2, per * 3 // 2)])
+    data = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return root, data
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def backupd_cmd(python: str, config: Path, *args: str) -> list[str]:
+    return [python, "-m", "backupd", "--log-format", "json", "--log-level", "WARNING", "--config", str(config), *args]
+
+
+def measure_backupd(client, python: str, work: Path, volume: str, data: int, level: int | None) -> tuple[Result, Result]:
+    config = work / "backupd.yml"
+    compression = {"algorithm": "zstd"} | ({"level": level} if level else {})
+    config.write_text(json.dumps({
+        "catalog": f"sqlite:///{work}/catalog.db", "helper_image": HELPER,
+        "destinations": {"local": {"type": "local", "path": str(work / "backupd")}},
+        "jobs": {"bench": {"volumes": [volume], "compression": compression}}}))
+    env = {"PYTHONPATH": str(REPO)}
+    backup = timed("backupd backup", backupd_cmd(python, config, "backup", "bench"), data, env,
+                   archive=work / "backupd", measure_rss=True)
+    backup_id = json.loads(sh(backupd_cmd(python, config, "list", "--json"), env={**os.environ, **env}).stdout)[0]["id"]
+    target = f"{volume}-restored-backupd"
+    restore = timed("backupd restore", backupd_cmd(python, config, "restore", backup_id, "--volume", volume,
+                                                   "--to-volume", target), data, env, measure_rss=True)
+    client.volumes.get(target).remove(force=True)
+    return backup, restore
+
+
+def measure_recipe(client, work: Path, volume: str, data: int) -> tuple[Result, Result]:
+    out = work / "recipe"
+    out.mkdir()
+    backup = timed("recipe: docker run tar czf", ["docker", "run", "--rm", "-v", f"{volume}:/source:ro", "-v",
+                                                  f"{out}:/backup", HELPER, "tar", "czf", "/backup/x.tar.gz",
+                                                  "-C", "/source", "."], data, archive=out / "x.tar.gz")
+    target = f"{volume}-restored-recipe"
+    client.volumes.create(target)
+    restore = timed("recipe: docker run tar xzf", ["docker", "run", "--rm", "-v", f"{target}:/target", "-v",
+                                                   f"{out}:/backup", HELPER, "tar", "xzf", "/backup/x.tar.gz",
+                                                   "-C", "/target"], data)
+    client.volumes.get(target).remove(force=True)
+    return backup, restore
+
+
+def measure_limit(root: Path, work: Path, data: int) -> tuple[Result, Result]:
+    out = work / "limit.tar.zst"
+    zstd = timed("limit: tar | zstd -T0 -1", f"tar -C {root} -cf - . | zstd -q -T0 -1 > {out}", data, archive=out)
+    read = timed("limit: tar (pure read)", f"tar -C {root} -cf - . | cat > /dev/null", data)
+    return zstd, read
+
+
+def measure_peers(root: Path, work: Path, data: int) -> list[Result]:
+    results = []
+    if shutil.which("restic"):
+        repo = work / "restic"
+        env = {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(repo), "RESTIC_CACHE_DIR": str(work / "rcache")}
+        sh(["restic", "init", "-q"], env={**os.environ, **env})
+        results.append(timed("restic backup (first, full)", f"cd {root} && restic backup -q .", data, env,
+                             archive=repo))
+        dest = work / "restic-restore"
+        results.append(timed("restic restore", ["restic", "restore", "latest", "-q", "--target", str(dest)], data, env))
+    if shutil.which("borg"):
+        repo = work / "borg"
+        env = {"BORG_REPO": str(repo), "BORG_PASSPHRASE": "", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+               "BORG_BASE_DIR": str(work / "borgbase")}
+        sh(["borg", "init", "-e", "none"], env={**os.environ, **env})
+        results.append(timed("borg create (first, full)", f"cd {root} && borg create ::a .", data, env, archive=repo))
+        dest = work / "borg-restore"
+        dest.mkdir()
+        results.append(timed("borg extract", f"cd {dest} && borg extract ::a", data, env))
+    return results
+
+
+def measure_catalog_scale(python: str, work: Path, count: int = 100_000) -> dict:
+    """Insert `count` backups fast, then time `list --job` and a retention decision."""
+    sys.path.insert(0, str(REPO))
+    from sqlalchemy import insert
+
+    from backupd.catalog import Catalog
+    from backupd.catalog.models import ArtifactRow, BackupRow, CopyRow
+
+    url = f"sqlite:///{work}/scale.db"
+    catalog = Catalog(url)
+    start = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    backups, artifacts, copies = [], [], []
+    for i in range(count):
+        when = start + timedelta(hours=i)
+        bid = f"{when:%Y%m%dT%H%M%SZ}-{i:06x}"
+        backups.append({"id": bid, "job": "J", "status": "succeeded" if i % 20 else "failed",
+                        "started_at": when.replace(tzinfo=None), "finished_at": when.replace(tzinfo=None),
+                        "host": "bench", "process": ""})
+        artifacts.append({"id": i + 1, "backup_id": bid, "kind": "volume", "name": "v", "source": "volume:v",
+                          "compression": "zstd", "status": "succeeded", "size": 1000 + i, "sha256": "0" * 64})
+        copies.append({"artifact_id": i + 1, "destination": "local", "key": f"J/{bid}/volume-v.tar.zst",
+                       "status": "stored"})
+    with catalog.engine.begin() as conn:
+        conn.execute(insert(BackupRow), backups)
+        conn.execute(insert(ArtifactRow), artifacts)
+        conn.execute(insert(CopyRow), copies)
+    config = work / "scale.yml"
+    config.write_text(json.dumps({"catalog": url, "destinations": {"local": {"type": "local", "path": str(work / "x")}},
+                                  "jobs": {"J": {"volumes": ["v"], "retention": {
+                                      "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}}}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    out = subprocess.run(backupd_cmd(python, config, "list", "--job", "J"), check=True, capture_output=True, env=env).stdout
+    list_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run(backupd_cmd(python, config, "prune", "--job", "J", "--dry-run"), check=True, capture_output=True, env=env)
+    prune_s = time.perf_counter() - t0
+    from backupd.retention import BackupRecord, Policy, decide
+
+    records = [BackupRecord(b["id"], b["started_at"].replace(tzinfo=timezone.utc), b["status"]) for b in backups]
+    t0 = time.perf_counter()
+    decide(records, Policy(keep_daily=7, keep_weekly=4, keep_monthly=12), start + timedelta(hours=count))
+    decide_s = time.perf_counter() - t0
+    lines = out.count(b"\n") - 1
+    print(f"  catalog with {count} backups: list --job {list_s:.2f} s ({lines} rows), "
+          f"prune --dry-run {prune_s:.2f} s, decide() alone {decide_s:.2f} s")
+    return {"backups": count, "list_seconds": list_s, "list_rows": lines, "prune_dry_run_seconds": prune_s,
+            "decide_seconds": decide_s}
+
+
+def machine() -> dict:
+    mem = next(int(line.split()[1]) // 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    docker_v = sh(["docker", "version", "--format", "{{.Server.Version}}"]).stdout.strip()
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_mib": mem, "kernel": platform.release(),
+            "docker": docker_v, "python": platform.python_version()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", default="2G", help="test volume size, e.g. 200M, 2G (default 2G)")
+    parser.add_argument("--small-files", type=int, default=20_000)
+    parser.add_argument("--level", type=int, default=None, help="zstd level for backupd (default: backupd's)")
+    parser.add_argument("--skip-peers", action="store_true", help="skip restic and borg")
+    parser.add_argument("--skip-scale", action="store_true", help="skip the 5x memory and catalog figures")
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "latest.json"))
+    args = parser.parse_args()
+    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
+    total = int(float(args.size[:-1]) * units[args.size[-1].upper()]) if args.size[-1].isalpha() else int(args.size)
+    python = sys.executable
+    client = docker.from_env(timeout=600)
+    work = Path(tempfile.mkdtemp(prefix="backupd-bench-"))
+    volume = f"bench-{uuid.uuid4().hex[:8]}"
+    volumes = [volume]
+    report: dict = {"machine": machine(), "size": args.size, "started": datetime.now(timezone.utc).isoformat()}
+    print(f"machine: {report['machine']}")
+    try:
+        root, data = build_volume(client, volume, total, args.small_files)
+        print(f"volume {volume}: {data / MiB:.0f} MiB, {args.small_files} small files\n")
+        results = []
+        b_backup, b_restore = measure_backupd(client, python, work, volume, data, args.level)
+        r_backup, r_restore = measure_recipe(client, work, volume, data)
+        l_zstd, l_read = measure_limit(root, work, data)
+        results += [b_backup, b_restore, r_backup, r_restore, l_zstd, l_read]
+        if not args.skip_peers:
+            results += measure_peers(root, work, data)
+        ratios = {
+            "backup speed vs recipe (target >= 3)": r_backup.seconds / b_backup.seconds,
+            "backup throughput vs limit tar|zstd -T0 -1 (target >= 0.70)": l_zstd.seconds / b_backup.seconds,
+            "restore speed vs recipe (target >= 3)": r_restore.seconds / b_restore.seconds,
+            "backup peak memory MB (target < 150)": b_backup.peak_rss_mb or 0,
+            "restore peak memory MB (target < 150)": b_restore.peak_rss_mb or 0,
+        }
+        if not args.skip_scale:
+            big_volume = f"{volume}-5x"
+            volumes.append(big_volume)
+            print(f"\n5x volume for the memory figure ({5 * data / MiB:.0f} MiB)...")
+            _, big_data = build_volume(client, big_volume, 5 * total, args.small_files)
+            work5 = work / "x5"
+            work5.mkdir()
+            big_backup, _ = measure_backupd(client, python, work5, big_volume, big_data, args.level)
+            results.append(Result("backupd backup (5x data)", big_backup.seconds, big_data,
+                                  big_backup.archive_bytes, big_backup.peak_rss_mb))
+            ratios["peak memory growth at 5x data, MB (target <= 20)"] = \
+                (big_backup.peak_rss_mb or 0) - (b_backup.peak_rss_mb or 0)
+            report["catalog"] = measure_catalog_scale(python, work)
+        print("\n" + table(results))
+        print()
+        for name, value in ratios.items():
+            print(f"  {name:<62} {value:6.2f}")
+        report["results"] = [asdict(r) | {"mib_s": r.mib_s} for r in results]
+        report["ratios"] = ratios
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nresults written to {args.json}")
+        return 0
+    finally:
+        for name in volumes:
+            try:
+                client.volumes.get(name).remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def table(results: list[Result]) -> str:
+    rows = [("what", "wall s", "MiB/s", "archive MiB", "peak MB")]
+    for r in results:
+        rows.append((r.name, f"{r.seconds:.1f}", f"{r.mib_s:.0f}",
+                     f"{r.archive_bytes / MiB:.0f}" if r.archive_bytes else "-",
+                     f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
