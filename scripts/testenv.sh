@@ -4,12 +4,14 @@
 #   dockerd       start the Docker engine if it is not answering (no systemd here)
 #   helper-image  backupd-helper:test: busybox + GNU tar (no registry: built from host files)
 #   db-image      dbbase:test: Debian with PostgreSQL 15 and MariaDB (debootstrap, cached)
+#   base-image    backupd-base:test: Debian with python3 + venv, the Dockerfile's base in tests
 #   all           all of the above, in order
 set -euo pipefail
 
 CACHE=/var/cache/backupd-test
 HELPER_IMAGE=backupd-helper:test
 DB_IMAGE=dbbase:test
+BASE_IMAGE=backupd-base:test
 APT_PACKAGES=(docker.io busybox-static debootstrap openssh-server openssh-client zstd age pigz restic borgbackup python3-venv)
 
 log() { printf '[testenv %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -77,6 +79,24 @@ db_image() {
     "$CACHE/dbbase.tar" "$DB_IMAGE" >/dev/null
 }
 
+base_image() {
+  if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then log "$BASE_IMAGE present"; return; fi
+  mkdir -p "$CACHE"
+  if [ ! -s "$CACHE/base.tar" ]; then
+    log "debootstrapping python3 base (stands in for python:3.11-slim, which no registry serves here)"
+    local rootfs; rootfs=$(mktemp -d)
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+      bookworm "$rootfs" http://deb.debian.org/debian >/tmp/debootstrap-base.log 2>&1 \
+      || { tail -20 /tmp/debootstrap-base.log >&2; exit 1; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -cf "$CACHE/base.tar.tmp" . && mv "$CACHE/base.tar.tmp" "$CACHE/base.tar"
+    rm -rf "$rootfs"
+  fi
+  log "importing $BASE_IMAGE"
+  docker import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' -c 'ENV LANG=C.UTF-8' \
+    "$CACHE/base.tar" "$BASE_IMAGE" >/dev/null
+}
+
 main() {
   [ $# -gt 0 ] || set -- all
   for step in "$@"; do
@@ -85,8 +105,9 @@ main() {
       dockerd) dockerd_up ;;
       helper-image) helper_image ;;
       db-image) db_image ;;
-      all) install; dockerd_up; helper_image; db_image ;;
-      *) echo "usage: $0 [install|dockerd|helper-image|db-image|all]..." >&2; exit 2 ;;
+      base-image) base_image ;;
+      all) install; dockerd_up; helper_image; db_image; base_image ;;
+      *) echo "usage: $0 [install|dockerd|helper-image|db-image|base-image|all]..." >&2; exit 2 ;;
     esac
   done
 }
