@@ -187,7 +187,10 @@ class DockerHost:
         try:
             created = self.api.create_container(
                 self.helper_image,
-                command=command,
+                # The helper may be backupd's own image, whose ENTRYPOINT is backupd: override it.
+                entrypoint=command[:1],
+                command=command[1:],
+                user="0:0",  # reads every file of the volume and restores owners, whatever the image's USER
                 name=name,
                 stdin_open=stdin,  # with detach=False this also sets StdinOnce
                 detach=not stdin,
