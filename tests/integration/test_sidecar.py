@@ -9,10 +9,13 @@ own image by name (under host networking its hostname is the host's).
 
 from __future__ import annotations
 
+import io
 import json
+import random
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -97,16 +100,27 @@ def _free_port() -> int:
 
 
 def _fill(client: docker.DockerClient, image: str, volume: str, megabytes: int) -> None:
-    client.containers.run(image, ["sh", "-c", f"dd if=/dev/urandom of=/data/blob bs=1M count={megabytes} 2>/dev/null"
-                                  " && echo hello > /data/note.txt"],
-                          volumes={volume: {"bind": "/data", "mode": "rw"}}, remove=True)
+    """Random a/b bytes: gzip -9 crawls through them (well under 1 MB/s), so a run of a few
+    MB lasts long enough to be interrupted, and its compressor checks for cancel per chunk."""
+    rng = random.Random(megabytes)
+    blob = bytes(rng.choice(b"ab") for _ in range(megabytes << 20))
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("blob")
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+    holder = client.containers.create(image, ["true"], volumes={volume: {"bind": "/data", "mode": "rw"}})
+    try:
+        holder.put_archive("/data", archive.getvalue())
+    finally:
+        holder.remove(force=True)
 
 
 class Sidecar:
     """A running sidecar container and the ways a test looks at it."""
 
     def __init__(self, client: docker.DockerClient, image: str, tmp: Path, data_volume: str,
-                 state_volume: str, backups_volume: str, webhook_url: str, level: int) -> None:
+                 state_volume: str, backups_volume: str, webhook_url: str, compression: dict) -> None:
         self.client, self.image = client, image
         self.port = _free_port()
         config = {
@@ -114,7 +128,7 @@ class Sidecar:
             "helper_image": image,
             "destinations": {"local": {"type": "local", "path": "/backups"}},
             "jobs": {"data": {"schedule": "* * * * *", "volumes": [data_volume],
-                              "compression": {"algorithm": "zstd", "level": level, "threads": 1}}},
+                              "compression": compression}},
             "scheduler": {"stop_grace": "1s", "misfire_grace": "30s"},
             "notifications": {"webhook_url": webhook_url, "timeout": "5s"},
         }
@@ -176,10 +190,10 @@ class Sidecar:
 def start_sidecar(docker_client, sidecar_image, helper_image, volume_factory, webhook, tmp_path):
     made: list[Sidecar] = []
 
-    def start(megabytes: int, level: int) -> tuple[Sidecar, str, str]:
+    def start(megabytes: int, compression: dict) -> tuple[Sidecar, str, str]:
         data, state, backups = volume_factory("scdata"), volume_factory("scstate"), volume_factory("scbak")
         _fill(docker_client, helper_image, data, megabytes)
-        sidecar = Sidecar(docker_client, sidecar_image, tmp_path, data, state, backups, webhook.url, level)
+        sidecar = Sidecar(docker_client, sidecar_image, tmp_path, data, state, backups, webhook.url, compression)
         made.append(sidecar)
         return sidecar, data, backups
 
@@ -189,7 +203,7 @@ def start_sidecar(docker_client, sidecar_image, helper_image, volume_factory, we
 
 
 def test_image_backs_up_on_a_minute_schedule_and_reports_health_and_metrics(start_sidecar, webhook):
-    sidecar, _, _ = start_sidecar(megabytes=1, level=3)
+    sidecar, _, _ = start_sidecar(megabytes=1, compression={"algorithm": "zstd"})
     sidecar.wait_for(lambda: sidecar.get("/healthz")[0] == 200, "healthy /healthz", 30)
 
     code, out = sidecar.container.exec_run(["backupd", "list", "--schedule", "--json"])
@@ -226,8 +240,8 @@ def test_image_backs_up_on_a_minute_schedule_and_reports_health_and_metrics(star
 
 def test_sigterm_during_a_scheduled_run_cancels_it_cleanly_and_notifies_the_failure(
         start_sidecar, webhook, docker_client):
-    # 24 MiB of random bytes at zstd level 19 on one thread takes several seconds.
-    sidecar, data, backups_volume = start_sidecar(megabytes=24, level=19)
+    # About 10 s of gzip -9 (see _fill); SIGTERM comes a second or two in, stop_grace is 1 s.
+    sidecar, data, backups_volume = start_sidecar(megabytes=4, compression={"algorithm": "gzip", "level": 9})
     running = sidecar.wait_for(lambda: [b for b in sidecar.backups() if b["status"] == "running"],
                                "a running scheduled backup", 100)
     backup_id = running[0]["id"]
