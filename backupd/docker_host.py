@@ -249,11 +249,17 @@ class DockerHost:
         """
         purpose = f"{source.kind} '{source.source}'"
         cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose)
+        stream = None
         try:
             sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
             self.api.start(cid)
-            yield self._stdout_then_check(cid, sock, purpose)
+            stream = self._stdout_then_check(cid, sock, purpose)
+            yield stream
         finally:
+            if stream is not None:
+                # Abandoned mid-stream (cancel): close the attach socket first, or the
+                # engine's remove waits forever on a helper blocked writing to it.
+                stream.close()
             self._remove(cid)
 
     def _stdout_then_check(self, cid: str, sock: Any, purpose: str) -> Iterator[bytes]:
