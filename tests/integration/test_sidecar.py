@@ -159,7 +159,8 @@ class Sidecar:
         self.container.reload()
         if self.container.status == "running":
             code, out = self.container.exec_run(["backupd", "list", "--json"], demux=True)
-            assert code == 0, out
+            if code != 0:  # e.g. the sidecar is still creating the catalog: ask again next poll
+                return []
             return json.loads(out[0])
         out = self.client.containers.run(self.image, ["list", "--json"], remove=True, volumes=self.volumes,
                                          network_mode="none")
