@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -80,7 +81,16 @@ def cmd_backup(ctx: Context) -> int:
     return PartialError.exit_code if result.status == PARTIAL else EXIT_FAILED
 
 
+def cmd_run(ctx: Context) -> int:
+    from backupd.daemon import run_daemon
+
+    return run_daemon(ctx.args.config or default_config_path(), ctx.config, ctx.catalog,
+                      ctx.args.http or os.environ.get("BACKUPD_HTTP") or None)
+
+
 def cmd_list(ctx: Context) -> int:
+    if ctx.args.schedule:
+        return _print_schedule(ctx.config, ctx.args.json)
     if ctx.args.json:
         json.dump([b.to_json() for b in ctx.catalog.list(job=ctx.args.job)], sys.stdout, indent=2)
         print()
@@ -195,6 +205,22 @@ def cmd_config_check(ctx: Context) -> int:
 # ---------------------------------------------------------------- output helpers
 
 
+def _print_schedule(config: Config, as_json: bool) -> int:
+    from backupd.catalog import utcnow
+    from backupd.scheduler import next_runs
+
+    runs = next_runs(config, utcnow())
+    if as_json:
+        json.dump([{"job": e.job, "action": e.action, "schedule": e.cron, "timezone": e.timezone,
+                    "next_run": t.isoformat() if t else None} for e, t in runs], sys.stdout, indent=2)
+        print()
+        return 0
+    rows = [("JOB", "ACTION", "SCHEDULE", "TIMEZONE", "NEXT RUN")]
+    rows += [(e.job, e.action, e.cron, e.timezone, t.isoformat() if t else "never") for e, t in runs]
+    _print_table(rows)
+    return 0
+
+
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -246,9 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
             "artifact reached every destination")
     p.add_argument("job")
 
+    p = add("run", cmd_run, "run as a daemon: back up every job on its schedule until SIGTERM")
+    p.add_argument("--http", metavar="[HOST:]PORT",
+                   help="serve /healthz and /metrics here (default: $BACKUPD_HTTP, then the config's http)")
+
     p = add("list", cmd_list, "list backups in the catalog, newest first")
     p.add_argument("--job")
     p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument("--schedule", action="store_true", help="list scheduled entries and their next run instead")
 
     p = add("show", cmd_show, "show one backup with its artifacts and copies")
     p.add_argument("backup_id")

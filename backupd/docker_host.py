@@ -247,7 +247,10 @@ class DockerHost:
         try:
             created = self.api.create_container(
                 self.helper_image,
-                command=command,
+                # The helper may be backupd's own image, whose ENTRYPOINT is backupd: override it.
+                entrypoint=command[:1],
+                command=command[1:],
+                user="0:0",  # reads every file of the volume and restores owners, whatever the image's USER
                 name=name,
                 stdin_open=stdin,  # with detach=False this also sets StdinOnce
                 detach=not stdin,
@@ -317,12 +320,18 @@ class DockerHost:
         fifo_dir = self.fifo_dir()
         if fifo_dir is None:
             cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose)
+            stream = None
             try:
                 sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
                 self.api.start(cid)
                 exit_code = _Waiter(self.api, cid)
-                yield self._stdout_then_check(exit_code, sock, purpose)
+                stream = self._stdout_then_check(exit_code, sock, purpose)
+                yield stream
             finally:
+                if stream is not None:
+                    # Abandoned mid-stream (cancel): close the attach socket first, or the
+                    # engine's remove waits forever on a helper blocked writing to it.
+                    stream.close()
                 self._remove(cid)
             return
         with _fifo(fifo_dir) as (local, inside):

@@ -11,7 +11,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-CONTEXT_FIELDS = ("job", "backup_id", "artifact", "destination", "container")
+CONTEXT_FIELDS = ("job", "run_id", "backup_id", "artifact", "destination", "container")
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,7 +37,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        ctx = [f"{k}={getattr(record, k)}" for k in ("job", "backup_id") if getattr(record, k, None)]
+        ctx = [f"{k}={getattr(record, k)}" for k in ("job", "run_id", "backup_id") if getattr(record, k, None)]
         return f"{line}  [{' '.join(ctx)}]" if ctx else line
 
 

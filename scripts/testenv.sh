@@ -6,6 +6,8 @@
 #   dockerd       start the Docker engine if it does not answer (no systemd on these machines)
 #   helper-image  backupd-helper:test = static busybox + the host's GNU tar (no registry needed)
 #   db-image      dbbase:test = Debian bookworm with PostgreSQL 15, MariaDB, python3 (debootstrap, cached)
+#   base-image    backupd-base:test = Debian bookworm with python3 + venv: the Dockerfile's base in tests
+#                 (stands in for python:3.11-slim, which no registry serves here)
 #   all           all of the above, in that order
 #
 # Tags and cache can be overridden (for testing this script): HELPER_IMAGE, DB_IMAGE, TESTENV_CACHE.
@@ -13,6 +15,7 @@ set -euo pipefail
 
 HELPER_IMAGE=${HELPER_IMAGE:-backupd-helper:test}
 DB_IMAGE=${DB_IMAGE:-dbbase:test}
+BASE_IMAGE=${BASE_IMAGE:-backupd-base:test}
 CACHE=${TESTENV_CACHE:-/var/cache/backupd-test}
 # restic, borgbackup: peers for benchmarks/; python3-venv: .ci/run's venv if python3 is Debian's.
 # postgresql-client: pg_dump for databases reached over the network (host: entries).
@@ -149,6 +152,23 @@ do_db_image() {
     || die "$DB_IMAGE lacks initdb, mariadbd or python3"
 }
 
+do_base_image() {
+  if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then log "$BASE_IMAGE present"; return; fi
+  if [ ! -s "$CACHE/base.tar" ]; then
+    log "debootstrapping the python3 base image"
+    local rootfs; rootfs=$(mktemp -d)
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+      bookworm "$rootfs" http://deb.debian.org/debian >/tmp/debootstrap-base.log 2>&1 \
+      || { tail -20 /tmp/debootstrap-base.log >&2; die "debootstrap of the base image failed"; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -cf "$CACHE/base.tar.tmp" . && mv "$CACHE/base.tar.tmp" "$CACHE/base.tar"
+    rm -rf "$rootfs"
+  fi
+  log "importing $BASE_IMAGE"
+  docker import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' -c 'ENV LANG=C.UTF-8' \
+    "$CACHE/base.tar" "$BASE_IMAGE" >/dev/null
+}
+
 main() {
   [ "$(id -u)" -eq 0 ] || die "run as root"
   [ $# -gt 0 ] || set -- all
@@ -163,9 +183,11 @@ main() {
       dockerd)      phase dockerd do_dockerd ;;
       helper-image) phase helper-image do_helper_image ;;
       db-image)     phase db-image do_db_image ;;
+      base-image)   phase base-image do_base_image ;;
       all)          phase install do_install; phase dockerd do_dockerd
-                    phase helper-image do_helper_image; phase db-image do_db_image ;;
-      *) echo "usage: $0 [install|dockerd|helper-image|db-image|all]..." >&2; exit 2 ;;
+                    phase helper-image do_helper_image; phase db-image do_db_image
+                    phase base-image do_base_image ;;
+      *) echo "usage: $0 [install|dockerd|helper-image|db-image|base-image|all]..." >&2; exit 2 ;;
     esac
   done
 }

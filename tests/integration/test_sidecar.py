@@ -1,0 +1,270 @@
+"""The sidecar image on a real engine: builds from the local base, runs a `* * * * *`
+backup within a minute, answers /healthz and /metrics, and on SIGTERM mid-run leaves
+nothing half-written, records the run failed, notifies the webhook and exits 0.
+
+The container uses host networking so that it reaches the test's loopback webhook
+and the test reaches its loopback HTTP port; the helper image is then the sidecar's
+own image by name (under host networking its hostname is the host's).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import docker
+import pytest
+from docker.errors import ImageNotFound, NotFound
+
+BASE_IMAGE = "backupd-base:test"
+REPO = Path(__file__).resolve().parents[2]
+SOCKET = "/var/run/docker.sock"
+
+
+@pytest.fixture(scope="session")
+def sidecar_image(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """backupd's Dockerfile built on the locally built base, with wheels made on the host."""
+    try:
+        docker_client.images.get(BASE_IMAGE)
+    except ImageNotFound:
+        pytest.fail(f"image {BASE_IMAGE} missing; run `bash scripts/testenv.sh base-image`", pytrace=False)
+    ctx = tmp_path_factory.mktemp("image")
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, ctx / name)
+    shutil.copytree(REPO / "backupd", ctx / "backupd", ignore=shutil.ignore_patterns("__pycache__"))
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(ctx), "-w", str(ctx / "wheels")],
+                           capture_output=True, text=True)
+    assert wheel.returncode == 0, wheel.stderr[-2000:]
+    tag = f"backupd:test-{uuid.uuid4().hex[:8]}"
+    docker_client.images.build(path=str(ctx), tag=tag, rm=True, forcerm=True, buildargs={
+        "BASE_IMAGE": BASE_IMAGE, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/src/wheels"})
+    yield tag
+    try:
+        docker_client.images.remove(tag, force=True)
+    except (NotFound, docker.errors.APIError):
+        pass
+
+
+class Webhook:
+    """A loopback receiver that records every POST body."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        received = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append((self.path, json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/secret-token-123"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill(client: docker.DockerClient, image: str, volume: str, megabytes: int) -> None:
+    """Random a/b bytes: gzip -9 crawls through them (well under 1 MB/s), so a run of a few
+    MB lasts long enough to be interrupted, and its compressor checks for cancel per chunk."""
+    rng = random.Random(megabytes)
+    blob = bytes(rng.choice(b"ab") for _ in range(megabytes << 20))
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("blob")
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+    holder = client.containers.create(image, ["true"], volumes={volume: {"bind": "/data", "mode": "rw"}})
+    try:
+        holder.put_archive("/data", archive.getvalue())
+    finally:
+        holder.remove(force=True)
+
+
+class Sidecar:
+    """A running sidecar container and the ways a test looks at it."""
+
+    def __init__(self, client: docker.DockerClient, image: str, tmp: Path, data_volume: str,
+                 state_volume: str, backups_volume: str, webhook_url: str, compression: dict) -> None:
+        self.client, self.image = client, image
+        self.port = _free_port()
+        config = {
+            "catalog": "sqlite:////var/lib/backupd/catalog.db",
+            "helper_image": image,
+            "destinations": {"local": {"type": "local", "path": "/backups"}},
+            "jobs": {"data": {"schedule": "* * * * *", "volumes": [data_volume],
+                              "compression": compression}},
+            "scheduler": {"stop_grace": "1s", "misfire_grace": "30s"},
+            "notifications": {"webhook_url": webhook_url, "timeout": "5s"},
+        }
+        tmp.chmod(0o755)
+        cfg = tmp / "backupd.yml"
+        cfg.write_text(json.dumps(config))  # JSON is YAML
+        cfg.chmod(0o644)
+        self.volumes = {SOCKET: {"bind": SOCKET, "mode": "rw"},
+                        str(cfg): {"bind": "/etc/backupd/backupd.yml", "mode": "ro"},
+                        state_volume: {"bind": "/var/lib/backupd", "mode": "rw"},
+                        backups_volume: {"bind": "/backups", "mode": "rw"}}
+        self.container = client.containers.run(
+            image, detach=True, name=f"backupd-sidecar-{uuid.uuid4().hex[:8]}", network_mode="host",
+            group_add=[str(Path(SOCKET).stat().st_gid)], read_only=True, tmpfs={"/tmp": ""},
+            environment={"BACKUPD_HTTP": f"127.0.0.1:{self.port}"}, volumes=self.volumes)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except (urllib.error.URLError, ConnectionError):
+            return 0, b""  # not listening yet
+
+    def backups(self) -> list[dict[str, Any]]:
+        """`backupd list --json` inside the running container (or a fresh one once it stopped)."""
+        self.container.reload()
+        if self.container.status == "running":
+            code, out = self.container.exec_run(["backupd", "list", "--json"], demux=True)
+            if code != 0:  # e.g. the sidecar is still creating the catalog: ask again next poll
+                return []
+            return json.loads(out[0])
+        out = self.client.containers.run(self.image, ["list", "--json"], remove=True, volumes=self.volumes,
+                                         network_mode="none")
+        return json.loads(out)
+
+    def wait_for(self, check: Any, what: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = check()
+            if result:
+                return result
+            self.container.reload()
+            assert self.container.status == "running", self.logs()
+            time.sleep(1)
+        pytest.fail(f"{what} not seen within {timeout:.0f}s; logs:\n{self.logs()}", pytrace=False)
+
+    def logs(self) -> str:
+        return self.container.logs().decode(errors="replace")[-6000:]
+
+    def remove(self) -> None:
+        try:
+            self.container.remove(force=True)
+        except NotFound:
+            pass
+
+
+@pytest.fixture
+def start_sidecar(docker_client, sidecar_image, helper_image, volume_factory, webhook, tmp_path):
+    made: list[Sidecar] = []
+
+    def start(megabytes: int, compression: dict) -> tuple[Sidecar, str, str]:
+        data, state, backups = volume_factory("scdata"), volume_factory("scstate"), volume_factory("scbak")
+        _fill(docker_client, helper_image, data, megabytes)
+        sidecar = Sidecar(docker_client, sidecar_image, tmp_path, data, state, backups, webhook.url, compression)
+        made.append(sidecar)
+        return sidecar, data, backups
+
+    yield start
+    for sidecar in made:
+        sidecar.remove()
+
+
+def test_image_backs_up_on_a_minute_schedule_and_reports_health_and_metrics(start_sidecar, webhook):
+    sidecar, _, _ = start_sidecar(megabytes=1, compression={"algorithm": "zstd"})
+    sidecar.wait_for(lambda: sidecar.get("/healthz")[0] == 200, "healthy /healthz", 30)
+
+    code, out = sidecar.container.exec_run(["backupd", "list", "--schedule", "--json"])
+    assert code == 0 and json.loads(out)[0]["schedule"] == "* * * * *"
+
+    done = sidecar.wait_for(lambda: [b for b in sidecar.backups() if b["status"] == "succeeded"],
+                            "a succeeded scheduled backup", 100)
+    backup = done[0]
+    assert [a["name"] for a in backup["artifacts"]][0].startswith("scdata-")
+
+    status, body = sidecar.get("/healthz")
+    health = json.loads(body)
+    assert status == 200, health
+    assert health["scheduler"]["alive"] and health["catalog"]["reachable"]
+    job = health["jobs"]["data"]
+    assert job["overdue"] is False and job["last_run"]["status"] == "succeeded"
+    assert job["last_run"]["backup_id"] == backup["id"]
+
+    status, body = sidecar.get("/metrics")
+    metrics = body.decode()
+    assert status == 200
+    assert 'backupd_runs_total{job="data",status="succeeded"} 1.0' in metrics
+    assert 'backupd_artifacts{destination="local"} 1.0' in metrics
+    assert 'backupd_last_success_timestamp_seconds{job="data"}' in metrics
+    assert 'backupd_run_duration_seconds_count{job="data"} 1.0' in metrics
+    written = [line for line in metrics.splitlines() if line.startswith('backupd_bytes_written_total{')]
+    assert written and float(written[0].split()[-1]) == backup["size"]
+
+    lines = [json.loads(line) for line in sidecar.logs().splitlines() if line.startswith("{")]
+    assert any(rec.get("job") == "data" and rec.get("run_id") and rec.get("backup_id") == backup["id"]
+               for rec in lines), "scheduler lines carry job, run id and backup id"
+    assert webhook.posts == [], "success is not notified unless asked"
+
+
+def test_sigterm_during_a_scheduled_run_cancels_it_cleanly_and_notifies_the_failure(
+        start_sidecar, webhook, docker_client):
+    # About 10 s of gzip -9 (see _fill); SIGTERM comes a second or two in, stop_grace is 1 s.
+    sidecar, data, backups_volume = start_sidecar(megabytes=4, compression={"algorithm": "gzip", "level": 9})
+    running = sidecar.wait_for(lambda: [b for b in sidecar.backups() if b["status"] == "running"],
+                               "a running scheduled backup", 100)
+    backup_id = running[0]["id"]
+    time.sleep(1)
+    sidecar.container.kill(signal="SIGTERM")
+    exit_status = sidecar.container.wait(timeout=60)
+    assert exit_status["StatusCode"] == 0, sidecar.logs()
+
+    recorded = {b["id"]: b for b in sidecar.backups()}[backup_id]
+    assert recorded["status"] == "failed", recorded
+    assert "cancel" in (recorded["error"] or ""), recorded
+
+    leftovers = docker_client.containers.run(
+        sidecar.image, ["sh", "-c", "find /backups -type f"], entrypoint=[], remove=True,
+        volumes={backups_volume: {"bind": "/backups", "mode": "ro"}}, network_mode="none").decode()
+    assert ".partial" not in leftovers, leftovers
+    assert backup_id not in leftovers, "nothing of the cancelled run stays under a final name"
+    helpers = docker_client.containers.list(all=True, filters={"volume": data, "label": "backupd.helper"})
+    assert helpers == [], "no helper container left holding the volume"
+
+    failures = [body for _, body in webhook.posts if body["backup_id"] == backup_id]
+    assert len(failures) == 1 and failures[0]["status"] == "failed", webhook.posts
+    assert failures[0]["job"] == "data" and failures[0]["errors"]
+    assert webhook.posts[0][0] == "/hook/secret-token-123"
+    assert "secret-token-123" not in sidecar.logs(), "webhook token never logged"

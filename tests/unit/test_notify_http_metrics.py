@@ -1,0 +1,157 @@
+"""Notifications against a loopback receiver; the HTTP endpoint; metrics from runs and the catalog."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from backupd import notify
+from backupd.catalog import Catalog
+from backupd.config import Job, Notifications
+from backupd.http import HttpEndpoint, parse_bind
+from backupd.metrics import Metrics
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, bytes]] = []
+        got = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                got.append((self.command, self.path, body))
+                self.send_response(500 if "broken" in self.path else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _record  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+JOB = Job(volumes=[{"name": "v"}])  # type: ignore[list-item]
+
+
+def report(status: str) -> notify.RunReport:
+    return notify.RunReport("nightly", "20240101T000000Z-abc123", status, [] if status == "succeeded" else ["disk full"])
+
+
+def test_a_failure_posts_the_webhook_and_pings_fail(receiver: Receiver) -> None:
+    settings = Notifications(webhook_url=receiver.base + "/hook/TOKEN", ping_url=receiver.base + "/ping/uuid")
+    notify.run_started(settings, "nightly")
+    notify.run_finished(settings, JOB, "nightly", report("failed"))
+    assert [(m, p) for m, p, _ in receiver.requests] == [
+        ("GET", "/ping/uuid/start"), ("POST", "/ping/uuid/fail"), ("POST", "/hook/TOKEN")]
+    body = json.loads(receiver.requests[2][2])
+    assert body["job"] == "nightly" and body["status"] == "failed" and body["errors"] == ["disk full"]
+    assert body["backup_id"] == "20240101T000000Z-abc123" and "size" in body and "artifacts" in body
+
+
+def test_a_success_pings_but_posts_the_webhook_only_when_asked(receiver: Receiver) -> None:
+    settings = Notifications(webhook_url=receiver.base + "/hook", ping_url=receiver.base + "/ping")
+    notify.run_finished(settings, JOB, "nightly", report("succeeded"))
+    assert [(m, p) for m, p, _ in receiver.requests] == [("POST", "/ping")]
+    notify.run_finished(settings, Job(volumes=[{"name": "v"}], notify_on_success=True),  # type: ignore[list-item]
+                        "nightly", report("succeeded"))
+    assert receiver.requests[-1][1] == "/hook"
+    receiver.requests.clear()
+    notify.run_finished(Notifications(webhook_url=receiver.base + "/hook", on_success=True),
+                        Job(volumes=[{"name": "v"}], notify_on_success=False),  # type: ignore[list-item]
+                        "nightly", report("succeeded"))
+    assert receiver.requests == [], "the job's own setting wins over the global one"
+
+
+def test_the_webhook_url_can_come_from_a_secret_file(receiver: Receiver, tmp_path: Path) -> None:
+    secret = tmp_path / "hook"
+    secret.write_text(receiver.base + "/from-file\n")
+    notify.run_finished(Notifications(webhook_url_file=secret), JOB, "nightly", report("failed"))
+    assert receiver.requests[0][1] == "/from-file"
+
+
+def test_an_unreachable_or_failing_receiver_never_raises_and_logs_only_the_host(
+        receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    closed = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = closed.server_address[1]
+    closed.server_close()
+    settings = Notifications(webhook_url=f"http://user:pw@127.0.0.1:{port}/hook/SECRET",
+                             ping_url=receiver.base + "/broken/SECRET2", timeout="2s")
+    notify.run_finished(settings, JOB, "nightly", report("failed"))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "HTTP 500" in text and "127.0.0.1" in text
+    assert "SECRET" not in text and "pw" not in text and "/hook" not in text
+
+
+def test_parse_bind_accepts_port_or_host_and_port() -> None:
+    assert parse_bind("8080") == ("0.0.0.0", 8080)
+    assert parse_bind("127.0.0.1:9") == ("127.0.0.1", 9)
+    assert parse_bind("[::1]:80") == ("::1", 80)
+    with pytest.raises(ValueError):
+        parse_bind("host:http")
+
+
+def test_healthz_answers_200_or_503_with_the_report_and_metrics_in_prometheus_format() -> None:
+    state = {"ok": True}
+    endpoint = HttpEndpoint("127.0.0.1", 0, lambda: (state["ok"], {"healthy": state["ok"]}),
+                            lambda: b"backupd_up 1\n")
+    try:
+        base = f"http://127.0.0.1:{endpoint.port}"
+        with urllib.request.urlopen(base + "/healthz") as r:
+            assert r.status == 200 and json.load(r) == {"healthy": True}
+        state["ok"] = False
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/healthz")
+        assert err.value.code == 503 and json.load(err.value) == {"healthy": False}
+        with urllib.request.urlopen(base + "/metrics") as r:
+            assert r.read() == b"backupd_up 1\n" and r.headers["Content-Type"].startswith("text/plain")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/other")
+        assert err.value.code == 404
+    finally:
+        endpoint.close()
+
+
+def test_metrics_count_runs_by_status_and_read_last_success_and_artifacts_from_the_catalog(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    bid = catalog.start_backup("nightly")
+    art = catalog.add_artifact(bid, "volume", "v", "volume:v", "zstd", None, {"local": "k1", "s3": "k2"})
+    catalog.finish_artifact(art, 1000, "ab" * 32, {"s3": "refused"})
+    catalog.finish_backup(bid)
+    good = catalog.start_backup("nightly")
+    art = catalog.add_artifact(good, "volume", "v", "volume:v", "zstd", None, {"local": "k3"})
+    catalog.finish_artifact(art, 500, "cd" * 32, {})
+    catalog.finish_backup(good)
+
+    metrics = Metrics(catalog)
+    metrics.observe_run("nightly", "partial", 3.0, catalog.get(bid))
+    metrics.observe_run("nightly", "succeeded", 2.0, catalog.get(good))
+    text = metrics.render().decode()
+    assert 'backupd_runs_total{job="nightly",status="partial"} 1.0' in text
+    assert 'backupd_runs_total{job="nightly",status="succeeded"} 1.0' in text
+    assert 'backupd_run_duration_seconds_count{job="nightly"} 2.0' in text
+    assert 'backupd_bytes_written_total{destination="local",job="nightly"} 1500.0' in text
+    assert 'backupd_artifacts{destination="local"} 2.0' in text
+    assert 'backupd_artifacts{destination="s3"}' not in text
+    finished = catalog.get(good).finished_at.timestamp()
+    assert f'backupd_last_success_timestamp_seconds{{job="nightly"}} {finished!r}' in text \
+        or 'backupd_last_success_timestamp_seconds{job="nightly"} ' in text
