@@ -88,6 +88,10 @@ def connect() -> docker.DockerClient:
         ) from None
 
 
+def in_container() -> bool:
+    return os.path.exists("/.dockerenv")
+
+
 def _slug(path: str) -> str:
     return "path" + re.sub(r"[^A-Za-z0-9_.-]+", "_", path.rstrip("/") or "root")
 
@@ -111,13 +115,21 @@ class DockerHost:
         return self._helper_image
 
     def own_container(self) -> Any | None:
-        """The container backupd runs in, or None on the host."""
-        if not os.path.exists("/.dockerenv"):
+        """The container backupd runs in, or None on the host (or if it cannot be found)."""
+        if not in_container():
             return None
+        candidates = [socket.gethostname()]
         try:
-            return self.client.containers.get(socket.gethostname())
-        except (NotFound, APIError):
-            return None
+            with open("/proc/self/mountinfo") as f:  # works with host networking too
+                candidates[:0] = re.findall(r"/containers/([0-9a-f]{64})/", f.read())[:1]
+        except OSError:
+            pass
+        for candidate in candidates:
+            try:
+                return self.client.containers.get(candidate)
+            except (NotFound, APIError):
+                continue
+        return None
 
     def _own_image(self) -> str:
         me = self.own_container()
@@ -139,12 +151,12 @@ class DockerHost:
         if self._fifo_dir is not None or os.environ.get("BACKUPD_TRANSFER") == "attach":
             return self._fifo_dir or None
         me = self.own_container()
-        if me is None:
+        if me is None and not in_container():
             local = Path(tempfile.gettempdir()) / f"backupd-fifo-{os.getuid()}"
             local.mkdir(mode=0o700, exist_ok=True)
             self._fifo_dir = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind"), FIFO_POINT)
             return self._fifo_dir
-        for m in me.attrs.get("Mounts", []):
+        for m in me.attrs.get("Mounts", []) if me is not None else []:
             dest = m.get("Destination", "")
             if m.get("Type") in ("volume", "bind") and m.get("RW") and \
                     (STATE_DIR == dest or STATE_DIR.startswith(dest.rstrip("/") + "/")):
