@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling",
                    "ThrottlingException", "InternalError", "ServiceUnavailable", "503", "500"}
+MISSING_CODES = {"NoSuchKey", "NotFound", "404"}  # the object; a missing bucket is NoSuchBucket
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+MAX_PART_SIZE = 5 * 1024**3
 PERMANENT_HINTS = {
     "InvalidAccessKeyId": "the access key is not known to the store",
     "SignatureDoesNotMatch": "the secret key is wrong",
@@ -38,6 +41,17 @@ def is_transient(exc: BaseException) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return err.get("Code") in TRANSIENT_CODES or status >= 500 or status == 429
     return isinstance(exc, (BotoConnectionError, BotoCoreError, ConnectionError, TimeoutError))
+
+
+def _code(exc: BaseException) -> str:
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+
+
+def part_size_for(number: int, base: int) -> int:
+    """Size of part `number` (1-based): the configured size for the first 5000 parts,
+    then doubling every 1000, so one upload reaches S3's 5 TB object limit within
+    its 10,000 parts while ordinary artifacts keep the memory bound they were given."""
+    return min(MAX_PART_SIZE, base * 2 ** max(0, (number - 1) // 1000 - 4))
 
 
 class S3Store(Store):
@@ -73,22 +87,24 @@ class S3Store(Store):
         return BackupdError(f"destination '{self.name}' ({self.describe()}): {action} {key}: {exc}")
 
     def _call(self, action: str, key: str, fn: Any, **kwargs: Any) -> Any:
+        """fn(**kwargs) with retries; a missing object is NotFoundError, anything else a
+        BackupdError naming the destination (decided from the S3 error code, not its text)."""
         try:
             return retry(lambda: fn(**kwargs), is_transient=is_transient,
                          what=f"{self.name}: {action} {key}")
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except ClientError as exc:
+            if _code(exc) in MISSING_CODES:
+                raise NotFoundError(f"destination '{self.name}' ({self.describe()}): "
+                                    f"'{key}' does not exist") from None
+            raise self.error(action, key, exc) from None
+        except (BotoCoreError, OSError) as exc:
             raise self.error(action, key, exc) from None
 
     def open_upload(self, key: str) -> Upload:
         return S3Upload(self, self._key(key))
 
     def open_read(self, key: str) -> BinaryIO:
-        try:
-            obj = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        except BackupdError as exc:
-            if "NoSuchKey" in str(exc) or "404" in str(exc):
-                raise NotFoundError(f"destination '{self.name}': '{key}' does not exist") from None
-            raise
+        obj = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         return obj["Body"]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -102,12 +118,9 @@ class S3Store(Store):
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
-            head = retry(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)),
-                         is_transient=is_transient, what=f"{self.name}: stat {key}")
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise self.error("stat", key, exc) from None
+            head = self._call("stat", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        except NotFoundError:
+            return None
         return ObjectInfo(key, head["ContentLength"], head.get("LastModified"))
 
     def delete(self, key: str) -> None:
@@ -144,6 +157,9 @@ class S3Upload(Upload):
         if self.upload_id is None:
             self._start()
         number = len(self.parts) + 1
+        if number > MAX_PARTS:
+            raise BackupdError(f"destination '{self.store.name}': {self.key} needs more than "
+                               f"{MAX_PARTS} parts; raise part_size_mb")
         resp = self.store._call(f"upload part {number} of", self.key, self.store.client.upload_part,
                                 Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
                                 PartNumber=number, Body=data)
@@ -151,9 +167,9 @@ class S3Upload(Upload):
 
     def write(self, data: bytes) -> None:
         self.buffer += data
-        while len(self.buffer) >= self.store.part_size:
-            part = bytes(self.buffer[: self.store.part_size])
-            del self.buffer[: self.store.part_size]
+        while len(self.buffer) >= (size := part_size_for(len(self.parts) + 1, self.store.part_size)):
+            part = bytes(self.buffer[:size])
+            del self.buffer[:size]
             self._send_part(part)
 
     def commit(self) -> None:
