@@ -14,11 +14,13 @@ from typing import Any, BinaryIO, Iterator
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from backupd.config import S3Destination
 from backupd.errors import BackupdError, NotFoundError
-from backupd.retry import retry
-from backupd.storage.base import ObjectInfo, Store, Upload, check_key
+from backupd.retry import ATTEMPTS, retry
+from backupd.storage.base import ChunkReader, ObjectInfo, Store, Upload, check_key
+from backupd.stream import CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,29 @@ class S3Store(Store):
 
     def open_read(self, key: str) -> BinaryIO:
         obj = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return obj["Body"]
+        current = [obj["Body"]]
+        return ChunkReader(self._resuming_chunks(key, obj, current), lambda: current[0].close())  # type: ignore[return-value]
+
+    def _resuming_chunks(self, key: str, obj: dict[str, Any], current: list[Any]) -> Iterator[bytes]:
+        """The object's bytes; a connection lost mid-read resumes where it stopped
+        (a ranged GET pinned to the same ETag), a bounded number of times."""
+        done, failures = 0, 0
+        while True:
+            try:
+                chunk = current[0].read(CHUNK)
+            except (BotoCoreError, Urllib3Error, OSError) as exc:
+                failures += 1
+                if failures >= ATTEMPTS:
+                    raise self.error("read", key, exc) from None
+                log.warning("%s: reading %s broke at byte %d (%s); resuming", self.name, key, done, exc)
+                current[0].close()
+                current[0] = self._call("resume read of", key, self.client.get_object, Bucket=self.bucket,
+                                        Key=self._key(key), Range=f"bytes={done}-", IfMatch=obj["ETag"])["Body"]
+                continue
+            if not chunk:
+                return
+            done += len(chunk)
+            yield chunk
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")

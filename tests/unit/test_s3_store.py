@@ -227,3 +227,44 @@ def test_storage_class_and_server_side_encryption_reach_the_multipart_upload(s3)
     up.commit()
     head = s3.head_object(Bucket="bucket", Key="pre/j/b/big")
     assert head["StorageClass"] == "STANDARD_IA" and head["ServerSideEncryption"] == "AES256"
+
+
+class BreakingBody:
+    """A response body that fails once after `after` bytes, like a reset connection."""
+
+    def __init__(self, body, after: int):
+        self.body, self.after, self.sent = body, after, 0
+
+    def read(self, n):
+        if self.after is not None and self.sent >= self.after:
+            self.after = None
+            raise ConnectionResetError("connection reset by peer")
+        data = self.body.read(min(n, self.after - self.sent) if self.after is not None else n)
+        self.sent += len(data)
+        return data
+
+    def close(self):
+        self.body.close()
+
+
+def test_a_read_broken_midway_resumes_where_it_stopped(s3):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    s3.put_object(Bucket="bucket", Key="pre/j/b/x", Body=data)
+
+    class Client(Failing):
+        def __getattr__(self, name):
+            if name != "get_object":
+                return super().__getattr__(name)
+
+            def get_object(**kwargs):
+                self.calls.append(kwargs.get("Range"))
+                resp = self.real.get_object(**kwargs)
+                if len(self.calls) == 1:
+                    resp["Body"] = BreakingBody(resp["Body"], after=1024 * 1024 + 7)
+                return resp
+            return get_object
+
+    client = Client(s3)
+    with store(client).open_read("j/b/x") as f:
+        assert f.read() == data
+    assert client.calls == [None, f"bytes={1024 * 1024 + 7}-"]
