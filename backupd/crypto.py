@@ -19,6 +19,10 @@ from backupd.errors import BackupdError, ConfigError, IntegrityError
 from backupd.stream import CHUNK, Writer
 
 
+class DecryptionError(IntegrityError):
+    """age could not decrypt: the bytes are damaged, or the identity is not a recipient's."""
+
+
 def _age() -> str:
     path = shutil.which("age")
     if path is None:
@@ -130,7 +134,7 @@ def age_decrypt(chunks: Iterable[bytes], identity_path: str) -> Iterator[bytes]:
             raise feed_error[0]
         if code != 0:
             message = proc.stderr.read().decode("utf-8", "replace").strip()[-300:]
-            raise IntegrityError(f"age decryption failed: {message}")
+            raise DecryptionError(f"age decryption failed: {message}")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,9 +2,14 @@
 
 Each copy is re-read from its destination and checked for size and SHA-256
 against the catalog; then it is decrypted (when an identity is given),
-decompressed, and a volume archive's tar is checked member by member. A copy
-found missing is marked missing in the catalog, a corrupt one failed, so
-restore never picks it.
+decompressed, and a volume archive's tar is checked member by member.
+
+The catalog is changed only by what the copy itself proved: a copy whose
+object is gone becomes `missing`, one whose bytes or contents are bad becomes
+`failed` (restore then skips it), and one that was marked so by an earlier
+verify and now checks out is `stored` again. A destination that cannot be
+reached, or an identity that does not fit, says nothing about the copy and
+changes nothing.
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ import io
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from backupd.artifact import read_copy, stored_chunks
-from backupd.catalog import COPY_FAILED, MISSING, STORED, Catalog
+from backupd.catalog import COPY_FAILED, MISSING, STORED, ArtifactView, Catalog, CopyView
 from backupd.config import Config
-from backupd.errors import BackupdError, NotFoundError
+from backupd.errors import BackupdError, IntegrityError, NotFoundError
 from backupd.storage import Store
 from backupd.stream import IterReader
 from backupd.tarsafety import check_tar_stream
 
 log = logging.getLogger(__name__)
+
+VERIFY_NOTE = "verify: "  # prefix of errors this module records, so a later verify may clear them
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class CopyCheck:
     detail: str
 
 
-def check_copy(store: Store, copy, artifact, identity: str | None) -> str:
+def check_copy(store: Store, copy: CopyView, artifact: ArtifactView, identity: str | None) -> str:
     """Return what was proven about one copy; raise BackupdError with what is wrong."""
     if artifact.encryption and identity is None:
         for _ in stored_chunks(store, copy, artifact):
@@ -49,6 +57,49 @@ def check_copy(store: Store, copy, artifact, identity: str | None) -> str:
     return "size and sha256 ok, decompresses"
 
 
+def _bytes_match(store: Store, copy: CopyView, artifact: ArtifactView) -> bool:
+    try:
+        for _ in stored_chunks(store, copy, artifact):
+            pass
+    except IntegrityError:
+        return False
+    return True
+
+
+def _checkable(copy: CopyView) -> bool:
+    """Stored copies, and those an earlier verify found missing or bad (they may be back)."""
+    return copy.status == STORED or (
+        copy.status in (MISSING, COPY_FAILED) and (copy.error or "").startswith(VERIFY_NOTE))
+
+
+def verify_copy(catalog: Catalog, backup_id: str, store: Store, copy: CopyView,
+                artifact: ArtifactView, identity: str | None) -> tuple[bool, str]:
+    """Check one copy and record in the catalog only what the check proved."""
+    from backupd.crypto import DecryptionError
+
+    def mark(status: str, detail: str | None) -> None:
+        if (status, detail) != (copy.status, copy.error):
+            catalog.set_copy_status(backup_id, copy.destination, copy.key, status, detail)
+
+    try:
+        detail = check_copy(store, copy, artifact, identity)
+    except NotFoundError as exc:
+        mark(MISSING, f"{VERIFY_NOTE}{exc}")
+        return False, f"missing: {exc}"
+    except DecryptionError as exc:
+        if _bytes_match(store, copy, artifact):  # the copy is intact: the identity is wrong
+            return False, f"{exc} (the stored bytes match the catalog: is --identity the right key?)"
+        mark(COPY_FAILED, f"{VERIFY_NOTE}{exc}")
+        return False, f"corrupt: {exc}"
+    except IntegrityError as exc:
+        mark(COPY_FAILED, f"{VERIFY_NOTE}{exc}")
+        return False, f"corrupt: {exc}"
+    except BackupdError as exc:  # unreachable, denied, no identity: nothing learnt about the copy
+        return False, f"could not check: {exc}"
+    mark(STORED, None)
+    return True, detail
+
+
 def verify_backup(
     config: Config,
     catalog: Catalog,
@@ -61,7 +112,7 @@ def verify_backup(
     for art in backup.artifacts:
         label = f"{art.kind} {art.name}"
         for copy in art.copies:
-            if copy.status != STORED:
+            if not _checkable(copy):
                 results.append(CopyCheck(label, copy.destination, copy.key, False,
                                          f"not stored ({copy.status}{': ' + copy.error if copy.error else ''})"))
                 continue
@@ -70,22 +121,13 @@ def verify_backup(
                 results.append(CopyCheck(label, copy.destination, copy.key, False,
                                          "destination is not in the current config"))
                 continue
-            try:
-                detail = check_copy(store, copy, art, identity)
-                results.append(CopyCheck(label, copy.destination, copy.key, True, detail))
-            except NotFoundError as exc:
-                catalog.set_copy_status(backup_id, copy.destination, copy.key, MISSING, str(exc))
-                results.append(CopyCheck(label, copy.destination, copy.key, False, f"missing: {exc}"))
-            except BackupdError as exc:
-                if "is encrypted" in str(exc) or "--identity" in str(exc):
-                    results.append(CopyCheck(label, copy.destination, copy.key, False, str(exc)))
-                    continue
-                catalog.set_copy_status(backup_id, copy.destination, copy.key, COPY_FAILED, f"verify: {exc}")
-                results.append(CopyCheck(label, copy.destination, copy.key, False, str(exc)))
+            ok, detail = verify_copy(catalog, backup_id, store, copy, art, identity)
+            (log.info if ok else log.error)("verify %s on %s: %s", label, copy.destination, detail)
+            results.append(CopyCheck(label, copy.destination, copy.key, ok, detail))
     return results
 
 
-def restore_drill(config: Config, catalog: Catalog, host, backup_id: str, identity: str | None) -> list[str]:
+def restore_drill(config: Config, catalog: Catalog, host: Any, backup_id: str, identity: str | None) -> list[str]:
     """Restore each volume artifact into a scratch volume, then remove it."""
     from backupd.restore import restore_volume
 

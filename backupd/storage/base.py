@@ -12,7 +12,9 @@ import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from backupd.stream import IterReader
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,19 @@ class ObjectInfo:
     key: str
     size: int
     modified: datetime | None = None
+
+
+class ChunkReader(IterReader):
+    """A readable file over chunks a store produces; close() releases the store's handle."""
+
+    def __init__(self, chunks: Iterable[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(chunks)
+        self._on_close = on_close
+
+    def close(self) -> None:
+        if not self.closed:
+            self._on_close()
+        super().close()
 
 
 class Upload(ABC):

@@ -14,16 +14,21 @@ from typing import Any, BinaryIO, Iterator
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from backupd.config import S3Destination
 from backupd.errors import BackupdError, NotFoundError
-from backupd.retry import retry
-from backupd.storage.base import ObjectInfo, Store, Upload, check_key
+from backupd.retry import ATTEMPTS, retry
+from backupd.storage.base import ChunkReader, ObjectInfo, Store, Upload, check_key
+from backupd.stream import CHUNK
 
 log = logging.getLogger(__name__)
 
 TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling",
                    "ThrottlingException", "InternalError", "ServiceUnavailable", "503", "500"}
+MISSING_CODES = {"NoSuchKey", "NotFound", "404"}  # the object; a missing bucket is NoSuchBucket
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+MAX_PART_SIZE = 5 * 1024**3
 PERMANENT_HINTS = {
     "InvalidAccessKeyId": "the access key is not known to the store",
     "SignatureDoesNotMatch": "the secret key is wrong",
@@ -38,6 +43,17 @@ def is_transient(exc: BaseException) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return err.get("Code") in TRANSIENT_CODES or status >= 500 or status == 429
     return isinstance(exc, (BotoConnectionError, BotoCoreError, ConnectionError, TimeoutError))
+
+
+def _code(exc: BaseException) -> str:
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+
+
+def part_size_for(number: int, base: int) -> int:
+    """Size of part `number` (1-based): the configured size for the first 5000 parts,
+    then doubling every 1000, so one upload reaches S3's 5 TB object limit within
+    its 10,000 parts while ordinary artifacts keep the memory bound they were given."""
+    return min(MAX_PART_SIZE, base * 2 ** max(0, (number - 1) // 1000 - 4))
 
 
 class S3Store(Store):
@@ -73,23 +89,47 @@ class S3Store(Store):
         return BackupdError(f"destination '{self.name}' ({self.describe()}): {action} {key}: {exc}")
 
     def _call(self, action: str, key: str, fn: Any, **kwargs: Any) -> Any:
+        """fn(**kwargs) with retries; a missing object is NotFoundError, anything else a
+        BackupdError naming the destination (decided from the S3 error code, not its text)."""
         try:
             return retry(lambda: fn(**kwargs), is_transient=is_transient,
                          what=f"{self.name}: {action} {key}")
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except ClientError as exc:
+            if _code(exc) in MISSING_CODES:
+                raise NotFoundError(f"destination '{self.name}' ({self.describe()}): "
+                                    f"'{key}' does not exist") from None
+            raise self.error(action, key, exc) from None
+        except (BotoCoreError, OSError) as exc:
             raise self.error(action, key, exc) from None
 
     def open_upload(self, key: str) -> Upload:
         return S3Upload(self, self._key(key))
 
     def open_read(self, key: str) -> BinaryIO:
-        try:
-            obj = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        except BackupdError as exc:
-            if "NoSuchKey" in str(exc) or "404" in str(exc):
-                raise NotFoundError(f"destination '{self.name}': '{key}' does not exist") from None
-            raise
-        return obj["Body"]
+        obj = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        current = [obj["Body"]]
+        return ChunkReader(self._resuming_chunks(key, obj, current), lambda: current[0].close())  # type: ignore[return-value]
+
+    def _resuming_chunks(self, key: str, obj: dict[str, Any], current: list[Any]) -> Iterator[bytes]:
+        """The object's bytes; a connection lost mid-read resumes where it stopped
+        (a ranged GET pinned to the same ETag), a bounded number of times."""
+        done, failures = 0, 0
+        while True:
+            try:
+                chunk = current[0].read(CHUNK)
+            except (BotoCoreError, Urllib3Error, OSError) as exc:
+                failures += 1
+                if failures >= ATTEMPTS:
+                    raise self.error("read", key, exc) from None
+                log.warning("%s: reading %s broke at byte %d (%s); resuming", self.name, key, done, exc)
+                current[0].close()
+                current[0] = self._call("resume read of", key, self.client.get_object, Bucket=self.bucket,
+                                        Key=self._key(key), Range=f"bytes={done}-", IfMatch=obj["ETag"])["Body"]
+                continue
+            if not chunk:
+                return
+            done += len(chunk)
+            yield chunk
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
@@ -102,12 +142,9 @@ class S3Store(Store):
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
-            head = retry(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)),
-                         is_transient=is_transient, what=f"{self.name}: stat {key}")
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise self.error("stat", key, exc) from None
+            head = self._call("stat", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        except NotFoundError:
+            return None
         return ObjectInfo(key, head["ContentLength"], head.get("LastModified"))
 
     def delete(self, key: str) -> None:
@@ -144,6 +181,9 @@ class S3Upload(Upload):
         if self.upload_id is None:
             self._start()
         number = len(self.parts) + 1
+        if number > MAX_PARTS:
+            raise BackupdError(f"destination '{self.store.name}': {self.key} needs more than "
+                               f"{MAX_PARTS} parts; raise part_size_mb")
         resp = self.store._call(f"upload part {number} of", self.key, self.store.client.upload_part,
                                 Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
                                 PartNumber=number, Body=data)
@@ -151,9 +191,9 @@ class S3Upload(Upload):
 
     def write(self, data: bytes) -> None:
         self.buffer += data
-        while len(self.buffer) >= self.store.part_size:
-            part = bytes(self.buffer[: self.store.part_size])
-            del self.buffer[: self.store.part_size]
+        while len(self.buffer) >= (size := part_size_for(len(self.parts) + 1, self.store.part_size)):
+            part = bytes(self.buffer[:size])
+            del self.buffer[:size]
             self._send_part(part)
 
     def commit(self) -> None:

@@ -23,10 +23,12 @@ import paramiko
 from backupd.config import SftpDestination
 from backupd.errors import BackupdError, NotFoundError
 from backupd.retry import retry
-from backupd.storage.base import ObjectInfo, Store, Upload, check_key
+from backupd.storage.base import ChunkReader, ObjectInfo, Store, Upload, check_key
+from backupd.stream import CHUNK
 
 log = logging.getLogger(__name__)
 PARTIAL_MARK = ".partial-"
+READ_WINDOW = 8 * CHUNK  # bytes requested ahead while reading: the memory bound of a read
 
 
 class HostKeyError(BackupdError):
@@ -149,10 +151,12 @@ class SftpStore(Store):
     def open_read(self, key: str) -> BinaryIO:
         try:
             handle = self.sftp().open(self._path(key), "rb")
+            size = handle.stat().st_size or 0
         except FileNotFoundError:
             raise NotFoundError(f"destination '{self.name}': '{key}' does not exist") from None
-        handle.prefetch()
-        return handle  # type: ignore[return-value]
+        except OSError as exc:
+            raise BackupdError(f"destination '{self.name}': cannot read {key}: {exc}") from None
+        return windowed_read(handle, size)  # type: ignore[return-value]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         sftp = self.sftp()
@@ -185,6 +189,21 @@ class SftpStore(Store):
             pass
         except OSError as exc:
             raise BackupdError(f"destination '{self.name}': cannot delete {key}: {exc}") from None
+
+
+def windowed_read(handle: paramiko.SFTPFile, size: int, window: int = READ_WINDOW) -> ChunkReader:
+    """A remote file read with pipelined requests, one window ahead at most.
+
+    paramiko's prefetch() of a whole file keeps every block that arrives in memory
+    until it is read, so a slow consumer (a restore) would hold the whole archive;
+    reading window by window keeps the pipelining and bounds memory to one window.
+    """
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, size, window):
+            end = min(size, start + window)
+            yield from handle.readv([(o, min(CHUNK, end - o)) for o in range(start, end, CHUNK)])
+
+    return ChunkReader(chunks(), handle.close)
 
 
 class SftpUpload(Upload):

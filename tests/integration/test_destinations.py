@@ -252,3 +252,56 @@ def test_interrupted_s3_upload_is_aborted_and_leaves_no_object_or_parts(
     assert proc.returncode == 1
     assert s3_objects(s3_server, s3_bucket) == {}
     assert s3_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_rejected_s3_copy_makes_the_backup_partial_naming_the_copy_and_the_cause(
+        docker_client, helper_image, volume_factory, s3_server, s3_bucket, sftp_server, tmp_path):
+    # (SeaweedFS creates a missing bucket on first write, so rejected credentials stand in
+    # for a permanent S3 error here; moto covers NoSuchBucket in the unit tests.)
+    vol = volume_factory("rejected")
+    (mountpoint(docker_client, vol) / "a").write_text("x")
+    secret = "WRONG-" + s3_server.secret_key[6:]
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}}, destinations={
+        "s3": s3_dest(s3_server, s3_bucket, secret_access_key=secret),
+        "sftp": sftp_dest(sftp_server)})
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 5, proc.stderr
+    assert "partial" in proc.stderr and "destination 's3'" in proc.stderr and "the secret key is wrong" in proc.stderr
+    [entry] = listing(config)
+    copies = {c["destination"]: c for c in entry["artifacts"][0]["destinations"]}
+    assert entry["status"] == "partial"
+    assert copies["s3"]["status"] == "failed" and "SignatureDoesNotMatch" in copies["s3"]["error"]
+    assert copies["sftp"]["status"] == "stored"
+    assert (Path(sftp_server.root_dir) / copies["sftp"]["key"]).is_file()
+    assert s3_objects(s3_server, s3_bucket) == {}
+    assert secret not in proc.stderr + proc.stdout + str(entry)
+
+
+def test_sftp_login_failure_is_clear_and_does_not_show_the_password(
+        docker_client, helper_image, volume_factory, sftp_server, tmp_path):
+    vol = volume_factory("sftpauth")
+    (mountpoint(docker_client, vol) / "a").write_text("x")
+    password = "pw-" + os.urandom(8).hex()
+    (tmp_path / "pw").write_text(password)
+    dest = sftp_dest(sftp_server, password_file=str(tmp_path / "pw"))
+    del dest["key_file"]
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}}, destinations={"sftp": dest})
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 1
+    assert f"destination 'sftp': authentication as '{sftp_server.username}'" in proc.stderr
+    assert password not in proc.stderr + proc.stdout + str(listing(config))
+
+
+def test_verify_restore_drills_a_restore_from_every_volume_and_leaves_no_scratch_volume(
+        docker_client, helper_image, volume_factory, s3_server, s3_bucket, sftp_server, tmp_path):
+    vol = volume_factory("drill")
+    (mountpoint(docker_client, vol) / "a").write_text("drill")
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol], "destinations": ["s3", "sftp"]}},
+                          destinations={"s3": s3_dest(s3_server, s3_bucket), "sftp": sftp_dest(sftp_server)})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    before = {v.name for v in docker_client.volumes.list()}
+    out = backupd(config, "verify", backup_id, "--restore", check=True).stdout
+    assert out.count(f"ok   volume {vol} on ") == 2
+    assert f"ok   volume {vol}: restored into a scratch volume and removed" in out
+    assert not [v.name for v in docker_client.volumes.list()
+                if v.name.startswith("backupd-drill-") and v.name not in before]

@@ -138,3 +138,133 @@ def test_permanent_error_is_not_retried():
     with pytest.raises(ClientError):
         retry(denied, is_transient=is_transient, what="t", sleep=lambda s: None)
     assert calls == [1]
+
+
+class Failing:
+    """A client whose named calls fail with the given errors first, then reach moto."""
+
+    def __init__(self, real, **failures):
+        self.real, self.failures, self.calls = real, {k: list(v) for k, v in failures.items()}, []
+
+    def __getattr__(self, name):
+        target = getattr(self.real, name)
+
+        def call(**kwargs):
+            self.calls.append(name)
+            if self.failures.get(name):
+                raise self.failures[name].pop(0)
+            return target(**kwargs)
+
+        return call
+
+
+@pytest.fixture
+def no_sleep(monkeypatch):
+    import functools
+
+    import backupd.storage.s3 as s3mod
+
+    monkeypatch.setattr(s3mod, "retry", functools.partial(retry, sleep=lambda s: None))
+
+
+def test_a_throttled_part_is_retried_and_the_upload_completes(s3, no_sleep):
+    client = Failing(s3, upload_part=[client_error("SlowDown", 503), client_error("InternalError", 500)])
+    st = store(client)
+    up = st.open_upload("j/b/x")
+    data = os.urandom(11 * 1024 * 1024)
+    up.write(data)
+    up.commit()
+    assert client.calls.count("upload_part") == 5  # 3 parts (5+5+1 MiB) + 2 retries
+    assert s3.get_object(Bucket="bucket", Key="pre/j/b/x")["Body"].read() == data
+
+
+def test_permanent_part_failure_fails_fast_and_abort_leaves_nothing(s3, no_sleep):
+    client = Failing(s3, upload_part=[client_error("AccessDenied", 403)])
+    st = store(client)
+    up = st.open_upload("j/b/x")
+    with pytest.raises(BackupdError, match="destination 'offsite'.*AccessDenied: access denied") as info:
+        up.write(os.urandom(6 * 1024 * 1024))
+    assert client.calls.count("upload_part") == 1 and SECRET not in str(info.value)
+    up.abort()
+    assert st.stat("j/b/x") is None
+    assert s3.list_multipart_uploads(Bucket="bucket").get("Uploads", []) == []
+
+
+def test_access_denied_on_read_is_not_mistaken_for_a_missing_object(s3, no_sleep):
+    # Backup ids carry dates such as 20260404: "404" in the key must not mean "missing".
+    client = Failing(s3, get_object=[client_error("AccessDenied", 403)])
+    with pytest.raises(BackupdError) as info:
+        store(client).open_read("j/20260404T000000Z-abc/volume-x.tar.zst")
+    assert not isinstance(info.value, NotFoundError) and "AccessDenied" in str(info.value)
+
+
+def test_unreachable_endpoint_on_stat_is_a_named_error_after_bounded_retries(s3, no_sleep):
+    client = Failing(s3, head_object=[EndpointConnectionError(endpoint_url="http://x")] * 10)
+    with pytest.raises(BackupdError, match="destination 'offsite'.*stat j/b/x"):
+        store(client).stat("j/b/x")
+    assert client.calls.count("head_object") == 5
+
+
+def test_missing_object_stat_is_none(s3):
+    assert store(s3).stat("j/b/none") is None
+
+
+def test_part_size_stays_as_configured_for_ordinary_artifacts_and_grows_for_huge_ones():
+    from backupd.storage.s3 import MAX_PART_SIZE, part_size_for
+
+    mb = 1024 * 1024
+    assert part_size_for(1, 5 * mb) == part_size_for(5000, 5 * mb) == 5 * mb
+    assert part_size_for(5001, 5 * mb) == 10 * mb and part_size_for(10000, 5 * mb) == 160 * mb
+    total = sum(part_size_for(n, 64 * mb) for n in range(1, 10001))
+    assert total > 4 * 1024**4  # 10,000 parts reach S3's object size limit
+    assert part_size_for(10000, 5120 * mb) == MAX_PART_SIZE
+
+
+def test_storage_class_and_server_side_encryption_reach_the_multipart_upload(s3):
+    st = store(s3, storage_class="STANDARD_IA", server_side_encryption="AES256")
+    up = st.open_upload("j/b/big")
+    up.write(os.urandom(6 * 1024 * 1024))
+    up.commit()
+    head = s3.head_object(Bucket="bucket", Key="pre/j/b/big")
+    assert head["StorageClass"] == "STANDARD_IA" and head["ServerSideEncryption"] == "AES256"
+
+
+class BreakingBody:
+    """A response body that fails once after `after` bytes, like a reset connection."""
+
+    def __init__(self, body, after: int):
+        self.body, self.after, self.sent = body, after, 0
+
+    def read(self, n):
+        if self.after is not None and self.sent >= self.after:
+            self.after = None
+            raise ConnectionResetError("connection reset by peer")
+        data = self.body.read(min(n, self.after - self.sent) if self.after is not None else n)
+        self.sent += len(data)
+        return data
+
+    def close(self):
+        self.body.close()
+
+
+def test_a_read_broken_midway_resumes_where_it_stopped(s3):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    s3.put_object(Bucket="bucket", Key="pre/j/b/x", Body=data)
+
+    class Client(Failing):
+        def __getattr__(self, name):
+            if name != "get_object":
+                return super().__getattr__(name)
+
+            def get_object(**kwargs):
+                self.calls.append(kwargs.get("Range"))
+                resp = self.real.get_object(**kwargs)
+                if len(self.calls) == 1:
+                    resp["Body"] = BreakingBody(resp["Body"], after=1024 * 1024 + 7)
+                return resp
+            return get_object
+
+    client = Client(s3)
+    with store(client).open_read("j/b/x") as f:
+        assert f.read() == data
+    assert client.calls == [None, f"bytes={1024 * 1024 + 7}-"]
