@@ -1,4 +1,4 @@
-"""The shipped docker-compose.yml: the sidecar is wired the way docs/sidecar.md says,
+"""The shipped docker-compose.yml: the sidecar is wired the way the README (Running as a sidecar) says,
 its config validates, and (where docker-compose is installed) Compose accepts the file."""
 
 from __future__ import annotations
