@@ -105,10 +105,11 @@ def store_artifact(
     except BaseException as exc:
         sink.stop()
         progress.done()
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
         if not fan.closed:
-            fan.abort(f"source failed: {exc}")
-        catalog.fail_artifact(art_id, str(exc) or type(exc).__name__)
-        logger.error("%s %s failed: %s", kind, name, exc)
+            fan.abort(f"source failed: {reason}")
+        catalog.fail_artifact(art_id, reason)
+        logger.error("%s %s failed: %s", kind, name, reason)
         raise
     progress.done()
     result = fan.result()

@@ -148,15 +148,24 @@ class DockerHost:
         helper; in a container it is the volume holding STATE_DIR. None (fall back
         to attach) when there is no such mount or BACKUPD_TRANSFER=attach.
         """
-        if self._fifo_dir is not None or os.environ.get("BACKUPD_TRANSFER") == "attach":
-            return self._fifo_dir or None
+        if self._fifo_dir is None and os.environ.get("BACKUPD_TRANSFER") != "attach":
+            self._fifo_dir = self._find_fifo_dir() or False  # type: ignore[assignment]
+        return self._fifo_dir or None
+
+    def _find_fifo_dir(self) -> "FifoDir | None":
         me = self.own_container()
-        if me is None and not in_container():
+        if me is None:
             local = Path(tempfile.gettempdir()) / f"backupd-fifo-{os.getuid()}"
             local.mkdir(mode=0o700, exist_ok=True)
-            self._fifo_dir = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind"), FIFO_POINT)
-            return self._fifo_dir
-        for m in me.attrs.get("Mounts", []) if me is not None else []:
+            shared = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind"), FIFO_POINT)
+            # In a container the engine does not know (e.g. the engine runs inside it too),
+            # a bind mount of our temp dir works only if the engine sees our filesystem.
+            if not in_container() or self._sees_our_files(shared):
+                return shared
+            log.info("the Docker engine does not see this container's files: "
+                     "archives travel over the slower attach stream")
+            return None
+        for m in me.attrs.get("Mounts", []):
             dest = m.get("Destination", "")
             if m.get("Type") in ("volume", "bind") and m.get("RW") and \
                     (STATE_DIR == dest or STATE_DIR.startswith(dest.rstrip("/") + "/")):
@@ -164,11 +173,23 @@ class DockerHost:
                 local.mkdir(mode=0o700, exist_ok=True)
                 inside = FIFO_POINT + "/" + str(local.relative_to(dest))
                 source = m["Name"] if m["Type"] == "volume" else m["Source"]
-                self._fifo_dir = FifoDir(local, Mount(FIFO_POINT, source, type=m["Type"]), inside)
-                return self._fifo_dir
+                return FifoDir(local, Mount(FIFO_POINT, source, type=m["Type"]), inside)
         log.info("no volume is mounted at %s: archives travel over the slower attach stream", STATE_DIR)
-        self._fifo_dir = False  # type: ignore[assignment]
         return None
+
+    def _sees_our_files(self, fifo_dir: FifoDir) -> bool:
+        """Ask a helper whether a file we just made in fifo_dir is there for it too."""
+        probe = fifo_dir.local / f"probe-{uuid.uuid4().hex}"
+        probe.touch()
+        try:
+            # tar only: the one tool every helper image is required to have.
+            self.run_helper(["tar", "--create", "--file=/dev/null", "--directory", fifo_dir.inside, probe.name],
+                            [fifo_dir.mount], purpose="the named-pipe probe")
+            return True
+        except HelperError:
+            return False
+        finally:
+            probe.unlink(missing_ok=True)
 
     def check_helper_image(self) -> None:
         try:
@@ -332,18 +353,18 @@ class DockerHost:
         fifo_dir = self.fifo_dir()
         if fifo_dir is None:
             cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose)
-            stream = None
+            raw = None
             try:
                 sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
+                raw = _raw_socket(sock)
                 self.api.start(cid)
                 exit_code = _Waiter(self.api, cid)
-                stream = self._stdout_then_check(exit_code, sock, purpose)
-                yield stream
+                yield self._stdout_then_check(exit_code, sock, purpose)
             finally:
-                if stream is not None:
-                    # Abandoned mid-stream (cancel): close the attach socket first, or the
-                    # engine's remove waits forever on a helper blocked writing to it.
-                    stream.close()
+                if raw is not None:
+                    # Abandoned mid-stream (cancel): hang up first, or the engine's
+                    # remove waits forever on a helper blocked writing to the socket.
+                    _hang_up(raw)
                 self._remove(cid)
             return
         with _fifo(fifo_dir) as (local, inside):
@@ -362,8 +383,12 @@ class DockerHost:
 
     def _pipe_then_check(self, exit_code: "_Waiter", fd: int, output: "_Output", purpose: str) -> Iterator[bytes]:
         while not select.select([fd], [], [], 0.2)[0]:
-            if output.closed.is_set():  # exited without ever opening the pipe
-                break
+            if output.closed.is_set() and not select.select([fd], [], [], 0)[0]:
+                # Exited without ever opening the pipe: a failing tar says why. Exit 0 means
+                # tar wrote somewhere else; that must never be recorded as a backup.
+                self._check_exit(exit_code, output.text(), purpose)
+                raise HelperError(f"helper for {purpose} exited without writing to the named pipe "
+                                  "(set BACKUPD_TRANSFER=attach if the engine cannot see backupd's files)")
         os.set_blocking(fd, True)
         while chunk := os.read(fd, PIPE_CHUNK):
             yield chunk
@@ -426,7 +451,7 @@ class DockerHost:
         try:
             sock = self.api.attach_socket(
                 cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-            raw = getattr(sock, "_sock", sock)
+            raw = _raw_socket(sock)
             self.api.start(cid)
             exit_code = _Waiter(self.api, cid)
             output = bytearray()
@@ -544,6 +569,7 @@ class ExecStream:
         self.api = api
         self.exec_id = exec_id
         self.sock = sock
+        self.raw = _raw_socket(sock)
         self.stderr = bytearray()
         self.feed_error: BaseException | None = None
         self._feeder: threading.Thread | None = None
@@ -552,7 +578,7 @@ class ExecStream:
             self._feeder.start()
 
     def _feed(self, chunks: Iterable[bytes]) -> None:
-        raw = getattr(self.sock, "_sock", self.sock)
+        raw = self.raw
         try:
             for chunk in chunks:
                 raw.sendall(chunk)
@@ -592,10 +618,7 @@ class ExecStream:
         return bytes(self.stderr).decode("utf-8", "replace").strip()
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        _hang_up(self.raw)
 
 
 @contextmanager
@@ -616,6 +639,21 @@ def _widen(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_CHUNK)
     except OSError:
         pass  # above /proc/sys/fs/pipe-max-size for this user: the default still works
+
+
+def _raw_socket(sock: Any) -> socket.socket:
+    """The socket under docker-py's attach SocketIO (whose close() leaves the
+    connection open while the HTTP response still holds it)."""
+    return getattr(sock, "_sock", sock)
+
+
+def _hang_up(raw: socket.socket) -> None:
+    """End an attach connection for good, whoever else still holds it."""
+    for close in (lambda: raw.shutdown(socket.SHUT_RDWR), raw.close):
+        try:
+            close()
+        except OSError:
+            pass
 
 
 def _close_quietly(pipe: Any) -> None:
