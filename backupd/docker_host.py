@@ -460,11 +460,8 @@ class DockerHost:
             open_ = True
             try:
                 for chunk in chunks:  # consumed to the end so the source's checksum check runs
-                    if open_:
-                        try:
-                            raw.sendall(chunk)
-                        except (BrokenPipeError, ConnectionResetError):
-                            open_ = False  # tar exited: at the end-of-archive mark, or failing
+                    # False once tar exited: at the end-of-archive mark, or failing
+                    open_ = open_ and _send(raw, chunk, exit_code.done)
             finally:
                 try:
                     raw.shutdown(socket.SHUT_WR)
@@ -572,6 +569,7 @@ class ExecStream:
         self.raw = _raw_socket(sock)
         self.stderr = bytearray()
         self.feed_error: BaseException | None = None
+        self._ended = threading.Event()  # stdout is over: the command exited
         self._feeder: threading.Thread | None = None
         if stdin is not None:
             self._feeder = threading.Thread(target=self._feed, args=(stdin,), daemon=True)
@@ -581,9 +579,8 @@ class ExecStream:
         raw = self.raw
         try:
             for chunk in chunks:
-                raw.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the command exited; its exit code and stderr say why
+                if not _send(raw, chunk, self._ended.is_set):
+                    break  # the command exited; its exit code and stderr say why
         except BaseException as exc:  # noqa: BLE001 - e.g. a checksum mismatch of the source
             self.feed_error = exc
         finally:
@@ -593,7 +590,10 @@ class ExecStream:
                 pass
 
     def stdout(self) -> Iterator[bytes]:
-        yield from _demux(io.BufferedReader(self.sock, 1 << 20), self.stderr)
+        try:
+            yield from _demux(io.BufferedReader(self.sock, 1 << 20), self.stderr)
+        finally:
+            self._ended.set()
 
     def drain(self) -> bytes:
         out = bytearray()
@@ -647,6 +647,26 @@ def _raw_socket(sock: Any) -> socket.socket:
     return getattr(sock, "_sock", sock)
 
 
+def _send(raw: socket.socket, data: bytes, gone: Callable[[], bool]) -> bool:
+    """Send all of data; False if the receiver went away.
+
+    A plain sendall can block forever: once a helper or exec'd command exits, the
+    engine stops reading stdin without closing the connection. So wait for room
+    a second at a time and ask gone() in between.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[raw.send(view, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            if gone():
+                return False
+            select.select([], [raw], [], 1.0)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+    return True
+
+
 def _hang_up(raw: socket.socket) -> None:
     """End an attach connection for good, whoever else still holds it."""
     for close in (lambda: raw.shutdown(socket.SHUT_RDWR), raw.close):
@@ -696,6 +716,9 @@ class _Waiter:
             self._result["code"] = api.wait(cid, timeout=None)["StatusCode"]
         except (APIError, DockerException, OSError) as exc:
             self._result["error"] = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
 
     def result(self, timeout: float = 600) -> int:
         self._thread.join(timeout)

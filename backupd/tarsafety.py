@@ -23,6 +23,9 @@ from backupd.errors import IntegrityError
 BLOCK = 512
 PAX_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 GNU_LONG = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+NO_DATA_TYPES = (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE,
+                 tarfile.FIFOTYPE)
+ZERO_BLOCK = bytes(BLOCK)
 
 
 @dataclass(frozen=True)
@@ -125,81 +128,96 @@ def _padded(size: int) -> int:
 
 
 def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Iterator[bytes]:
-    """Pass a tar stream through, refusing an unsafe or malformed member before its header."""
+    """Pass a tar stream through, refusing an unsafe or malformed member before its header.
+
+    What is passed on is a prefix of what came in (views, no copies: contents
+    are never touched), cut after the end-of-archive mark.
+    """
     checker = checker or TarChecker()
-    buf = bytearray()
+    tail = b""  # an incomplete header waiting for the next chunk
     skip = 0  # content bytes of the current member still to pass through
     pending: dict[str, str] = {}  # long name/link from PAX or GNU headers, for the next member
     ended = False
     for chunk in chunks:
         if ended:
-            yield chunk
-            continue
-        buf += chunk
-        out = bytearray()
+            continue  # padding after the end mark: read (the caller's checksum needs it), not sent
+        data = tail + chunk if tail else chunk
+        pos, n = 0, len(data)
         while True:
             if skip:
-                n = min(skip, len(buf))
-                out += buf[:n]
-                del buf[:n]
-                skip -= n
+                step = min(skip, n - pos)
+                pos += step
+                skip -= step
                 if skip:
                     break
-            if len(buf) < BLOCK:
+            if n - pos < BLOCK:
                 break
-            header = bytes(buf[:BLOCK])
-            if header == b"\0" * BLOCK:  # end-of-archive mark: the rest is padding
+            header = bytes(data[pos:pos + BLOCK])
+            if header == ZERO_BLOCK:
+                # The end-of-archive mark. Only the mark is passed on: a reader that has
+                # stopped at it (tar in a helper that has exited) may never take the padding.
                 ended = True
-                out += buf
-                buf.clear()
                 break
-            unsigned, signed = tarfile.calc_chksums(header)
-            if _number(header[148:156], "checksum") not in (unsigned, signed):
-                raise IntegrityError("archive is not a well-formed tar: header checksum mismatch")
-            kind = header[156:157] or tarfile.REGTYPE
-            size = _number(header[124:136], "size")
+            kind, size = _header_fields(header)
             if kind in PAX_TYPES or kind in GNU_LONG:
                 need = BLOCK + _padded(size)
-                if len(buf) < need:
+                if n - pos < need:
                     break  # wait for the whole extended header
-                data = bytes(buf[BLOCK:BLOCK + size])
-                if kind in PAX_TYPES:
-                    records = _pax_records(data)
-                    names = {k: v for k, v in records.items() if k in ("path", "linkpath", "GNU.sparse.name")}
-                    if kind == tarfile.XGLTYPE:
-                        if names:
-                            raise IntegrityError("unsafe archive: a global PAX header renames members")
-                    else:
-                        pending.update(names)
-                        if "size" in records:
-                            pending["size"] = records["size"]
-                elif kind == tarfile.GNUTYPE_LONGNAME:
-                    pending["path"] = _text(data)
-                elif kind == tarfile.GNUTYPE_LONGLINK:
-                    pending["linkpath"] = _text(data)
-                out += buf[:need]
-                del buf[:need]
+                _extended(kind, bytes(data[pos + BLOCK:pos + BLOCK + size]), pending)
+                pos += need
                 continue
-            name = _text(header[0:100])
-            if header[257:262] == b"ustar" and header[345:346] != b"\0" and kind != tarfile.GNUTYPE_SPARSE:
-                name = _text(header[345:500]) + "/" + name
-            if kind == tarfile.GNUTYPE_SPARSE:
-                raise IntegrityError("archive uses old GNU sparse members, which backupd never writes")
-            path = pending.get("GNU.sparse.name", pending.get("path", name))
-            member = Member(path, pending.get("linkpath", _text(header[157:257])), kind)
-            checker.check(member)  # raises before the header is passed on
+            checker.check(_member(header, kind, pending))  # raises before the header is passed on
             if "size" in pending:
                 size = int(pending["size"])
             pending.clear()
-            has_data = kind not in (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.CHRTYPE,
-                                    tarfile.BLKTYPE, tarfile.FIFOTYPE)
-            out += buf[:BLOCK]
-            del buf[:BLOCK]
-            skip = _padded(size) if has_data else 0
-        if out:
-            yield bytes(out)
-    if not ended and (buf or skip or checker.members == 0):
+            pos += BLOCK
+            skip = _padded(size) if kind not in NO_DATA_TYPES else 0
+        if ended:
+            if pos:
+                yield memoryview(data)[:pos]
+            yield bytes(2 * BLOCK)
+            continue
+        if pos:
+            yield memoryview(data)[:pos] if pos < n else data
+        tail = bytes(data[pos:])
+    if not ended and (tail or skip or checker.members == 0):
         raise IntegrityError("archive is not a well-formed tar: it ends in the middle of a member")
+
+
+def _header_fields(header: bytes) -> tuple[bytes, int]:
+    """Type and size of a header block whose checksum is right."""
+    unsigned, signed = tarfile.calc_chksums(header)
+    if _number(header[148:156], "checksum") not in (unsigned, signed):
+        raise IntegrityError("archive is not a well-formed tar: header checksum mismatch")
+    return header[156:157] or tarfile.REGTYPE, _number(header[124:136], "size")
+
+
+def _extended(kind: bytes, data: bytes, pending: dict[str, str]) -> None:
+    """Note the long name/link (and PAX size) an extended header gives the next member."""
+    if kind in PAX_TYPES:
+        records = _pax_records(data)
+        names = {k: v for k, v in records.items() if k in ("path", "linkpath", "GNU.sparse.name")}
+        if kind == tarfile.XGLTYPE:
+            if names:
+                raise IntegrityError("unsafe archive: a global PAX header renames members")
+        else:
+            pending.update(names)
+            if "size" in records:
+                pending["size"] = records["size"]
+    elif kind == tarfile.GNUTYPE_LONGNAME:
+        pending["path"] = _text(data)
+    elif kind == tarfile.GNUTYPE_LONGLINK:
+        pending["linkpath"] = _text(data)
+
+
+def _member(header: bytes, kind: bytes, pending: dict[str, str]) -> Member:
+    if kind == tarfile.GNUTYPE_SPARSE:
+        raise IntegrityError("archive uses old GNU sparse members, which backupd never writes")
+    name = _text(header[0:100])
+    if header[257:262] == b"ustar" and header[345:346] != b"\0":
+        name = _text(header[345:500]) + "/" + name
+    path = pending.get("GNU.sparse.name", pending.get("path", name))
+    return Member(path, pending.get("linkpath", _text(header[157:257])), kind)
 
 
 def check_tar_stream(fileobj: IO[bytes]) -> int:

@@ -28,6 +28,9 @@ from docker.errors import NotFound
 HELPER_IMAGE = "backupd-helper:test"
 DB_IMAGE = "dbbase:test"
 TEST_LABELS = {"backupd-test": "1"}
+# An app container that stops on SIGTERM like a well-behaved service (a bare `sleep`
+# as PID 1 ignores it, and every stop would wait out the full timeout).
+APP_COMMAND = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
 SETUP_HINT = "run `bash scripts/testenv.sh all` (as root) first"
 
 

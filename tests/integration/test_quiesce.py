@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.integration.services import remove_db, start_mariadb, start_postgres
+from tests.integration.services import APP_COMMAND, remove_db, start_mariadb, start_postgres
 from tests.integration.test_volumes import (
     REPO,
     backupd,
@@ -184,7 +184,7 @@ def test_mariadb_all_databases(docker_client, helper_image, mariadb_container, t
 def app_container(docker_client, helper_image, volume_factory):
     vol = volume_factory("appdata")
     (mountpoint(docker_client, vol) / "state").write_text("app state")
-    app = docker_client.containers.run(helper_image, ["sleep", "3600"], detach=True, name=f"app-{uuid.uuid4().hex[:8]}",
+    app = docker_client.containers.run(helper_image, APP_COMMAND, detach=True, name=f"app-{uuid.uuid4().hex[:8]}",
                                        volumes={vol: {"bind": "/data", "mode": "rw"}})
     yield app, vol
     app.remove(force=True)

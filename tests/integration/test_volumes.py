@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from tests.integration.services import APP_COMMAND
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -255,7 +257,7 @@ def test_force_replaces_contents_and_restarts_the_containers_using_the_volume(
     backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
     (root / "a.txt").write_text("newer")
     (root / "extra.txt").write_text("not in the backup")
-    app = docker_client.containers.run(helper_image, ["sleep", "3600"], detach=True,
+    app = docker_client.containers.run(helper_image, APP_COMMAND, detach=True,
                                        volumes={vol: {"bind": "/data", "mode": "rw"}},
                                        name=f"app-{uuid.uuid4().hex[:8]}")
     try:
@@ -329,7 +331,7 @@ def test_volumes_selected_by_label_container_and_host_path(
     host_dir = tmp_path / "hostdir"
     host_dir.mkdir()
     (host_dir / "h.txt").write_text("host file")
-    app = docker_client.containers.create(helper_image, ["sleep", "3600"],
+    app = docker_client.containers.create(helper_image, APP_COMMAND,
                                           volumes={mounted: {"bind": "/m", "mode": "rw"}},
                                           tmpfs={"/scratch": ""}, name=f"sel-{tag}")
     try:
