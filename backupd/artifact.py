@@ -28,6 +28,7 @@ from backupd.stream import (
     ThreadedSink,
     build_pipeline,
     decompressed,
+    prefetched,
     read_chunks,
     suffix_for,
 )
@@ -149,7 +150,8 @@ def read_copy(
 ) -> Iterator[bytes]:
     """Plain (decrypted, decompressed) bytes of a copy, checked against the catalog at the end."""
     where = f"copy on '{copy.destination}' ({copy.key})"
-    raw: Iterable[bytes] = stored_chunks(store, copy, artifact)
+    # Reading and hashing overlap with decryption, decompression and unpacking.
+    raw: Iterable[bytes] = prefetched(stored_chunks(store, copy, artifact))
     if artifact.encryption:
         from backupd.crypto import age_decrypt
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import queue
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Iterator, Protocol
@@ -218,9 +220,6 @@ class ThreadedSink:
     _DONE = object()
 
     def __init__(self, downstream: Writer, depth: int = 2) -> None:
-        import queue
-        import threading
-
         self.downstream = downstream
         self.error: BaseException | None = None
         self._queue: "queue.Queue[object]" = queue.Queue(maxsize=depth)
@@ -253,6 +252,50 @@ class ThreadedSink:
         self.stop()
         self._raise()
         self.downstream.close()
+
+
+def prefetched(chunks: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:
+    """Produce chunks in a thread while the caller works on the previous ones.
+
+    The reading side of ThreadedSink: a restore reads and hashes the copy while
+    it decompresses and unpacks what came before. Errors (a checksum mismatch at
+    the end included) are raised in the caller, in order.
+    """
+    items: "queue.Queue[object]" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+    failure: list[BaseException] = []
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(chunks)
+        try:
+            for chunk in source:
+                if not put(chunk):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            failure.append(exc)
+        finally:
+            if stop.is_set():
+                getattr(source, "close", lambda: None)()  # abandoned: release the copy now
+            put(end)
+
+    threading.Thread(target=produce, name="prefetch", daemon=True).start()
+    try:
+        while (item := items.get()) is not end:
+            yield item  # type: ignore[misc]
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
 
 
 def build_pipeline(

@@ -144,7 +144,7 @@ def write_config(tmp_path: Path, helper_image: str, jobs: dict, **extra) -> Path
 def backupd(config: Path, *args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "backupd", "--config", str(config), *args],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"backupd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc

@@ -138,3 +138,37 @@ def test_decompression_reads_the_source_to_its_end():
 
     assert b"".join(decompressed(source(), "zstd")) == b"data"
     assert seen == ["end reached"]
+
+
+def test_prefetched_yields_everything_in_order_then_the_error():
+    from backupd.stream import prefetched
+
+    def source():
+        yield from (bytes([i]) * 10 for i in range(50))
+        raise ValueError("checksum mismatch at the end")
+
+    got = []
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        for chunk in prefetched(source(), depth=2):
+            got.append(chunk)
+    assert got == [bytes([i]) * 10 for i in range(50)]
+
+
+def test_prefetched_abandoned_by_its_reader_releases_the_source():
+    import threading
+
+    from backupd.stream import prefetched
+
+    released = threading.Event()
+
+    def source():
+        try:
+            while True:
+                yield b"x" * 100
+        finally:
+            released.set()  # e.g. the store's file or connection is closed
+
+    reader = prefetched(source(), depth=2)
+    assert next(reader) == b"x" * 100
+    reader.close()  # the restore was cancelled
+    assert released.wait(5)
