@@ -97,7 +97,7 @@ def cmd_list(ctx: Context) -> int:
         return 0
     rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
     for b in ctx.catalog.summaries(job=ctx.args.job):
-        rows.append((b.id, b.job, b.status, b.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+        rows.append((b.id, b.job, b.status, b.started_at.isoformat(" ", "seconds")[:19],
                      human_bytes(b.size), str(b.artifacts)))
     _print_table(rows)
     return 0
@@ -222,9 +222,8 @@ def _print_schedule(config: Config, as_json: bool) -> int:
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    widths = [max(map(len, column)) for column in zip(*rows)]
+    sys.stdout.write("".join("  ".join(map(str.ljust, row, widths)).rstrip() + "\n" for row in rows))
 
 
 def _describe(b: BackupView) -> str:

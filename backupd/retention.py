@@ -367,7 +367,7 @@ def summarize(decisions: Sequence[Decision], tz: tzinfo = UTC) -> str:
     for d in decisions:
         rows.append((
             d.id,
-            d.started_at.astimezone(tz).strftime("%Y-%m-%d %H:%M"),
+            d.started_at.astimezone(tz).isoformat(" ", "minutes")[:16],
             d.status,
             "keep" if d.keep else "delete",
             ", ".join(d.reasons) or "no rule keeps it",

@@ -86,7 +86,6 @@ class BackupSummary:
     job: str
     status: str
     started_at: datetime
-    finished_at: datetime | None
     size: int
     artifacts: int
 
@@ -406,10 +405,11 @@ class Catalog:
 
     def summaries(self, job: str | None = None) -> list[BackupSummary]:
         """Backups (not deleted) newest first, with artifact count and total size, in one query."""
-        from sqlalchemy import func
+        from sqlalchemy import String, func, type_coerce
 
         query = (
-            select(BackupRow.id, BackupRow.job, BackupRow.status, BackupRow.started_at, BackupRow.finished_at,
+            # started_at raw: SQLAlchemy's per-row datetime processing costs more than the query.
+            select(BackupRow.id, BackupRow.job, BackupRow.status, type_coerce(BackupRow.started_at, String),
                    func.coalesce(func.sum(ArtifactRow.size), 0), func.count(ArtifactRow.id))
             .outerjoin(ArtifactRow, ArtifactRow.backup_id == BackupRow.id)
             .where(BackupRow.deleted_at.is_(None))
@@ -418,12 +418,20 @@ class Catalog:
         )
         if job is not None:
             query = query.where(BackupRow.job == job)
-        with self._session() as s:
-            return [BackupSummary(*row) for row in s.execute(query)]
+        with self.engine.connect() as conn:  # plain rows: no ORM identity map for 100k backups
+            return [BackupSummary(id_, job_, status, _utc(started), size, count)
+                    for id_, job_, status, started, size, count in conn.execute(query)]
 
     def session(self) -> Session:
         """For modules (retention, rebuild) that need a query of their own."""
         return self._session()
+
+
+def _utc(value: str | datetime) -> datetime:
+    """A stored naive-UTC timestamp (text in SQLite, a datetime elsewhere) as an aware datetime."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=timezone.utc)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

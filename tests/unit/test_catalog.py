@@ -160,3 +160,13 @@ def test_catalog_url_password_is_never_shown():
     with pytest.raises(Exception) as info:
         Catalog("postgresql://user:s3cret@127.0.0.1:1/db")
     assert "s3cret" not in str(info.value)
+
+
+def test_summary_timestamps_are_aware_utc_from_text_or_datetime_columns():
+    from datetime import datetime, timezone
+
+    from backupd.catalog import _utc
+
+    expected = datetime(2026, 11, 23, 3, 0, 5, 120000, tzinfo=timezone.utc)
+    assert _utc("2026-11-23 03:00:05.120000") == expected  # SQLite stores text
+    assert _utc(datetime(2026, 11, 23, 3, 0, 5, 120000)) == expected  # PostgreSQL returns datetimes
