@@ -20,6 +20,7 @@ from backupd.config import Compression, Encryption
 from backupd.errors import BackupdError, IntegrityError
 from backupd.storage.base import Store
 from backupd.stream import (
+    BLOCK,
     CHUNK,
     AllOutputsFailed,
     Digest,
@@ -28,6 +29,7 @@ from backupd.stream import (
     ThreadedSink,
     build_pipeline,
     decompressed,
+    checked_blocks,
     prefetched,
     read_chunks,
     suffix_for,
@@ -114,7 +116,8 @@ def store_artifact(
         raise
     progress.done()
     result = fan.result()
-    status = catalog.finish_artifact(art_id, result.size, result.sha256, {**open_errors, **result.errors})
+    status = catalog.finish_artifact(art_id, result.size, result.sha256, {**open_errors, **result.errors},
+                                     blocks=(BLOCK, result.blocks))
     logger.info("%s %s %s: %d bytes stored, sha256 %s", kind, name, status, result.size, result.sha256)
     return status
 
@@ -126,9 +129,19 @@ def ordered_copies(artifact: ArtifactView, preference: list[str]) -> list[CopyVi
     return sorted(stored, key=lambda c: rank.get(c.destination, len(rank)))
 
 
-def stored_chunks(store: Store, copy: CopyView, artifact: ArtifactView) -> Iterator[bytes]:
-    """The copy's bytes as stored; raises IntegrityError after the last one if they do
-    not match the catalog's size and SHA-256 (so consume to the end before trusting)."""
+def stored_chunks(store: Store, copy: CopyView, artifact: ArtifactView,
+                  blocks: tuple[int, bytes] | None = None) -> Iterator[bytes]:
+    """The copy's bytes as stored.
+
+    Without `blocks`, raises IntegrityError after the last chunk if they do not match
+    the catalog's size and SHA-256 (so consume to the end before trusting). With the
+    artifact's (block size, digests), every chunk is proven before it is yielded.
+    """
+    if blocks is not None:
+        where = f"copy on '{copy.destination}' ({copy.key})"
+        with store.open_read(copy.key) as fileobj:
+            yield from checked_blocks(read_chunks(fileobj, CHUNK), blocks[1], blocks[0], where)
+        return
     digest = Digest()
     with store.open_read(copy.key) as fileobj:
         for chunk in read_chunks(fileobj, CHUNK):
@@ -147,11 +160,13 @@ def read_copy(
     copy: CopyView,
     artifact: ArtifactView,
     identity: str | None = None,
+    blocks: tuple[int, bytes] | None = None,
 ) -> Iterator[bytes]:
-    """Plain (decrypted, decompressed) bytes of a copy, checked against the catalog at the end."""
+    """Plain (decrypted, decompressed) bytes of a copy, checked against the catalog
+    at the end, or block by block before use when `blocks` is given."""
     where = f"copy on '{copy.destination}' ({copy.key})"
     # Reading and hashing overlap with decryption, decompression and unpacking.
-    raw: Iterable[bytes] = prefetched(stored_chunks(store, copy, artifact))
+    raw: Iterable[bytes] = prefetched(stored_chunks(store, copy, artifact, blocks))
     if artifact.encryption:
         from backupd.crypto import age_decrypt
 

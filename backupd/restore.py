@@ -1,25 +1,27 @@
 """Restore: pick a good copy, prove it, then unpack it into a volume.
 
-Before anything is written, a first pass proves the copy's size and SHA-256
-against the catalog (a copy that fails is skipped for the next destination
-holding one). The second pass decompresses it and streams it into a helper
-container's tar through a guard that refuses any unsafe member before tar
-sees it. When the target holds data that --force will replace, the first pass
-also decompresses and checks every member, so nothing is emptied for an
-archive that cannot be restored. An existing non-empty volume is only
-overwritten with --force, and then its running containers are stopped first
-and started again after, whatever happens.
+Nothing unproven is written. A copy is read once and each block of it is
+checked against the SHA-256 the catalog recorded for that block before it is
+decompressed and streamed into a helper container's tar, through a guard that
+refuses any unsafe member before tar sees it. A copy that fails midway is
+undone (the new or empty target is left as it was) and the next destination
+holding one is tried. Backups stored before per-block checksums, and targets
+holding data that --force will replace, get a first pass that proves the whole
+copy (and, for --force, decompresses and checks every member, so nothing is
+emptied for an archive that cannot be restored) before the second pass writes.
+An existing non-empty volume is only overwritten with --force, and then its
+running containers are stopped first and started again after, whatever happens.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 from backupd.artifact import ordered_copies, read_copy, stored_chunks
 from backupd.catalog import ArtifactView, BackupView, Catalog, CopyView
 from backupd.config import Config
-from backupd.docker_host import DockerHost
+from backupd.docker_host import DockerHost, HelperError
 from backupd.quiesce.stop import held
 from backupd.errors import BackupdError, ConfigError, IntegrityError, RefusedError
 from backupd.storage import Store, open_store
@@ -39,6 +41,30 @@ def preference(config: Config, job: str) -> list[str]:
     return list(job_cfg.destinations or config.destinations) if job_cfg else list(config.destinations)
 
 
+def _candidates(artifact: ArtifactView, stores: dict[str, Store], prefer: list[str],
+                problems: list[str]) -> Iterator[tuple[Store, CopyView]]:
+    """Stored copies whose destination is configured, in preference order."""
+    for copy in ordered_copies(artifact, prefer):
+        store = stores.get(copy.destination)
+        if store is None:
+            problems.append(f"{copy.destination}: not in the current config")
+            continue
+        yield store, copy
+
+
+def _skip_copy(copy: CopyView, exc: BackupdError, problems: list[str]) -> None:
+    """Note why a copy is unusable, or raise when no other copy can do better."""
+    if isinstance(exc, HelperError) or "unsafe archive" in str(exc):
+        raise exc  # the target's fault, or the same bytes on every copy (same sha256)
+    problems.append(str(exc) if isinstance(exc, IntegrityError) else f"{copy.destination}: {exc}")
+    log.warning("copy on %s unusable: %s", copy.destination, exc)
+
+
+def _no_good_copy(backup: BackupView, artifact: ArtifactView, problems: list[str]) -> BackupdError:
+    detail = "; ".join(problems) or "no stored copy is recorded"
+    return BackupdError(f"backup {backup.id}: no good copy of {artifact.kind} '{artifact.name}': {detail}")
+
+
 def find_good_copy(
     backup: BackupView,
     artifact: ArtifactView,
@@ -51,12 +77,8 @@ def find_good_copy(
 
     With check_tar, the copy is also decrypted, decompressed and every member checked.
     """
-    problems = []
-    for copy in ordered_copies(artifact, prefer):
-        store = stores.get(copy.destination)
-        if store is None:
-            problems.append(f"{copy.destination}: not in the current config")
-            continue
+    problems: list[str] = []
+    for store, copy in _candidates(artifact, stores, prefer, problems):
         try:
             if check_tar:
                 for _ in guarded(read_copy(store, copy, artifact, identity)):
@@ -65,16 +87,9 @@ def find_good_copy(
                 for _ in stored_chunks(store, copy, artifact):
                     pass
             return store, copy
-        except IntegrityError as exc:
-            if "unsafe archive" in str(exc):
-                raise  # the same bytes are on every copy (same sha256): no point trying others
-            problems.append(str(exc))
-            log.warning("skipping copy: %s", exc)
         except BackupdError as exc:
-            problems.append(f"{copy.destination}: {exc}")
-            log.warning("copy on %s unusable: %s", copy.destination, exc)
-    detail = "; ".join(problems) or "no stored copy is recorded"
-    raise BackupdError(f"backup {backup.id}: no good copy of {artifact.kind} '{artifact.name}': {detail}")
+            _skip_copy(copy, exc, problems)
+    raise _no_good_copy(backup, artifact, problems)
 
 
 def restore_volume(
@@ -107,39 +122,57 @@ def restore_volume(
                 "or pass --force to replace its contents (its containers are stopped meanwhile)")
         users = host.running_containers_using(target)
     stores = configured_stores(config)
-    # Replacing data: prove every member first, so nothing is emptied for a bad archive.
-    store, copy = find_good_copy(backup, artifact, stores, preference(config, backup.job),
-                                 identity, check_tar=not empty)
-    log.info("restoring %s from backup %s (copy on %s) into volume %s",
-             volume, backup_id, copy.destination, target)
+    prefer = preference(config, backup.job)
+    blocks = catalog.blocks(artifact.id)
 
-    def extract() -> None:
+    def extract(store: Store, copy: CopyView) -> None:
+        log.info("restoring %s from backup %s (copy on %s) into volume %s",
+                 volume, backup_id, copy.destination, target)
         progress = Progress(f"restore {volume}")
-        host.tar_extract(target, guarded(_counted(read_copy(store, copy, artifact, identity), progress)),
-                         purpose=f"volume '{target}'")
+        chunks = read_copy(store, copy, artifact, identity, blocks)
+        host.tar_extract(target, guarded(_counted(chunks, progress)), purpose=f"volume '{target}'")
         progress.done()
 
-    if not exists:
-        host.create_volume(target)
-        try:
-            extract()
-        except BaseException:
-            host.remove_volume(target)  # a half-restored new volume would look whole
-            raise
-    elif not empty:
+    if not empty:
+        # Replacing data: prove every member first, so nothing is emptied for a bad archive.
+        store, copy = find_good_copy(backup, artifact, stores, prefer, identity, check_tar=True)
         with held(catalog, backup_id, users) as restart_problems:
             host.clear_volume(target)
-            extract()
+            extract(store, copy)  # proven again as written: the copy may have changed since
         if restart_problems:
             raise BackupdError("; ".join(restart_problems))
+    elif blocks is None:
+        # Stored before per-block checksums: prove the whole copy, then read it again.
+        store, copy = find_good_copy(backup, artifact, stores, prefer, identity, check_tar=False)
+        _into_empty(host, target, exists, lambda: extract(store, copy))
     else:
-        try:
-            extract()
-        except BaseException:
-            host.clear_volume(target)  # it was empty: leave it empty, not half-filled
-            raise
+        # One read: each block is proven before it is written. A copy that fails midway
+        # is undone (the target is empty again) and the next one is tried.
+        problems: list[str] = []
+        for store, copy in _candidates(artifact, stores, prefer, problems):
+            try:
+                _into_empty(host, target, exists, lambda: extract(store, copy))
+                break
+            except BackupdError as exc:
+                _skip_copy(copy, exc, problems)
+        else:
+            raise _no_good_copy(backup, artifact, problems)
     log.info("restored %s into volume %s", volume, target)
     return target
+
+
+def _into_empty(host: DockerHost, target: str, exists: bool, extract: Callable[[], None]) -> None:
+    """Extract into a new or empty volume; on any failure, leave no trace of the attempt."""
+    if not exists:
+        host.create_volume(target)
+    try:
+        extract()
+    except BaseException:
+        if exists:
+            host.clear_volume(target)  # it was empty: leave it empty, not half-filled
+        else:
+            host.remove_volume(target)  # a half-restored new volume would look whole
+        raise
 
 
 def _counted(chunks: Iterator[bytes], progress: Progress) -> Iterator[bytes]:

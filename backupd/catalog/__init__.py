@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from backupd.catalog.models import (
+    ArtifactBlocksRow,
     ArtifactRow,
     BackupRow,
     Base,
@@ -170,7 +171,12 @@ def _v1(engine: Engine) -> None:
     Base.metadata.create_all(engine)
 
 
-MIGRATIONS: list[Callable[[Engine], None]] = [_v1]
+def _v2(engine: Engine) -> None:
+    """artifact_blocks: per-block checksums, so restore reads a copy once."""
+    ArtifactBlocksRow.__table__.create(engine, checkfirst=True)  # type: ignore[attr-defined]
+
+
+MIGRATIONS: list[Callable[[Engine], None]] = [_v1, _v2]
 
 
 def _redact_url(url: str) -> str:
@@ -259,12 +265,15 @@ class Catalog:
             return art.id
 
     def finish_artifact(
-        self, artifact_id: int, size: int, sha256: str, copy_errors: dict[str, str]
+        self, artifact_id: int, size: int, sha256: str, copy_errors: dict[str, str],
+        blocks: tuple[int, bytes] | None = None,
     ) -> str:
-        """Record the stored size/hash; copies without an error are stored."""
+        """Record the stored size/hash (and block size and digests); copies without an error are stored."""
         with self._session.begin() as s:
             art = s.get_one(ArtifactRow, artifact_id)
             art.size, art.sha256 = size, sha256
+            if blocks is not None:
+                s.add(ArtifactBlocksRow(artifact_id=artifact_id, block_size=blocks[0], digests=blocks[1]))
             for copy in art.copies:
                 if copy.destination in copy_errors:
                     copy.status, copy.error = COPY_FAILED, copy_errors[copy.destination]
@@ -387,6 +396,13 @@ class Catalog:
             if row is None:
                 raise NotFoundError(f"backup '{backup_id}' is not in the catalog {self.url_for_humans}")
             return _view(row)
+
+    def blocks(self, artifact_id: int) -> tuple[int, bytes] | None:
+        """(block size, concatenated SHA-256s) of an artifact, if it was stored with them."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ArtifactBlocksRow.block_size, ArtifactBlocksRow.digests)
+                               .where(ArtifactBlocksRow.artifact_id == artifact_id)).one_or_none()
+        return None if row is None else (row[0], bytes(row[1]))
 
     def list(self, job: str | None = None, include_deleted: bool = False,
              statuses: Iterable[str] | None = None) -> list[BackupView]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -68,6 +68,18 @@ class ArtifactRow(Base):
     copies: Mapped[list["CopyRow"]] = relationship(
         back_populates="artifact", order_by="CopyRow.id", cascade="all, delete-orphan"
     )
+
+
+class ArtifactBlocksRow(Base):
+    """Per-block SHA-256s of an artifact's stored bytes (schema v2; none for older backups).
+
+    A table of its own so listing backups never loads them.
+    """
+
+    __tablename__ = "artifact_blocks"
+    artifact_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id", ondelete="CASCADE"), primary_key=True)
+    block_size: Mapped[int] = mapped_column(Integer)
+    digests: Mapped[bytes] = mapped_column(LargeBinary)  # 32 bytes per block, in order
 
 
 class CopyRow(Base):

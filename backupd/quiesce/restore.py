@@ -50,5 +50,7 @@ def restore_database(
                                  identity, check_tar=False)
     log.info("restoring dump %s of backup %s (copy on %s) into %s", name, backup_id,
              copy.destination, target.runner.where)
-    restore_dump(target, database, read_copy(store, copy, artifact, identity), force)
+    # Proven whole above; proven again block by block as it is fed (the copy may have changed since).
+    chunks = read_copy(store, copy, artifact, identity, catalog.blocks(artifact.id))
+    restore_dump(target, database, chunks, force)
     return target.runner.where

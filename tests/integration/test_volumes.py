@@ -377,6 +377,47 @@ def test_corrupted_copy_is_refused_before_anything_is_written(
     assert target not in [v.name for v in docker_client.volumes.list()]
 
 
+def test_a_copy_bad_midway_is_undone_and_the_next_copy_restores(
+        docker_client, helper_image, volume_factory, tmp_path):
+    """Restore reads a copy once, proving each 4 MiB block before it writes it."""
+    vol = volume_factory("midway")
+    data = os.urandom(14 << 20)  # incompressible: four blocks stored
+    (mountpoint(docker_client, vol) / "big.bin").write_bytes(data)
+    destinations = {name: {"type": "local", "path": str(tmp_path / "backups" / name)} for name in ("one", "two")}
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol], "destinations": ["one", "two"]}},
+                          destinations=destinations)
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    one, two = sorted(archives(tmp_path))
+    assert "/one/" in str(one) and "/two/" in str(two)
+
+    def corrupt(path: Path) -> None:
+        with open(path, "r+b") as f:
+            f.seek(9 << 20)  # block 2: blocks 0 and 1 reach tar before the bad one is found
+            byte = f.read(1)
+            f.seek(9 << 20)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    corrupt(one)
+    target = f"{vol}-from-two"
+    try:
+        proc = backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", target)
+        assert proc.returncode == 0, proc.stderr
+        assert "copy on one unusable" in proc.stderr and "block 2 (bytes from 8388608)" in proc.stderr
+        assert (mountpoint(docker_client, target) / "big.bin").read_bytes() == data
+    finally:
+        docker_client.volumes.get(target).remove(force=True)
+
+    corrupt(two)
+    new = f"{vol}-never"
+    proc = backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", new)
+    assert proc.returncode == 1 and "no good copy" in proc.stderr and proc.stderr.count("block 2") >= 2
+    assert new not in [v.name for v in docker_client.volumes.list()]  # the half-restored volume is gone
+    empty = volume_factory("empty")
+    proc = backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", empty)
+    assert proc.returncode == 1
+    assert list(mountpoint(docker_client, empty).iterdir()) == []  # an empty target is left empty
+
+
 def test_malicious_archive_is_refused_and_nothing_is_created(docker_client, helper_image, tmp_path):
     """An attacker with write access to a destination swaps in an archive that escapes."""
     from backupd.catalog import Catalog

@@ -9,7 +9,17 @@ import os
 import pytest
 import zstandard
 
-from backupd.stream import FanOut, Progress, build_pipeline, decompressed, human_bytes, suffix_for
+from backupd.errors import IntegrityError
+from backupd.stream import (
+    BlockDigests,
+    FanOut,
+    Progress,
+    build_pipeline,
+    checked_blocks,
+    decompressed,
+    human_bytes,
+    suffix_for,
+)
 
 
 class Memory:
@@ -50,6 +60,7 @@ def test_round_trip_and_hash_is_of_stored_bytes(algorithm):
     assert out.committed and not out.aborted
     assert result.size == len(out.data) < len(data)
     assert result.sha256 == hashlib.sha256(out.data).hexdigest()
+    assert result.blocks == hashlib.sha256(out.data).digest()  # under 4 MiB stored: one block
     assert b"".join(decompressed([bytes(out.data)], algorithm)) == data
     # and standard tools read it too
     plain = zstandard.ZstdDecompressor().decompressobj().decompress(bytes(out.data)) \
@@ -172,3 +183,58 @@ def test_prefetched_abandoned_by_its_reader_releases_the_source():
     assert next(reader) == b"x" * 100
     reader.close()  # the restore was cancelled
     assert released.wait(5)
+
+
+def split(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def block_digests(data: bytes, block: int) -> bytes:
+    return b"".join(hashlib.sha256(b).digest() for b in split(data, block))
+
+
+@pytest.mark.parametrize("write_size", [1, 7, 100, 1000])
+def test_block_digests_do_not_depend_on_how_the_bytes_arrive(write_size):
+    data = os.urandom(1000)
+    blocks = BlockDigests(size=64)
+    for piece in split(data, write_size):
+        blocks.update(piece)
+    assert blocks.digests() == block_digests(data, 64)  # 16 blocks, the last one 40 bytes
+
+
+@pytest.mark.parametrize("chunk", [10, 64, 100, 1000])
+def test_checked_blocks_pass_good_copies_whole(chunk):
+    data = os.urandom(1000)
+    assert b"".join(checked_blocks(split(data, chunk), block_digests(data, 64), 64, "copy")) == data
+
+
+def test_checked_blocks_hand_on_nothing_of_a_bad_block():
+    data = os.urandom(1000)
+    digests = block_digests(data, 64)
+    bad = bytearray(data)
+    bad[3 * 64 + 5] ^= 1
+    passed = bytearray()
+    with pytest.raises(IntegrityError, match="copy: block 3 .bytes from 192. does not match"):
+        for piece in checked_blocks(split(bytes(bad), 100), digests, 64, "copy"):
+            passed += piece
+    assert bytes(passed) == data[:3 * 64]  # the proven blocks before it, not one byte more
+
+
+@pytest.mark.parametrize("stored", [b"x" * 999, b"x" * 1001, b"x" * 960])
+def test_checked_blocks_refuse_short_and_long_copies(stored):
+    digests = block_digests(b"x" * 1000, 64)
+    with pytest.raises(IntegrityError):
+        b"".join(checked_blocks([stored], digests, 64, "copy"))
+
+
+def test_iter_reader_hands_over_chunks_that_fit_and_splits_those_that_do_not():
+    from backupd.stream import IterReader
+
+    chunks = [b"abc", b"", b"defgh", b"ij"]
+    reader = IterReader(chunks)
+    assert reader.read(4) == b"abc"  # as it came, not filled up from the next chunk
+    assert reader.read(4) == b"defg"  # the empty chunk is no end of file
+    assert reader.read(4) == b"h"
+    assert reader.read(4) == b"ij"
+    assert reader.read(4) == b""
+    assert IterReader(iter(chunks)).read() == b"abcdefghij"

@@ -121,3 +121,16 @@ def test_corrupt_header_checksum_is_not_well_formed():
     data[10] ^= 0xFF
     with pytest.raises(IntegrityError, match="checksum"):
         check_tar_stream(io.BytesIO(bytes(data)))
+
+
+def test_header_checksums_of_old_tars_that_sum_signed_bytes_are_accepted():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo("./caf\xe9")  # a byte >= 0x80: signed and unsigned sums differ
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    data = bytearray(buf.getvalue())
+    unsigned, signed = tarfile.calc_chksums(bytes(data[:512]))
+    assert signed != unsigned
+    data[148:156] = b"%06o\0 " % signed
+    assert check_tar_stream(io.BytesIO(bytes(data))) == 1
