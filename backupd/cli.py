@@ -56,7 +56,7 @@ class Context:
             from backupd.docker_host import DockerHost, connect
             from backupd.quiesce.stop import recover_held_containers
 
-            self._host = DockerHost(connect(), self.config.helper_image)
+            self._host = DockerHost(connect(), self.config.helper_image, self.config.helper_memory)
             self.catalog.fail_interrupted()
             recover_held_containers(self.catalog, self._host)
             self._host.remove_stale_helpers()

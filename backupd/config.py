@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     BaseModel,
     ConfigDict,
@@ -42,6 +43,28 @@ def parse_duration(text: str | int | float) -> timedelta:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+MiB = 1 << 20
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str | int) -> int:
+    """'256m', '1g', '512k' or a number of bytes (Docker's units: powers of 1024)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([bkmg]?)\s*", str(text).lower())
+    if match is None:
+        raise ValueError(f"'{text}' is not a size: use bytes or a number with k, m or g (e.g. 256m)")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+def _helper_memory(value: int | None) -> int | None:
+    if value is not None and value < 32 * MiB:
+        raise ValueError("must be at least 32m: tar and its buffers need room (null: no limit)")
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 
 
 class _Model(BaseModel):
@@ -338,6 +361,8 @@ class Scheduler(_Model):
 class Config(_Model):
     catalog: str = DEFAULT_CATALOG
     helper_image: str | None = None  # None: backupd's own image when it runs in a container
+    # Memory limit of helper containers; their page cache counts too (see config/backupd.example.yml).
+    helper_memory: Annotated[ByteSize | None, AfterValidator(_helper_memory)] = 256 * MiB
     destinations: dict[str, Destination] = Field(
         default_factory=lambda: {"local": LocalDestination(type="local")}
     )

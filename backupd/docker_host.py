@@ -99,10 +99,12 @@ def _slug(path: str) -> str:
 class DockerHost:
     """The engine operations backupd needs, and nothing else."""
 
-    def __init__(self, client: docker.DockerClient, helper_image: str | None) -> None:
+    def __init__(self, client: docker.DockerClient, helper_image: str | None,
+                 helper_memory: int | None = None) -> None:
         self.client = client
         self.api = client.api
         self._helper_image = helper_image
+        self.helper_memory = helper_memory
         self._fifo_dir: FifoDir | None = None
 
     # ------------------------------------------------------------ helper image
@@ -291,7 +293,12 @@ class DockerHost:
                 labels={HELPER_LABEL: purpose or "1", OWNER_LABEL: f"{socket.gethostname()}/{process_token()}"},
                 # No log driver: the archive must not be copied into the engine's logs on disk
                 # (json-file would stage every byte and cut throughput tenfold).
-                host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none")),
+                # The memory limit holds the helper's page cache too: a backup does not push the
+                # host's working set out of memory, and a restore's writes reach the disk as they
+                # go instead of all at once when the engine removes the container (cgroup exit
+                # flushes its dirty pages: about 1 s per 2 GiB restored, measured).
+                host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none"),
+                                                        mem_limit=self.helper_memory),
             )
         except ImageNotFound:
             raise ConfigError(f"helper_image: image '{self.helper_image}' is not present on the Docker engine") from None

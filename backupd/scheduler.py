@@ -238,7 +238,7 @@ def verify_latest(config: Config, catalog: Catalog, job_name: str) -> list[str]:
 def docker_host_for(config: Config) -> Any:
     from backupd.docker_host import DockerHost, connect
 
-    return DockerHost(connect(), config.helper_image)
+    return DockerHost(connect(), config.helper_image, config.helper_memory)
 
 
 class Sidecar:

@@ -418,6 +418,34 @@ def test_a_copy_bad_midway_is_undone_and_the_next_copy_restores(
     assert list(mountpoint(docker_client, empty).iterdir()) == []  # an empty target is left empty
 
 
+def test_helpers_work_within_a_memory_limit_smaller_than_the_volume(
+        docker_client, helper_image, volume_factory, tmp_path):
+    """The limit holds the helper's page cache: 300 MB pass through a 64 MiB helper both ways."""
+    from docker.types import Mount
+
+    from backupd.docker_host import DockerHost
+
+    vol = volume_factory("memory")
+    data = os.urandom(300 << 20)
+    (mountpoint(docker_client, vol) / "big.bin").write_bytes(data)
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}}, helper_memory="64m")
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    target = f"{vol}-restored"
+    try:
+        backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", target, check=True)
+        restored = (mountpoint(docker_client, target) / "big.bin").read_bytes()
+        assert hashlib.sha256(restored).digest() == hashlib.sha256(data).digest()
+    finally:
+        docker_client.volumes.get(target).remove(force=True)
+
+    host = DockerHost(docker_client, helper_image, 64 << 20)
+    cid = host._create_helper(["true"], [Mount("/data", vol, type="volume")], purpose="test")
+    try:
+        assert docker_client.api.inspect_container(cid)["HostConfig"]["Memory"] == 64 << 20
+    finally:
+        host._remove(cid)
+
+
 def test_malicious_archive_is_refused_and_nothing_is_created(docker_client, helper_image, tmp_path):
     """An attacker with write access to a destination swaps in an archive that escapes."""
     from backupd.catalog import Catalog

@@ -161,3 +161,22 @@ def test_shipped_example_config_is_valid():
     assert examples, "config/ must ship example configs"
     for path in examples:
         load_config(path, env={"S3_BUCKET": "b", "POSTGRES_PASSWORD_FILE": "/dev/null"})
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("256m", 256 << 20), ("1g", 1 << 30), ("65536k", 64 << 20), (40_000_000, 40_000_000), (None, None)])
+def test_helper_memory_in_docker_units(value, expected):
+    assert parse_config({**job(), "helper_memory": value}, env={}).helper_memory == expected
+
+
+def test_helper_memory_defaults_to_a_limit():
+    assert parse_config(job(), env={}).helper_memory == 256 << 20
+
+
+@pytest.mark.parametrize("value,message", [
+    ("lots", "helper_memory: 'lots' is not a size"),
+    ("1m", "helper_memory: must be at least 32m"),
+    ("-5m", "helper_memory: '-5m' is not a size"),
+])
+def test_bad_helper_memory_names_the_key(value, message):
+    assert message in error_of({**job(), "helper_memory": value})
