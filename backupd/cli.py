@@ -152,10 +152,11 @@ def cmd_verify(ctx: Context) -> int:
 def cmd_prune(ctx: Context) -> int:
     from backupd.catalog import utcnow
     from backupd.prune import find_orphans, prune_job
-    from backupd.restore import configured_stores
+    from backupd.storage import configured_stores
 
     config, args = ctx.config, ctx.args
-    stores = configured_stores(config)
+    # A dry run deletes nothing, so it needs no destination (nor boto3/paramiko to reach one).
+    stores = configured_stores(config) if args.orphans or not args.dry_run else {}
     if args.orphans:
         report = find_orphans(ctx.catalog, stores, delete=args.delete)
         for dest, key in report.orphans:

@@ -20,8 +20,8 @@ from backupd.catalog import DELETED, MISSING, RUNNING, STORED, BackupView, Catal
 from backupd.config import Config
 from backupd.errors import ConfigError
 from backupd.retention import BackupRecord, Decision, Policy, decide
-from backupd.run import MANIFEST
 from backupd.storage import Store
+from backupd.storage.base import MANIFEST
 
 log = logging.getLogger(__name__)
 
