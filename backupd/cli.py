@@ -96,9 +96,9 @@ def cmd_list(ctx: Context) -> int:
         print()
         return 0
     rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
-    for b in ctx.catalog.summaries(job=ctx.args.job):
-        rows.append((b.id, b.job, b.status, b.started_at.isoformat(" ", "seconds")[:19],
-                     human_bytes(b.size), str(b.artifacts)))
+    # started[:19] is started_at.isoformat(" ", "seconds") without a datetime per row
+    rows += [(b.id, b.job, b.status, b.started[:19], human_bytes(b.size), str(b.artifacts))
+             for b in ctx.catalog.summaries(job=ctx.args.job)]
     _print_table(rows)
     return 0
 
