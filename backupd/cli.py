@@ -8,6 +8,7 @@ BackupdError: printed as one line, exit code from the error's class.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -329,6 +330,9 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # What the imports built lives until exit: frozen, no collection walks it again, nor the
+    # last one at exit (which took 0.15 s with SQLAlchemy loaded, for every command).
+    gc.freeze()
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
