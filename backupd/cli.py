@@ -21,6 +21,7 @@ from backupd import __version__
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupView, Catalog
 from backupd.config import Config, default_config_path, load_config
 from backupd.errors import BackupdError, ConfigError, IntegrityError, PartialError
+from backupd.gcpause import paused_gc
 from backupd.logs import setup_logging
 from backupd.stream import human_bytes
 
@@ -96,11 +97,12 @@ def cmd_list(ctx: Context) -> int:
         json.dump([b.to_json() for b in ctx.catalog.list(job=ctx.args.job)], sys.stdout, indent=2)
         print()
         return 0
-    rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
-    # started[:19] is started_at.isoformat(" ", "seconds") without a datetime per row
-    rows += [(b.id, b.job, b.status, b.started[:19], human_bytes(b.size), str(b.artifacts))
-             for b in ctx.catalog.summaries(job=ctx.args.job)]
-    _print_table(rows)
+    with paused_gc():
+        rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
+        # started[:19] is started_at.isoformat(" ", "seconds") without a datetime per row
+        rows += [(b.id, b.job, b.status, b.started[:19], human_bytes(b.size), str(b.artifacts))
+                 for b in ctx.catalog.summaries(job=ctx.args.job)]
+        _print_table(rows)
     return 0
 
 
@@ -176,7 +178,8 @@ def cmd_prune(ctx: Context) -> int:
         from backupd.retention import summarize
 
         print(f"job {job}{' (dry run: nothing deleted)' if args.dry_run else ''}")
-        print(summarize(report.decisions))
+        with paused_gc():
+            print(summarize(report.decisions))
         if not args.dry_run:
             print(f"deleted {len(report.deleted)} backup(s)")
         failures += report.failures
