@@ -227,8 +227,10 @@ def _print_schedule(config: Config, as_json: bool) -> int:
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(map(len, column)) for column in zip(*rows)]
-    sys.stdout.write("".join("  ".join(map(str.ljust, row, widths)).rstrip() + "\n" for row in rows))
+    """Columns padded to their widest cell, two spaces apart, no trailing spaces; in one write."""
+    # "%-8s" % cell is cell.ljust(8): one formatting call per line instead of one per cell.
+    line = "  ".join(f"%-{max(map(len, column))}s" for column in zip(*rows))
+    sys.stdout.write("".join([(line % row).rstrip() + "\n" for row in rows]))
 
 
 def _describe(b: BackupView) -> str:
