@@ -8,6 +8,7 @@ BackupdError: printed as one line, exit code from the error's class.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from backupd import __version__
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupView, Catalog
 from backupd.config import Config, default_config_path, load_config
 from backupd.errors import BackupdError, ConfigError, IntegrityError, PartialError
+from backupd.gcpause import paused_gc
 from backupd.logs import setup_logging
 from backupd.stream import human_bytes
 
@@ -95,11 +97,12 @@ def cmd_list(ctx: Context) -> int:
         json.dump([b.to_json() for b in ctx.catalog.list(job=ctx.args.job)], sys.stdout, indent=2)
         print()
         return 0
-    rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
-    for b in ctx.catalog.summaries(job=ctx.args.job):
-        rows.append((b.id, b.job, b.status, b.started_at.isoformat(" ", "seconds")[:19],
-                     human_bytes(b.size), str(b.artifacts)))
-    _print_table(rows)
+    with paused_gc():
+        rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
+        # started[:19] is started_at.isoformat(" ", "seconds") without a datetime per row
+        rows += [(b.id, b.job, b.status, b.started[:19], human_bytes(b.size), str(b.artifacts))
+                 for b in ctx.catalog.summaries(job=ctx.args.job)]
+        _print_table(rows)
     return 0
 
 
@@ -152,10 +155,11 @@ def cmd_verify(ctx: Context) -> int:
 def cmd_prune(ctx: Context) -> int:
     from backupd.catalog import utcnow
     from backupd.prune import find_orphans, prune_job
-    from backupd.restore import configured_stores
+    from backupd.storage import configured_stores
 
     config, args = ctx.config, ctx.args
-    stores = configured_stores(config)
+    # A dry run deletes nothing, so it needs no destination (nor boto3/paramiko to reach one).
+    stores = configured_stores(config) if args.orphans or not args.dry_run else {}
     if args.orphans:
         report = find_orphans(ctx.catalog, stores, delete=args.delete)
         for dest, key in report.orphans:
@@ -174,7 +178,8 @@ def cmd_prune(ctx: Context) -> int:
         from backupd.retention import summarize
 
         print(f"job {job}{' (dry run: nothing deleted)' if args.dry_run else ''}")
-        print(summarize(report.decisions))
+        with paused_gc():
+            print(summarize(report.decisions))
         if not args.dry_run:
             print(f"deleted {len(report.deleted)} backup(s)")
         failures += report.failures
@@ -222,8 +227,10 @@ def _print_schedule(config: Config, as_json: bool) -> int:
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(map(len, column)) for column in zip(*rows)]
-    sys.stdout.write("".join("  ".join(map(str.ljust, row, widths)).rstrip() + "\n" for row in rows))
+    """Columns padded to their widest cell, two spaces apart, no trailing spaces; in one write."""
+    # "%-8s" % cell is cell.ljust(8): one formatting call per line instead of one per cell.
+    line = "  ".join(f"%-{max(map(len, column))}s" for column in zip(*rows))
+    sys.stdout.write("".join([(line % row).rstrip() + "\n" for row in rows]))
 
 
 def _describe(b: BackupView) -> str:
@@ -328,6 +335,9 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # What the imports built lives until exit: frozen, no collection walks it again, nor the
+    # last one at exit (which took 0.15 s with SQLAlchemy loaded, for every command).
+    gc.freeze()
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

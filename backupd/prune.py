@@ -19,9 +19,10 @@ from zoneinfo import ZoneInfo
 from backupd.catalog import DELETED, MISSING, RUNNING, STORED, BackupView, Catalog
 from backupd.config import Config
 from backupd.errors import ConfigError
+from backupd.gcpause import paused_gc
 from backupd.retention import BackupRecord, Decision, Policy, decide
-from backupd.run import MANIFEST
 from backupd.storage import Store
+from backupd.storage.base import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ def prune_job(
     """Decide from the catalog, then delete the doomed backups everywhere (unless dry_run)."""
     policy = job_policy(config, job)
     tz = ZoneInfo(config.jobs[job].timezone) if job in config.jobs else ZoneInfo("UTC")
-    records = [BackupRecord(b.id, b.started_at, b.status) for b in catalog.summaries(job=job)]
-    report = PruneReport(job, decide(records, policy, now, tz))
+    with paused_gc():
+        records = [BackupRecord(b.id, b.started_at, b.status) for b in catalog.summaries(job=job)]
+        report = PruneReport(job, decide(records, policy, now, tz))
     if dry_run:
         return report
     for decision in report.decisions:

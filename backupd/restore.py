@@ -24,15 +24,11 @@ from backupd.config import Config
 from backupd.docker_host import DockerHost, HelperError
 from backupd.quiesce.stop import held
 from backupd.errors import BackupdError, ConfigError, IntegrityError, RefusedError
-from backupd.storage import Store, open_store
+from backupd.storage import Store, configured_stores
 from backupd.stream import Progress
 from backupd.tarsafety import guarded
 
 log = logging.getLogger(__name__)
-
-
-def configured_stores(config: Config) -> dict[str, Store]:
-    return {name: open_store(name, spec) for name, spec in config.destinations.items()}
 
 
 def preference(config: Config, job: str) -> list[str]:

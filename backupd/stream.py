@@ -425,11 +425,19 @@ class Progress:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    """'512 B', '1.5 KiB', ... '3.0 TiB' (the largest unit); called once per row of `backupd list`."""
+    # One comparison and one division per call: dividing by 1024 k times is dividing by 1024**k
+    # exactly (powers of two), so this prints what repeated division did.
+    size = abs(n)
+    if size < 1 << 10:
+        return f"{n:.0f} B"
+    if size < 1 << 20:
+        return f"{n / (1 << 10):.1f} KiB"
+    if size < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    if size < 1 << 40:
+        return f"{n / (1 << 30):.1f} GiB"
+    return f"{n / (1 << 40):.1f} TiB"
 
 
 class IterReader(io.RawIOBase):

@@ -16,7 +16,7 @@ import socket
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -79,16 +79,23 @@ class ArtifactView:
         return data
 
 
-@dataclass(frozen=True)
-class BackupSummary:
-    """One backup without its artifacts: what tables and retention need, cheap at 100k rows."""
+class BackupSummary(NamedTuple):
+    """One backup without its artifacts: what tables and retention need, cheap at 100k rows.
+
+    A named tuple, and started as stored text: a frozen dataclass and a datetime
+    per row each cost more than the query at 100k rows.
+    """
 
     id: str
     job: str
     status: str
-    started_at: datetime
+    started: str  # naive UTC, ISO 'YYYY-MM-DD HH:MM:SS[.ffffff]'
     size: int
     artifacts: int
+
+    @property
+    def started_at(self) -> datetime:
+        return datetime.fromisoformat(self.started + "+00:00")  # faster than .replace(tzinfo=)
 
 
 @dataclass(frozen=True)
@@ -429,25 +436,26 @@ class Catalog:
                    func.coalesce(func.sum(ArtifactRow.size), 0), func.count(ArtifactRow.id))
             .outerjoin(ArtifactRow, ArtifactRow.backup_id == BackupRow.id)
             .where(BackupRow.deleted_at.is_(None))
-            .group_by(BackupRow.id)
+            # started_at too, so the groups come out in order: one sort instead of two.
+            .group_by(BackupRow.started_at, BackupRow.id)
             .order_by(BackupRow.started_at.desc(), BackupRow.id.desc())
         )
         if job is not None:
             query = query.where(BackupRow.job == job)
         with self.engine.connect() as conn:  # plain rows: no ORM identity map for 100k backups
-            return [BackupSummary(id_, job_, status, _utc(started), size, count)
-                    for id_, job_, status, started, size, count in conn.execute(query)]
+            rows = conn.execute(query).all()
+        if rows and not isinstance(rows[0][3], str):  # SQLite gives text, other databases datetimes
+            return [BackupSummary(i, j, st, _stored_text(t), size, n) for i, j, st, t, size, n in rows]
+        return list(map(BackupSummary._make, rows))
 
     def session(self) -> Session:
         """For modules (retention, rebuild) that need a query of their own."""
         return self._session()
 
 
-def _utc(value: str | datetime) -> datetime:
-    """A stored naive-UTC timestamp (text in SQLite, a datetime elsewhere) as an aware datetime."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=timezone.utc)
+def _stored_text(value: datetime) -> str:
+    """A naive-UTC datetime column value as the text SQLite stores for it."""
+    return value.replace(tzinfo=None).isoformat(" ")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from backupd.config import Config
 from backupd.storage.base import ObjectInfo, Store, Upload
 
 
@@ -24,4 +25,9 @@ def open_store(name: str, spec: Any) -> Store:
     raise ValueError(f"destination '{name}': type '{spec.type}' is not supported yet")
 
 
-__all__ = ["ObjectInfo", "Store", "Upload", "open_store"]
+def configured_stores(config: Config) -> dict[str, Store]:
+    """A Store for every destination in the config."""
+    return {name: open_store(name, spec) for name, spec in config.destinations.items()}
+
+
+__all__ = ["ObjectInfo", "Store", "Upload", "configured_stores", "open_store"]

@@ -16,6 +16,9 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from backupd.stream import IterReader
 
+# Beside the archives of a backup (<job>/<backup id>/): its catalog record, for `catalog rebuild`.
+MANIFEST = "manifest.json"
+
 
 @dataclass(frozen=True)
 class ObjectInfo:

@@ -185,10 +185,26 @@ def test_catalog_url_password_is_never_shown():
 
 
 def test_summary_timestamps_are_aware_utc_from_text_or_datetime_columns():
-    from datetime import datetime, timezone
-
-    from backupd.catalog import _utc
+    from backupd.catalog import BackupSummary, _stored_text
 
     expected = datetime(2026, 11, 23, 3, 0, 5, 120000, tzinfo=timezone.utc)
-    assert _utc("2026-11-23 03:00:05.120000") == expected  # SQLite stores text
-    assert _utc(datetime(2026, 11, 23, 3, 0, 5, 120000)) == expected  # PostgreSQL returns datetimes
+    # SQLite stores text
+    assert BackupSummary("b", "j", "succeeded", "2026-11-23 03:00:05.120000", 0, 0).started_at == expected
+    # PostgreSQL returns datetimes
+    text = _stored_text(datetime(2026, 11, 23, 3, 0, 5, 120000))
+    assert BackupSummary("b", "j", "succeeded", text, 0, 0).started_at == expected
+    assert _stored_text(datetime(2026, 11, 23, 3, 0, 5))[:19] == "2026-11-23 03:00:05"
+
+
+def test_summaries_newest_first_with_sizes_and_counts(catalog: Catalog):
+    older = catalog.start_backup("job", datetime(2026, 11, 22, 3, 0, 5, 120000, tzinfo=timezone.utc))
+    for name, size in (("a", 100), ("b", 23)):
+        catalog.finish_artifact(add(catalog, older, name, dests=("local",)), size, "0" * 64, {})
+    catalog.finish_backup(older)
+    newer = catalog.start_backup("job", datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc))
+    catalog.start_backup("other", datetime(2026, 11, 24, tzinfo=timezone.utc))
+    summaries = catalog.summaries(job="job")
+    assert [(s.id, s.status, s.size, s.artifacts) for s in summaries] == [
+        (newer, "running", 0, 0), (older, "succeeded", 123, 2)]
+    assert summaries[1].started_at == datetime(2026, 11, 22, 3, 0, 5, 120000, tzinfo=timezone.utc)
+    assert summaries[1].started[:19] == "2026-11-22 03:00:05"

@@ -89,6 +89,27 @@ def test_list_and_show_print_recorded_backups(capsys, config_file, tmp_path):
     assert f"local: stored nightly/{bid}/volume-app_data.tar.zst" in capsys.readouterr().out
 
 
+def test_list_table_is_exact(capsys, config_file, tmp_path):
+    """Newest first, started in UTC to the second, sizes for humans, no trailing spaces."""
+    from datetime import datetime, timezone
+    from zoneinfo import ZoneInfo
+
+    catalog = Catalog(f"sqlite:///{tmp_path}/catalog.db")
+    older = catalog.start_backup("nightly", datetime(2026, 11, 22, 3, 0, 5, 120000, tzinfo=timezone.utc))
+    art = catalog.add_artifact(older, "volume", "app_data", "volume:app_data", "zstd", None,
+                               {"local": f"nightly/{older}/volume-app_data.tar.zst"})
+    catalog.finish_artifact(art, 1536, "f" * 64, {})
+    catalog.finish_backup(older)
+    newer = catalog.start_backup("nightly", datetime(2026, 11, 23, 4, 30, tzinfo=ZoneInfo("Europe/Berlin")))
+    catalog.finish_backup(newer)
+    assert main(["list", "--job", "nightly"]) == 0
+    assert capsys.readouterr().out == (
+        "ID                       JOB      STATUS     STARTED              SIZE     ARTIFACTS\n"
+        f"{newer}  nightly  failed     2026-11-23 03:30:00  0 B      0\n"
+        f"{older}  nightly  succeeded  2026-11-22 03:00:05  1.5 KiB  1\n"
+    )
+
+
 def test_backup_of_unknown_job_fails_before_touching_anything(capsys, config_file, tmp_path):
     assert main(["backup", "weekly"]) == 2
     assert "job 'weekly' is not defined" in capsys.readouterr().err

@@ -124,6 +124,10 @@ def test_human_bytes():
     assert human_bytes(512) == "512 B"
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(3 * 1024**3) == "3.0 GiB"
+    # each unit up to 1024 of it, and TiB without limit
+    assert [human_bytes(n) for n in (1023, 1024, 1024**2 - 1, 1024**2, 1024**4 - 1, 1024**4, 1024**5)] == [
+        "1023 B", "1.0 KiB", "1024.0 KiB", "1.0 MiB", "1024.0 GiB", "1.0 TiB", "1024.0 TiB"]
+    assert human_bytes(-1536) == "-1.5 KiB" and human_bytes(0) == "0 B"
 
 
 @pytest.mark.parametrize("algorithm", ["zstd", "gzip"])
