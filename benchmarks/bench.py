@@ -23,6 +23,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from statistics import median
+from typing import Callable
 
 import docker
 
@@ -86,6 +88,12 @@ def timed(name: str, cmd: list[str] | str, data_bytes: int, env: dict | None = N
     return result
 
 
+def median_of(repeat: int, measure: Callable[[], Result]) -> Result:
+    """The run with the median time: single runs on a small VM vary by a quarter."""
+    runs = sorted((measure() for _ in range(repeat)), key=lambda r: r.seconds)
+    return runs[len(runs) // 2]
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -131,7 +139,8 @@ def backupd_cmd(python: str, config: Path, *args: str) -> list[str]:
     return [python, "-m", "backupd", "--log-format", "json", "--log-level", "WARNING", "--config", str(config), *args]
 
 
-def measure_backupd(client, python: str, work: Path, volume: str, data: int, level: int | None) -> tuple[Result, Result]:
+def measure_backupd(client, python: str, work: Path, volume: str, data: int, level: int | None,
+                    repeat: int = 1) -> tuple[Result, Result]:
     config = work / "backupd.yml"
     compression = {"algorithm": "zstd"} | ({"level": level} if level else {})
     config.write_text(json.dumps({
@@ -143,25 +152,33 @@ def measure_backupd(client, python: str, work: Path, volume: str, data: int, lev
                    archive=work / "backupd", measure_rss=True)
     backup_id = json.loads(sh(backupd_cmd(python, config, "list", "--json"), env={**os.environ, **env}).stdout)[0]["id"]
     target = f"{volume}-restored-backupd"
-    restore = timed("backupd restore", backupd_cmd(python, config, "restore", backup_id, "--volume", volume,
-                                                   "--to-volume", target), data, env, measure_rss=True)
-    client.volumes.get(target).remove(force=True)
-    return backup, restore
+
+    def restore() -> Result:
+        result = timed("backupd restore", backupd_cmd(python, config, "restore", backup_id, "--volume", volume,
+                                                      "--to-volume", target), data, env, measure_rss=True)
+        client.volumes.get(target).remove(force=True)
+        return result
+
+    return backup, median_of(repeat, restore)
 
 
-def measure_recipe(client, work: Path, volume: str, data: int) -> tuple[Result, Result]:
+def measure_recipe(client, work: Path, volume: str, data: int, repeat: int = 1) -> tuple[Result, Result]:
     out = work / "recipe"
     out.mkdir()
     backup = timed("recipe: docker run tar czf", ["docker", "run", "--rm", "-v", f"{volume}:/source:ro", "-v",
                                                   f"{out}:/backup", HELPER, "tar", "czf", "/backup/x.tar.gz",
                                                   "-C", "/source", "."], data, archive=out / "x.tar.gz")
     target = f"{volume}-restored-recipe"
-    client.volumes.create(target)
-    restore = timed("recipe: docker run tar xzf", ["docker", "run", "--rm", "-v", f"{target}:/target", "-v",
-                                                   f"{out}:/backup", HELPER, "tar", "xzf", "/backup/x.tar.gz",
-                                                   "-C", "/target"], data)
-    client.volumes.get(target).remove(force=True)
-    return backup, restore
+
+    def restore() -> Result:
+        client.volumes.create(target)
+        result = timed("recipe: docker run tar xzf", ["docker", "run", "--rm", "-v", f"{target}:/target", "-v",
+                                                      f"{out}:/backup", HELPER, "tar", "xzf", "/backup/x.tar.gz",
+                                                      "-C", "/target"], data)
+        client.volumes.get(target).remove(force=True)
+        return result
+
+    return backup, median_of(repeat, restore)
 
 
 def measure_limit(client, root: Path, work: Path, volume: str, data: int) -> tuple[Result, Result, Result]:
@@ -197,8 +214,8 @@ def measure_peers(root: Path, work: Path, data: int) -> list[Result]:
     return results
 
 
-def measure_catalog_scale(python: str, work: Path, count: int = 100_000) -> dict:
-    """Insert `count` backups fast, then time `list --job` and a retention decision."""
+def measure_catalog_scale(python: str, work: Path, count: int = 100_000, repeat: int = 5) -> dict:
+    """Insert `count` backups fast, then time `list --job` and a retention decision (median of runs)."""
     sys.path.insert(0, str(REPO))
     from sqlalchemy import insert
 
@@ -228,12 +245,16 @@ def measure_catalog_scale(python: str, work: Path, count: int = 100_000) -> dict
                                   "jobs": {"J": {"volumes": ["v"], "retention": {
                                       "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}}}}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
-    out = subprocess.run(backupd_cmd(python, config, "list", "--job", "J"), check=True, capture_output=True, env=env).stdout
-    list_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    subprocess.run(backupd_cmd(python, config, "prune", "--job", "J", "--dry-run"), check=True, capture_output=True, env=env)
-    prune_s = time.perf_counter() - t0
+
+    def seconds(*args: str) -> tuple[float, bytes]:
+        t0 = time.perf_counter()
+        out = subprocess.run(backupd_cmd(python, config, *args), check=True, capture_output=True, env=env).stdout
+        return time.perf_counter() - t0, out
+
+    list_runs = [seconds("list", "--job", "J") for _ in range(repeat)]
+    prune_runs = [seconds("prune", "--job", "J", "--dry-run")[0] for _ in range(repeat)]
+    list_s, out = median(t for t, _ in list_runs), list_runs[0][1]
+    prune_s = median(prune_runs)
     from backupd.retention import BackupRecord, Policy, decide
 
     records = [BackupRecord(b["id"], b["started_at"].replace(tzinfo=timezone.utc), b["status"]) for b in backups]
@@ -241,10 +262,12 @@ def measure_catalog_scale(python: str, work: Path, count: int = 100_000) -> dict
     decide(records, Policy(keep_daily=7, keep_weekly=4, keep_monthly=12), start + timedelta(hours=count))
     decide_s = time.perf_counter() - t0
     lines = out.count(b"\n") - 1
-    print(f"  catalog with {count} backups: list --job {list_s:.2f} s ({lines} rows), "
+    print(f"  catalog with {count} backups, median of {repeat} runs: list --job {list_s:.2f} s ({lines} rows), "
           f"prune --dry-run {prune_s:.2f} s, decide() alone {decide_s:.2f} s")
+    print(f"    list runs: {', '.join(f'{t:.2f}' for t, _ in list_runs)}; "
+          f"prune runs: {', '.join(f'{t:.2f}' for t in prune_runs)}")
     return {"backups": count, "list_seconds": list_s, "list_rows": lines, "prune_dry_run_seconds": prune_s,
-            "decide_seconds": decide_s}
+            "decide_seconds": decide_s, "list_runs": [t for t, _ in list_runs], "prune_runs": prune_runs}
 
 
 def machine() -> dict:
@@ -262,6 +285,8 @@ def main() -> int:
     parser.add_argument("--level", type=int, default=None, help="zstd level for backupd (default: backupd's)")
     parser.add_argument("--skip-peers", action="store_true", help="skip restic and borg")
     parser.add_argument("--skip-scale", action="store_true", help="skip the 5x memory and catalog figures")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="restores (backupd's and the recipe's) are run this many times; the median counts")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "latest.json"))
     args = parser.parse_args()
     units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
@@ -277,8 +302,8 @@ def main() -> int:
         root, data = build_volume(client, volume, total, args.small_files)
         print(f"volume {volume}: {data / MiB:.0f} MiB, {args.small_files} small files\n")
         results = []
-        b_backup, b_restore = measure_backupd(client, python, work, volume, data, args.level)
-        r_backup, r_restore = measure_recipe(client, work, volume, data)
+        b_backup, b_restore = measure_backupd(client, python, work, volume, data, args.level, args.repeat)
+        r_backup, r_restore = measure_recipe(client, work, volume, data, args.repeat)
         l_zstd, l_read, l_unpack = measure_limit(client, root, work, volume, data)
         results += [b_backup, b_restore, r_backup, r_restore, l_zstd, l_read, l_unpack]
         if not args.skip_peers:
