@@ -450,26 +450,29 @@ class IterReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _next_chunk(self) -> bool:
+        """Make the next non-empty chunk current; False at the end (an empty chunk is no end)."""
+        while not self._buf:
+            chunk = next(self._it, None)
+            if chunk is None:
+                return False
+            self._buf = chunk
+        return True
+
     def read(self, size: int = -1) -> bytes:
         """The next chunk as it is when it fits: no copy (zstd's read_to_iter reads this way)."""
         if size < 0:
             return super().read(size)
-        while not self._buf:
-            chunk = next(self._it, None)
-            if chunk is None:
-                return b""
-            self._buf = chunk
+        if not self._next_chunk():
+            return b""
         if len(self._buf) > size:
             return super().read(size)
         chunk, self._buf = self._buf, b""
         return chunk if isinstance(chunk, bytes) else bytes(chunk)
 
     def readinto(self, b: "bytearray | memoryview") -> int:  # type: ignore[override]
-        while not self._buf:
-            try:
-                self._buf = next(self._it)
-            except StopIteration:
-                return 0
+        if not self._next_chunk():
+            return 0
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
