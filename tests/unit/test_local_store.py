@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,35 @@ def test_missing_object_and_delete_is_idempotent(tmp_path: Path):
     with pytest.raises(NotFoundError):
         store.open_read("nope")
     store.delete("nope")
+
+
+def test_a_read_drops_only_what_was_already_read_from_the_page_cache(tmp_path: Path, monkeypatch):
+    """Restore and verify read a copy once: it must not stay in the page cache, and nothing ahead is dropped."""
+    from backupd.storage import local
+
+    data = os.urandom(3 * local.DROP_BEHIND + 12345)
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j/a").write_bytes(data)
+    dropped: list[tuple[int, int, int]] = []  # (offset, length, bytes read when advised)
+    read_so_far = 0
+    real = os.posix_fadvise
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        dropped.append((offset, length, read_so_far))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(local.os, "posix_fadvise", advise)
+    got = bytearray()
+    with LocalStore("local", tmp_path).open_read("j/a") as f:
+        while chunk := f.read(1 << 20):
+            got += chunk
+            read_so_far = len(got)
+    assert bytes(got) == data
+    assert len(dropped) == 3
+    position = 0
+    for offset, length, read_before in dropped:
+        assert offset == position  # contiguous from the start: no gaps left cached
+        position = offset + length
+        assert position <= read_before + (1 << 20)  # never beyond what that read returned
+    assert position == 3 * local.DROP_BEHIND
