@@ -18,7 +18,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from backupd import __version__
-from backupd.catalog import SUCCEEDED, PARTIAL, BackupView, Catalog
+from backupd.catalog import SUCCEEDED, PARTIAL, BackupSummary, BackupView, Catalog
 from backupd.config import Config, default_config_path, load_config
 from backupd.errors import BackupdError, ConfigError, IntegrityError, PartialError
 from backupd.gcpause import paused_gc
@@ -98,12 +98,26 @@ def cmd_list(ctx: Context) -> int:
         print()
         return 0
     with paused_gc():
-        rows = [("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS")]
-        # started[:19] is started_at.isoformat(" ", "seconds") without a datetime per row
-        rows += [(b.id, b.job, b.status, b.started[:19], human_bytes(b.size), str(b.artifacts))
-                 for b in ctx.catalog.summaries(job=ctx.args.job)]
-        _print_table(rows)
+        _print_summaries(ctx.catalog.summaries(job=ctx.args.job))
     return 0
+
+
+def _print_summaries(summaries: list[BackupSummary], batch: int = 10_000) -> None:
+    """The `list` table: text columns as wide as their widest cell, sizes right-aligned.
+
+    One format per line straight from the summaries, written in batches: a table of
+    cells built first (and transposed for its widths) cost as much as the query at
+    100k backups.
+    """
+    def width(column: int, title: str) -> int:
+        return max(len(title), max(map(len, [s[column] for s in summaries]), default=0))
+
+    # started is stored text, 'YYYY-MM-DD HH:MM:SS[.ffffff]': %-19.19s shows it to the second.
+    line = f"%-{width(0, 'ID')}s  %-{width(1, 'JOB')}s  %-{width(2, 'STATUS')}s  %-19.19s  %10s  %s\n"
+    sys.stdout.write(line % ("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS"))
+    for start in range(0, len(summaries), batch):
+        sys.stdout.write("".join([line % (i, job, status, started, human_bytes(size), n)
+                                  for i, job, status, started, size, n in summaries[start:start + batch]]))
 
 
 def cmd_show(ctx: Context) -> int:
@@ -228,7 +242,6 @@ def _print_schedule(config: Config, as_json: bool) -> int:
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     """Columns padded to their widest cell, two spaces apart, no trailing spaces; in one write."""
-    # "%-8s" % cell is cell.ljust(8): one formatting call per line instead of one per cell.
     line = "  ".join(f"%-{max(map(len, column))}s" for column in zip(*rows))
     sys.stdout.write("".join([(line % row).rstrip() + "\n" for row in rows]))
 
@@ -357,3 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("backupd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`backupd list | head`): stop quietly, as if killed by SIGPIPE.
+        # Output still buffered goes nowhere, so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

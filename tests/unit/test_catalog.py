@@ -36,7 +36,7 @@ def test_migrate_is_idempotent_across_restarts(tmp_path: Path):
     again = Catalog(url)
     assert len(again.list()) == 1
     versions = sqlite3.connect(tmp_path / "c.db").execute("select version from backupd_schema").fetchall()
-    assert versions == [(1,), (2,)]
+    assert versions == [(1,), (2,), (3,)]
 
 
 def test_a_v1_catalog_gains_block_checksums_and_keeps_its_backups(tmp_path: Path):
@@ -49,7 +49,7 @@ def test_a_v1_catalog_gains_block_checksums_and_keeps_its_backups(tmp_path: Path
     old.close()
     con = sqlite3.connect(tmp_path / "c.db")
     con.execute("drop table artifact_blocks")
-    con.execute("delete from backupd_schema where version = 2")
+    con.execute("delete from backupd_schema where version >= 2")
     con.commit()
     con.close()
 
@@ -59,6 +59,43 @@ def test_a_v1_catalog_gains_block_checksums_and_keeps_its_backups(tmp_path: Path
     art2 = catalog.add_artifact(backup_id, "volume", "w", "volume:w", "zstd", None, {"local": "k2"})
     catalog.finish_artifact(art2, 10, "cd" * 32, {}, blocks=(4096, b"\x01" * 32))
     assert catalog.blocks(art2) == (4096, b"\x01" * 32)
+
+
+def test_a_v2_catalog_gains_backup_sizes_and_counts_from_its_artifacts(tmp_path: Path):
+    """Schema v3 keeps each backup's total size and artifact count on its row; older rows are filled in."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    old = Catalog(url)
+    two = old.start_backup("j", datetime(2026, 11, 22, tzinfo=timezone.utc))
+    old.finish_artifact(add(old, two, "a"), 5 << 30, "ab" * 32, {})  # past 32-bit sizes
+    old.finish_artifact(add(old, two, "b"), 7, "cd" * 32, {})
+    add(old, two, "c")  # never finished: counted, no size
+    none = old.start_backup("j", datetime(2026, 11, 23, tzinfo=timezone.utc))
+    old.close()
+    con = sqlite3.connect(tmp_path / "c.db")
+    con.execute("drop index ix_backups_list")
+    con.execute("alter table backups drop column total_size")
+    con.execute("alter table backups drop column artifact_count")
+    con.execute("delete from backupd_schema where version = 3")
+    con.commit()
+    con.close()
+
+    catalog = Catalog(url)
+    assert [(s.id, s.size, s.artifacts) for s in catalog.summaries(job="j")] == [
+        (none, 0, 0), (two, (5 << 30) + 7, 3)]
+    indexes = {row[1] for row in sqlite3.connect(tmp_path / "c.db").execute("pragma index_list('backups')")}
+    assert "ix_backups_list" in indexes
+    catalog.finish_artifact(add(catalog, none, "d"), 11, "ef" * 32, {})  # kept up to date from here on
+    assert catalog.summaries(job="j")[0][4:] == (11, 1)
+
+
+def test_an_artifact_is_finished_once(catalog: Catalog):
+    """A second finish would count its size twice in the backup's total."""
+    bid = catalog.start_backup("j")
+    art = add(catalog, bid)
+    catalog.finish_artifact(art, 10, "ab" * 32, {})
+    with pytest.raises(Exception, match="already finished"):
+        catalog.finish_artifact(art, 10, "ab" * 32, {})
+    assert catalog.summaries()[0].size == 10
 
 
 def test_newer_schema_is_refused(tmp_path: Path):

@@ -90,7 +90,7 @@ def test_list_and_show_print_recorded_backups(capsys, config_file, tmp_path):
 
 
 def test_list_table_is_exact(capsys, config_file, tmp_path):
-    """Newest first, started in UTC to the second, sizes for humans, no trailing spaces."""
+    """Newest first, started in UTC to the second, sizes for humans and right-aligned, no trailing spaces."""
     from datetime import datetime, timezone
     from zoneinfo import ZoneInfo
 
@@ -104,9 +104,9 @@ def test_list_table_is_exact(capsys, config_file, tmp_path):
     catalog.finish_backup(newer)
     assert main(["list", "--job", "nightly"]) == 0
     assert capsys.readouterr().out == (
-        "ID                       JOB      STATUS     STARTED              SIZE     ARTIFACTS\n"
-        f"{newer}  nightly  failed     2026-11-23 03:30:00  0 B      0\n"
-        f"{older}  nightly  succeeded  2026-11-22 03:00:05  1.5 KiB  1\n"
+        "ID                       JOB      STATUS     STARTED                    SIZE  ARTIFACTS\n"
+        f"{newer}  nightly  failed     2026-11-23 03:30:00         0 B  0\n"
+        f"{older}  nightly  succeeded  2026-11-22 03:00:05     1.5 KiB  1\n"
     )
 
 
@@ -114,3 +114,34 @@ def test_backup_of_unknown_job_fails_before_touching_anything(capsys, config_fil
     assert main(["backup", "weekly"]) == 2
     assert "job 'weekly' is not defined" in capsys.readouterr().err
     assert not (tmp_path / "backups").exists()
+
+
+def test_list_table_is_written_in_batches_without_losing_a_row(capsys):
+    from backupd.catalog import BackupSummary
+    from backupd.cli import _print_summaries
+
+    rows = [BackupSummary(f"b{i}", "a-long-job-name", "partial", "2026-11-22 03:00:05.5", i << 20, i)
+            for i in range(5)]
+    _print_summaries(rows, batch=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ID  JOB              STATUS   STARTED                    SIZE  ARTIFACTS"
+    assert lines[1:] == [f"b{i}  a-long-job-name  partial  2026-11-22 03:00:05  {f'{i}.0 MiB' if i else '0 B':>10}  {i}"
+                         for i in range(5)]
+
+
+def test_a_reader_that_goes_away_ends_list_quietly(config_file, tmp_path):
+    """`backupd list | head -1`: no traceback, the exit status of a process ended by SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    catalog = Catalog(f"sqlite:///{tmp_path}/catalog.db")
+    for _ in range(3):
+        catalog.finish_backup(catalog.start_backup("nightly"))
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write fails
+    proc = subprocess.run([sys.executable, "-m", "backupd", "--config", str(config_file), "list"],
+                          stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
