@@ -17,6 +17,7 @@ import select
 import tempfile
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -25,9 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import LogConfig, Mount
+# The Docker SDK loads its ssh:// transport, and with it paramiko and cryptography,
+# whenever paramiko is installed (backupd has it for SFTP): 0.1 s of every command,
+# 0.3 s from a cold page cache. Unless the engine is reached over ssh://, the SDK
+# is told the transport is absent (None in sys.modules makes its import fail) and
+# takes its own path for that case. SFTP destinations import paramiko themselves.
+if not os.environ.get("DOCKER_HOST", "").startswith("ssh://"):
+    sys.modules.setdefault("docker.transport.sshconn", None)  # type: ignore[arg-type]
+
+import docker  # noqa: E402
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound  # noqa: E402
+from docker.types import LogConfig, Mount  # noqa: E402
 
 from backupd.catalog import process_alive, process_token
 from backupd.config import VolumeSelector

@@ -48,3 +48,24 @@ def test_hang_up_ends_the_connection_even_while_another_file_object_holds_it():
     _hang_up(a)
     assert b.recv(1) == b""  # the peer sees the end
     held.close()
+
+
+def _imports_after_docker_host(docker_host_env: str | None) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}
+    if docker_host_env is not None:
+        env["DOCKER_HOST"] = docker_host_env
+    code = ("import sys, backupd.docker_host, docker.transport as t; "
+            "print('paramiko' in sys.modules, hasattr(t, 'SSHHTTPAdapter'))")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_the_docker_sdk_skips_its_ssh_transport_unless_the_engine_is_on_ssh():
+    """paramiko (and cryptography) cost every command 0.1-0.3 s of start-up; only ssh:// engines need them."""
+    assert _imports_after_docker_host(None) == "False False"
+    assert _imports_after_docker_host("unix:///var/run/docker.sock") == "False False"
+    assert _imports_after_docker_host("ssh://backup@engine-host") == "True True"
