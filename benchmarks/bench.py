@@ -230,7 +230,7 @@ def measure_catalog_scale(python: str, work: Path, count: int = 100_000, repeat:
         when = start + timedelta(hours=i)
         bid = f"{when:%Y%m%dT%H%M%SZ}-{i:06x}"
         backups.append({"id": bid, "job": "J", "status": "succeeded" if i % 20 else "failed",
-                        "started_at": when, "finished_at": when,
+                        "started_at": when, "finished_at": when, "total_size": 1000 + i, "artifact_count": 1,
                         "host": "bench", "process": ""})
         artifacts.append({"id": i + 1, "backup_id": bid, "kind": "volume", "name": "v", "source": "volume:v",
                           "compression": "zstd", "status": "succeeded", "size": 1000 + i, "sha256": "0" * 64})

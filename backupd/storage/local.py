@@ -73,8 +73,12 @@ class _ReadOnce(io.FileIO):
     def read(self, size: int = -1) -> bytes:
         data = super().read(size)
         position = self.tell()
-        if position - self._dropped >= DROP_BEHIND:
-            os.posix_fadvise(self.fileno(), self._dropped, position - self._dropped, os.POSIX_FADV_DONTNEED)
+        advise = getattr(os, "posix_fadvise", None)  # not on every OS: there, reads stay plain reads
+        if advise is not None and position - self._dropped >= DROP_BEHIND:
+            try:
+                advise(self.fileno(), self._dropped, position - self._dropped, os.POSIX_FADV_DONTNEED)
+            except OSError:  # advice only: a file system that refuses it is read as before
+                pass
             self._dropped = position
         return data  # type: ignore[return-value]  # None only for non-blocking files
 

@@ -87,3 +87,19 @@ def test_a_read_drops_only_what_was_already_read_from_the_page_cache(tmp_path: P
         position = offset + length
         assert position <= read_before + (1 << 20)  # never beyond what that read returned
     assert position == 3 * local.DROP_BEHIND
+
+
+def test_a_file_system_that_refuses_the_advice_is_read_as_before(tmp_path: Path, monkeypatch):
+    from backupd.storage import local
+
+    data = os.urandom(2 * local.DROP_BEHIND + 1)
+    (tmp_path / "a").write_bytes(data)
+
+    def refuse(*_args: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(local.os, "posix_fadvise", refuse)
+    with LocalStore("local", tmp_path).open_read("a") as f:
+        assert f.read() == data
+        f.seek(0)
+        assert b"".join(iter(lambda: f.read(1 << 20), b"")) == data
