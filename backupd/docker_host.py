@@ -286,7 +286,7 @@ class DockerHost:
             )
         except APIError as exc:
             raise NotFoundError(f"{where}: host path '{path}' cannot be mounted: {exc.explanation}") from None
-        self.api.remove_container(probe["Id"], force=True)
+        self.api.remove_container(probe["Id"], force=True, v=True)
 
     # ------------------------------------------------------------ helper containers
 
@@ -326,7 +326,9 @@ class DockerHost:
 
     def _remove(self, cid: str) -> None:
         try:
-            self.api.remove_container(cid, force=True)
+            # v: with the anonymous volumes the engine made for the image's VOLUMEs (backupd's
+            # own image has two), or every helper leaves them behind. Named volumes are never removed.
+            self.api.remove_container(cid, force=True, v=True)
         except NotFound:
             pass
         except APIError as exc:

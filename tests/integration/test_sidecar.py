@@ -113,7 +113,21 @@ def _fill(client: docker.DockerClient, image: str, volume: str, megabytes: int) 
     try:
         holder.put_archive("/data", archive.getvalue())
     finally:
-        holder.remove(force=True)
+        holder.remove(force=True, v=True)
+
+
+def run_once(client: docker.DockerClient, image: str, command: list[str], **kwargs: Any) -> bytes:
+    """Run a container to its end and return its stdout; removed with its anonymous volumes
+    (backupd's image declares two), which `containers.run(remove=True)` leaves behind."""
+    container = client.containers.create(image, command, **kwargs)
+    try:
+        container.start()
+        code = container.wait(timeout=120)["StatusCode"]
+        out = container.logs(stdout=True, stderr=False)
+        assert code == 0, container.logs(stdout=False, stderr=True).decode(errors="replace")[-2000:]
+        return out
+    finally:
+        container.remove(force=True, v=True)
 
 
 class Sidecar:
@@ -162,9 +176,8 @@ class Sidecar:
             if code != 0:  # e.g. the sidecar is still creating the catalog: ask again next poll
                 return []
             return json.loads(out[0])
-        out = self.client.containers.run(self.image, ["list", "--json"], remove=True, volumes=self.volumes,
-                                         network_mode="none")
-        return json.loads(out)
+        return json.loads(run_once(self.client, self.image, ["list", "--json"], volumes=self.volumes,
+                                   network_mode="none"))
 
     def wait_for(self, check: Any, what: str, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -182,7 +195,7 @@ class Sidecar:
 
     def remove(self) -> None:
         try:
-            self.container.remove(force=True)
+            self.container.remove(force=True, v=True)  # with the image's anonymous volumes
         except NotFound:
             pass
 
@@ -255,9 +268,8 @@ def test_sigterm_during_a_scheduled_run_cancels_it_cleanly_and_notifies_the_fail
     assert recorded["status"] == "failed", recorded
     assert "cancel" in (recorded["error"] or ""), recorded
 
-    leftovers = docker_client.containers.run(
-        sidecar.image, ["sh", "-c", "find /backups -type f"], entrypoint=[], remove=True,
-        volumes={backups_volume: {"bind": "/backups", "mode": "ro"}}, network_mode="none").decode()
+    leftovers = run_once(docker_client, sidecar.image, ["sh", "-c", "find /backups -type f"], entrypoint=[],
+                         volumes={backups_volume: {"bind": "/backups", "mode": "ro"}}, network_mode="none").decode()
     assert ".partial" not in leftovers, leftovers
     assert backup_id not in leftovers, "nothing of the cancelled run stays under a final name"
     helpers = docker_client.containers.list(all=True, filters={"volume": data, "label": "backupd.helper"})

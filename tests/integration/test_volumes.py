@@ -499,3 +499,28 @@ def test_sigterm_mid_backup_leaves_no_archive_no_helper_and_a_failed_record(
     [entry] = listing(config)
     assert entry["status"] == "failed" and "interrupted" in entry["error"]
     assert docker_client.containers.list(all=True, filters={"label": "backupd.helper", "volume": vol}) == []
+
+
+def test_helpers_leave_no_anonymous_volumes_behind(docker_client, helper_image, volume_factory, tmp_path):
+    """A helper image that declares VOLUMEs (backupd's own does) gets anonymous volumes with every
+    helper; removing the helper must remove them, or each backup and restore leaves two behind."""
+    ctx = tmp_path / "image"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {helper_image}\nVOLUME [\"/var/lib/backupd\", \"/backups\"]\n")
+    image = f"backupd-helper-with-volumes:{uuid.uuid4().hex[:8]}"
+    docker_client.images.build(path=str(ctx), tag=image, rm=True, forcerm=True)
+    try:
+        vol = volume_factory("anon")
+        (mountpoint(docker_client, vol) / "a.txt").write_text("one")
+        config = write_config(tmp_path, image, {"j": {"volumes": [vol]}})
+        before = {v.name for v in docker_client.volumes.list()}
+        backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+        copy = f"{vol}-copy"
+        try:
+            backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", copy, check=True)
+            assert (mountpoint(docker_client, copy) / "a.txt").read_text() == "one"
+        finally:
+            docker_client.volumes.get(copy).remove(force=True)
+        assert {v.name for v in docker_client.volumes.list()} - before == set()
+    finally:
+        docker_client.images.remove(image, force=True)
