@@ -15,7 +15,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from itertools import islice
+from typing import Any, Callable, Iterable, Sequence
 
 from backupd import __version__
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupSummary, BackupView, Catalog
@@ -98,26 +99,27 @@ def cmd_list(ctx: Context) -> int:
         print()
         return 0
     with paused_gc():
-        _print_summaries(ctx.catalog.summaries(job=ctx.args.job))
+        job = ctx.args.job
+        _print_summaries(ctx.catalog.summaries(job=job), ctx.catalog.longest(job=job))
     return 0
 
 
-def _print_summaries(summaries: list[BackupSummary], batch: int = 10_000) -> None:
-    """The `list` table: text columns as wide as their widest cell, sizes right-aligned.
+def _print_summaries(summaries: Iterable[BackupSummary], longest: tuple[int, int, int],
+                     batch: int = 10_000) -> None:
+    """The `list` table as the summaries stream by, a batch of lines per write: id, job and
+    status as wide as the longest (from the catalog), sizes right-aligned.
 
-    One format per line straight from the summaries, written in batches: a table of
-    cells built first (and transposed for its widths) cost as much as the query at
-    100k backups.
+    One format per line straight from the summaries: a table of cells built first (and
+    transposed for its widths) cost as much as the query at 100k backups.
     """
-    def width(column: int, title: str) -> int:
-        return max(len(title), max(map(len, [s[column] for s in summaries]), default=0))
-
+    widths = [max(len(title), n) for title, n in zip(("ID", "JOB", "STATUS"), longest)]
     # started is stored text, 'YYYY-MM-DD HH:MM:SS[.ffffff]': %-19.19s shows it to the second.
-    line = f"%-{width(0, 'ID')}s  %-{width(1, 'JOB')}s  %-{width(2, 'STATUS')}s  %-19.19s  %10s  %s\n"
+    line = "%-{}s  %-{}s  %-{}s  %-19.19s  %10s  %s\n".format(*widths)
     sys.stdout.write(line % ("ID", "JOB", "STATUS", "STARTED", "SIZE", "ARTIFACTS"))
-    for start in range(0, len(summaries), batch):
+    rows = iter(summaries)
+    while part := list(islice(rows, batch)):
         sys.stdout.write("".join([line % (i, job, status, started, human_bytes(size), n)
-                                  for i, job, status, started, size, n in summaries[start:start + batch]]))
+                                  for i, job, status, started, size, n in part]))
 
 
 def cmd_show(ctx: Context) -> int:

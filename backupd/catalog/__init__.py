@@ -16,7 +16,7 @@ import socket
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from sqlalchemy import Engine, create_engine, event, func, inspect, select, text, update
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -455,28 +455,48 @@ class Catalog:
         with self._session() as s:
             return [_view(r) for r in s.scalars(query)]
 
-    def summaries(self, job: str | None = None) -> list[BackupSummary]:
-        """Backups (not deleted) newest first, with artifact count and total size, from one index."""
+    def summaries(self, job: str | None = None, batch: int = 5000) -> Iterator[BackupSummary]:
+        """Backups (not deleted) newest first, with artifact count and total size, from one index.
+
+        Streamed `batch` rows at a time: 100k summaries never sit in memory at once.
+        """
         from sqlalchemy import String, type_coerce
 
         query = (
             # started_at raw: SQLAlchemy's per-row datetime processing costs more than the query.
             select(BackupRow.id, BackupRow.job, BackupRow.status, type_coerce(BackupRow.started_at, String),
                    BackupRow.total_size, BackupRow.artifact_count)
-            .where(BackupRow.deleted_at.is_(None))
+            .where(*_listed(job))
             .order_by(BackupRow.started_at.desc(), BackupRow.id.desc())
         )
-        if job is not None:
-            query = query.where(BackupRow.job == job)
-        with self.engine.connect() as conn:  # plain rows: no ORM identity map for 100k backups
-            rows = conn.execute(query).all()
-        if rows and not isinstance(rows[0][3], str):  # SQLite gives text, other databases datetimes
-            return [BackupSummary(i, j, st, _stored_text(t), size, n) for i, j, st, t, size, n in rows]
-        return list(map(BackupSummary._make, rows))
+        # plain rows: no ORM identity map for 100k backups
+        with self.engine.connect().execution_options(yield_per=batch) as conn:
+            for rows in conn.execute(query).partitions():
+                if not isinstance(rows[0][3], str):  # SQLite gives text, other databases datetimes
+                    yield from (BackupSummary(i, j, st, _stored_text(t), size, n) for i, j, st, t, size, n in rows)
+                else:
+                    yield from map(BackupSummary._make, rows)
+
+    def longest(self, job: str | None = None) -> tuple[int, int, int]:
+        """Lengths of the longest id, job and status summaries(job) yields: the widths of a
+        table that is printed as the rows stream by."""
+        query = select(func.max(func.length(BackupRow.id)), func.max(func.length(BackupRow.job)),
+                       func.max(func.length(BackupRow.status))).where(*_listed(job))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).one()
+        return (row[0] or 0, row[1] or 0, row[2] or 0)
 
     def session(self) -> Session:
         """For modules (retention, rebuild) that need a query of their own."""
         return self._session()
+
+
+def _listed(job: str | None) -> list[Any]:
+    """The backups `list` shows: not deleted, of one job if given."""
+    conditions = [BackupRow.deleted_at.is_(None)]
+    if job is not None:
+        conditions.append(BackupRow.job == job)
+    return conditions
 
 
 def _stored_text(value: datetime) -> str:

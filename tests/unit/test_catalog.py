@@ -85,7 +85,7 @@ def test_a_v2_catalog_gains_backup_sizes_and_counts_from_its_artifacts(tmp_path:
     indexes = {row[1] for row in sqlite3.connect(tmp_path / "c.db").execute("pragma index_list('backups')")}
     assert "ix_backups_list" in indexes
     catalog.finish_artifact(add(catalog, none, "d"), 11, "ef" * 32, {})  # kept up to date from here on
-    assert catalog.summaries(job="j")[0][4:] == (11, 1)
+    assert next(catalog.summaries(job="j"))[4:] == (11, 1)
 
 
 def test_an_artifact_is_finished_once(catalog: Catalog):
@@ -95,7 +95,7 @@ def test_an_artifact_is_finished_once(catalog: Catalog):
     catalog.finish_artifact(art, 10, "ab" * 32, {})
     with pytest.raises(Exception, match="already finished"):
         catalog.finish_artifact(art, 10, "ab" * 32, {})
-    assert catalog.summaries()[0].size == 10
+    assert next(catalog.summaries()).size == 10
 
 
 def test_newer_schema_is_refused(tmp_path: Path):
@@ -240,8 +240,20 @@ def test_summaries_newest_first_with_sizes_and_counts(catalog: Catalog):
     catalog.finish_backup(older)
     newer = catalog.start_backup("job", datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc))
     catalog.start_backup("other", datetime(2026, 11, 24, tzinfo=timezone.utc))
-    summaries = catalog.summaries(job="job")
+    summaries = list(catalog.summaries(job="job", batch=1))  # batches of one: every boundary
     assert [(s.id, s.status, s.size, s.artifacts) for s in summaries] == [
         (newer, "running", 0, 0), (older, "succeeded", 123, 2)]
     assert summaries[1].started_at == datetime(2026, 11, 22, 3, 0, 5, 120000, tzinfo=timezone.utc)
     assert summaries[1].started[:19] == "2026-11-22 03:00:05"
+
+
+def test_longest_gives_the_widths_of_what_summaries_lists(catalog: Catalog):
+    assert catalog.longest() == (0, 0, 0)
+    a = catalog.start_backup("a-long-job-name")
+    catalog.finish_backup(a)  # failed: no artifacts
+    b = catalog.start_backup("j")
+    gone = catalog.start_backup("a-job-name-longer-still-but-deleted")
+    catalog.mark_deleted(gone)
+    assert catalog.longest() == (len(a), len("a-long-job-name"), len("running"))
+    assert catalog.longest(job="j") == (len(b), 1, len("running"))
+    assert catalog.longest(job="nothing") == (0, 0, 0)

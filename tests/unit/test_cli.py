@@ -122,7 +122,7 @@ def test_list_table_is_written_in_batches_without_losing_a_row(capsys):
 
     rows = [BackupSummary(f"b{i}", "a-long-job-name", "partial", "2026-11-22 03:00:05.5", i << 20, i)
             for i in range(5)]
-    _print_summaries(rows, batch=2)
+    _print_summaries(iter(rows), longest=(2, 15, 7), batch=2)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "ID  JOB              STATUS   STARTED                    SIZE  ARTIFACTS"
     assert lines[1:] == [f"b{i}  a-long-job-name  partial  2026-11-22 03:00:05  {f'{i}.0 MiB' if i else '0 B':>10}  {i}"

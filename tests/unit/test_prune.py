@@ -162,7 +162,7 @@ def test_catalog_rebuilt_from_a_destination_after_the_database_is_lost(env):
     config, catalog, stores, tmp = env
     ids = [make_backup(catalog, stores, NOW - timedelta(days=d)) for d in (3, 2, 1)]
     before = [b.to_json() for b in catalog.list()]
-    summaries = catalog.summaries()
+    summaries = list(catalog.summaries())
     catalog.close()
     (tmp / "catalog.db").unlink()
     fresh = Catalog(config.catalog)
@@ -173,7 +173,7 @@ def test_catalog_rebuilt_from_a_destination_after_the_database_is_lost(env):
     strip = lambda items: [{k: v for k, v in b.items() if k != "finished_at"} for b in items]  # noqa: E731
     assert [b["id"] for b in after] == [b["id"] for b in before]
     assert strip(after) == strip(before)
-    assert fresh.summaries() == summaries  # sizes and counts as `list` shows them
+    assert list(fresh.summaries()) == summaries  # sizes and counts as `list` shows them
     imported, skipped = rebuild_catalog(fresh, "a", stores["a"])
     assert imported == [] and sorted(skipped) == sorted(ids)
 
