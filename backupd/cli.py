@@ -353,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What the imports built lives until exit: frozen, no collection walks it again, nor the
     # last one at exit (which took 0.15 s with SQLAlchemy loaded, for every command).
     gc.freeze()
+    gc.enable()  # backupd.__main__ turns it off while the imports run
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

@@ -145,3 +145,20 @@ def test_a_reader_that_goes_away_ends_list_quietly(config_file, tmp_path):
     os.close(write)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == ""
+
+
+def test_the_entry_point_loads_with_the_collector_off_and_commands_run_with_it_on(config_file, monkeypatch):
+    """backupd.__main__ pauses cycle collection while libraries load; the daemon must not run without it."""
+    import gc
+
+    import backupd.__main__ as entry
+    import backupd.cli as cli
+
+    seen = []
+    real_main = cli.main
+    monkeypatch.setattr(cli, "main", lambda: seen.append(gc.isenabled()) or real_main(["list", "--json"]))
+    try:
+        assert entry.run() == 0
+        assert seen == [False] and gc.isenabled()
+    finally:
+        gc.enable()
