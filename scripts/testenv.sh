@@ -19,7 +19,7 @@ BASE_IMAGE=${BASE_IMAGE:-backupd-base:test}
 CACHE=${TESTENV_CACHE:-/var/cache/backupd-test}
 # restic, borgbackup: peers for benchmarks/; python3-venv: .ci/run's venv if python3 is Debian's.
 # postgresql-client: pg_dump for databases reached over the network (host: entries).
-APT_PACKAGES=(docker.io busybox-static debootstrap openssh-server openssh-client zstd age pigz
+APT_PACKAGES=(docker.io busybox-static debootstrap openssh-server openssh-client zstd age pigz time
               restic borgbackup python3-venv postgresql-client)
 DB_PACKAGES=postgresql-15,mariadb-server,python3
 DB_PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
