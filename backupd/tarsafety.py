@@ -26,6 +26,10 @@ GNU_LONG = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 NO_DATA_TYPES = (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE,
                  tarfile.FIFOTYPE)
 ZERO_BLOCK = bytes(BLOCK)
+# PAX and GNU long-name headers are held whole before the member they describe; a larger one
+# would make the guard hold an attacker-chosen amount of memory. GNU tar writes a few KiB
+# (a sparse map of a million holes would be about 20 MiB).
+MAX_EXTENDED_HEADER = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,9 @@ def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Itera
                 break
             kind, size = _header_fields(header)
             if kind in PAX_TYPES or kind in GNU_LONG:
+                if size > MAX_EXTENDED_HEADER:
+                    raise IntegrityError(f"unsafe archive: an extended header of {size} bytes "
+                                         f"(more than {MAX_EXTENDED_HEADER >> 20} MiB)")
                 need = BLOCK + _padded(size)
                 if n - pos < need:
                     break  # wait for the whole extended header

@@ -134,3 +134,26 @@ def test_header_checksums_of_old_tars_that_sum_signed_bytes_are_accepted():
     assert signed != unsigned
     data[148:156] = b"%06o\0 " % signed
     assert check_tar_stream(io.BytesIO(bytes(data))) == 1
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_an_extended_header_too_large_to_hold_is_refused_before_it_is_read(kind):
+    """Such headers are held whole; one claiming 4 GiB must not make the guard buffer the stream."""
+    from backupd.tarsafety import guarded
+
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = kind, 4 << 30
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    drawn = []
+
+    def endless():
+        yield header
+        while len(drawn) < 100:  # bounded, so a guard that buffers fails here instead of eating memory
+            drawn.append(1 << 20)
+            yield bytes(1 << 20)
+        raise AssertionError("the guard held 100 MiB of an extended header")
+
+    with pytest.raises(IntegrityError, match="unsafe archive: an extended header of 4294967296 bytes"):
+        for _ in guarded(endless()):
+            pass
+    assert len(drawn) == 0  # refused on its header alone
