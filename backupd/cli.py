@@ -25,6 +25,7 @@ from backupd.errors import BackupdError, ConfigError, IntegrityError, PartialErr
 from backupd.gcpause import paused_gc
 from backupd.logs import setup_logging
 from backupd.stream import human_bytes
+from backupd.table import format_table
 
 log = logging.getLogger("backupd")
 
@@ -238,14 +239,8 @@ def _print_schedule(config: Config, as_json: bool) -> int:
         return 0
     rows = [("JOB", "ACTION", "SCHEDULE", "TIMEZONE", "NEXT RUN")]
     rows += [(e.job, e.action, e.cron, e.timezone, t.isoformat() if t else "never") for e, t in runs]
-    _print_table(rows)
+    print(format_table(rows))
     return 0
-
-
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    """Columns padded to their widest cell, two spaces apart, no trailing spaces; in one write."""
-    line = "  ".join(f"%-{max(map(len, column))}s" for column in zip(*rows))
-    sys.stdout.write("".join([(line % row).rstrip() + "\n" for row in rows]))
 
 
 def _describe(b: BackupView) -> str:

@@ -59,6 +59,8 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Callable, Iterable, NamedTuple, Sequence
 from zoneinfo import ZoneInfo
 
+from backupd.table import format_table
+
 __all__ = [
     "DEFAULT_KEEP_FAILED",
     "STATUSES",
@@ -376,9 +378,7 @@ def summarize(decisions: Sequence[Decision], tz: tzinfo = UTC) -> str:
     rows += [(d.id, d.started_at.astimezone(tz).isoformat(" ", "minutes")[:16], d.status,
               "keep" if d.keep else "delete", ", ".join(d.reasons) or "no rule keeps it")
              for d in decisions]
-    # Each column but WHY padded to its widest cell: "%-8s" is "".ljust(8), in one call per line.
-    line = "  ".join(f"%-{max(map(len, column))}s" for column in list(zip(*rows))[:4]) + "  %s"
-    return "\n".join([(line % r).rstrip() for r in rows])
+    return format_table(rows)
 
 
 def _zone_name(tz: tzinfo) -> str:

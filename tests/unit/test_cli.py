@@ -162,3 +162,19 @@ def test_the_entry_point_loads_with_the_collector_off_and_commands_run_with_it_o
         assert seen == [False] and gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_tables_pad_every_column_but_the_last_and_leave_no_trailing_spaces():
+    from backupd.table import format_table
+
+    assert format_table([("JOB", "ACTION", "NEXT RUN"), ("nightly", "backup", ""), ("a", "prune", "soon")]) == (
+        "JOB      ACTION  NEXT RUN\n"
+        "nightly  backup\n"
+        "a        prune   soon")
+
+
+def test_list_schedule_prints_a_table(capsys, config_file):
+    assert main(["list", "--schedule"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["JOB", "ACTION", "SCHEDULE", "TIMEZONE", "NEXT", "RUN"]
+    assert all(line == line.rstrip() for line in lines)
