@@ -129,6 +129,11 @@ def ordered_copies(artifact: ArtifactView, preference: list[str]) -> list[CopyVi
     return sorted(stored, key=lambda c: rank.get(c.destination, len(rank)))
 
 
+def _where(copy: CopyView) -> str:
+    """A copy as errors name it."""
+    return f"copy on '{copy.destination}' ({copy.key})"
+
+
 def stored_chunks(store: Store, copy: CopyView, artifact: ArtifactView,
                   blocks: tuple[int, bytes] | None = None) -> Iterator[bytes]:
     """The copy's bytes as stored.
@@ -138,9 +143,8 @@ def stored_chunks(store: Store, copy: CopyView, artifact: ArtifactView,
     artifact's (block size, digests), every chunk is proven before it is yielded.
     """
     if blocks is not None:
-        where = f"copy on '{copy.destination}' ({copy.key})"
         with store.open_read(copy.key) as fileobj:
-            yield from checked_blocks(read_chunks(fileobj, CHUNK), blocks[1], blocks[0], where)
+            yield from checked_blocks(read_chunks(fileobj, CHUNK), blocks[1], blocks[0], _where(copy))
         return
     digest = Digest()
     with store.open_read(copy.key) as fileobj:
@@ -149,7 +153,7 @@ def stored_chunks(store: Store, copy: CopyView, artifact: ArtifactView,
             yield chunk
     if digest.size != artifact.size or digest.sha256 != artifact.sha256:
         raise IntegrityError(
-            f"copy on '{copy.destination}' ({copy.key}) does not match the catalog: "
+            f"{_where(copy)} does not match the catalog: "
             f"size {digest.size} vs {artifact.size}, sha256 {digest.sha256[:16]}… vs "
             f"{(artifact.sha256 or '')[:16]}…"
         )
@@ -164,7 +168,7 @@ def read_copy(
 ) -> Iterator[bytes]:
     """Plain (decrypted, decompressed) bytes of a copy, checked against the catalog
     at the end, or block by block before use when `blocks` is given."""
-    where = f"copy on '{copy.destination}' ({copy.key})"
+    where = _where(copy)
     # Reading and hashing overlap with decryption, decompression and unpacking.
     raw: Iterable[bytes] = prefetched(stored_chunks(store, copy, artifact, blocks))
     if artifact.encryption:
