@@ -76,7 +76,9 @@ def timed(name: str, cmd: list[str] | str, data_bytes: int, env: dict | None = N
         if not os.access(GNU_TIME, os.X_OK):
             raise SystemExit(f"{GNU_TIME} (Debian package 'time') is needed to measure peak memory")
         assert isinstance(cmd, list), "peak memory is measured for argument lists"
-        peak_file = Path(tempfile.mkstemp(prefix="bench-peak-")[1])
+        fd, path = tempfile.mkstemp(prefix="bench-peak-")
+        os.close(fd)
+        peak_file = Path(path)
         cmd = [GNU_TIME, "-f", "%M", "-o", str(peak_file), *cmd]
     drop_caches()
     start = time.perf_counter()
