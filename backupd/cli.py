@@ -16,11 +16,14 @@ import signal
 import sys
 import threading
 from itertools import islice
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from backupd import __version__
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupSummary, BackupView, Catalog
 from backupd.config import Config, default_config_path, load_config
+
+if TYPE_CHECKING:
+    from backupd.app import App
 from backupd.errors import BackupdError, ConfigError, IntegrityError, PartialError
 from backupd.gcpause import paused_gc
 from backupd.logs import setup_logging
@@ -33,13 +36,12 @@ EXIT_FAILED = 1
 
 
 class Context:
-    """Loads the config, catalog and engine on first use, so `--help` and `config check` stay cheap."""
+    """Loads the config and builds the App on first use, so `--help` and `config check` stay cheap."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self._config: Config | None = None
-        self._catalog: Catalog | None = None
-        self._host: Any = None
+        self._app: App | None = None
 
     @property
     def config(self) -> Config:
@@ -48,35 +50,31 @@ class Context:
         return self._config
 
     @property
-    def catalog(self) -> Catalog:
-        if self._catalog is None:
-            self._catalog = Catalog(self.config.catalog)
-        return self._catalog
+    def app(self) -> App:
+        if self._app is None:
+            from backupd.app import App
+
+            self._app = App(self.config, self.args.command)
+        return self._app
 
     @property
-    def host(self) -> Any:
-        """The engine; on first use, undo what a killed backupd left behind."""
-        if self._host is None:
-            from backupd.docker_host import DockerHost, connect
-            from backupd.quiesce.stop import recover_held_containers
+    def catalog(self) -> Catalog:
+        return self.app.catalog
 
-            self._host = DockerHost(connect(), self.config.helper_image, self.config.helper_memory)
-            self.catalog.fail_interrupted()
-            recover_held_containers(self.catalog, self._host)
-            self._host.remove_stale_helpers()
-        return self._host
+    def close(self) -> None:
+        if self._app is not None:
+            self._app.close()
 
 
 # ---------------------------------------------------------------- commands
 
 
 def cmd_backup(ctx: Context) -> int:
-    from backupd.run import make_plan, run_backup
-
-    config, job = ctx.config, ctx.args.job
-    config.job(job)
-    plan = make_plan(config, job, ctx.host)
-    result = run_backup(config, plan, ctx.catalog, ctx.host)
+    job = ctx.args.job
+    ctx.config.job(job)
+    result = ctx.app.backup(job, wait=0 if ctx.args.no_wait else None)
+    if result.planning_error is not None:
+        raise result.planning_error  # recorded failed in the catalog as result.backup_id
     print(result.backup_id)
     if result.status == SUCCEEDED:
         return 0
@@ -88,7 +86,7 @@ def cmd_backup(ctx: Context) -> int:
 def cmd_run(ctx: Context) -> int:
     from backupd.daemon import run_daemon
 
-    return run_daemon(ctx.args.config or default_config_path(), ctx.config, ctx.catalog,
+    return run_daemon(ctx.args.config or default_config_path(), ctx.app,
                       ctx.args.http or os.environ.get("BACKUPD_HTTP") or None)
 
 
@@ -134,51 +132,53 @@ def cmd_show(ctx: Context) -> int:
 
 
 def cmd_restore(ctx: Context) -> int:
-    args = ctx.args
+    args, app = ctx.args, ctx.app
+    wait = 0 if args.no_wait else None
     if args.volume:
         from backupd.restore import restore_volume
 
-        target = restore_volume(config=ctx.config, catalog=ctx.catalog, host=ctx.host,
-                                backup_id=args.backup_id, volume=args.volume,
-                                to_volume=args.to_volume, force=args.force, identity=args.identity)
+        with app.hold_for_restore(args.to_volume or args.volume, None, wait):
+            target = restore_volume(config=ctx.config, catalog=app.catalog, host=app.host,
+                                    backup_id=args.backup_id, volume=args.volume,
+                                    to_volume=args.to_volume, force=args.force, identity=args.identity)
         print(f"restored volume {args.volume} from {args.backup_id} into {target}")
         return 0
     from backupd.quiesce.restore import restore_database
 
-    target = restore_database(config=ctx.config, catalog=ctx.catalog, host=ctx.host,
-                              backup_id=args.backup_id, name=args.database,
-                              to_container=args.to_container, force=args.force, identity=args.identity)
+    # The job's lease: its own backups dump from the database being replaced.
+    with app.hold_for_restore(None, args.to_container, wait, job=app.catalog.get(args.backup_id).job):
+        target = restore_database(config=ctx.config, catalog=app.catalog, host=app.host,
+                                  backup_id=args.backup_id, name=args.database,
+                                  to_container=args.to_container, force=args.force, identity=args.identity)
     print(f"restored database dump {args.database} from {args.backup_id} into {target}")
     return 0
 
 
 def cmd_verify(ctx: Context) -> int:
-    from backupd.restore import configured_stores
     from backupd.verify import restore_drill, verify_backup
 
-    results = verify_backup(ctx.config, ctx.catalog, configured_stores(ctx.config),
-                            ctx.args.backup_id, ctx.args.identity)
-    for r in results:
-        print(f"{'ok  ' if r.ok else 'FAIL'} {r.artifact} on {r.destination}: {r.detail}")
-    bad = [r for r in results if not r.ok]
-    if ctx.args.restore and not bad:
-        for name in restore_drill(ctx.config, ctx.catalog, ctx.host, ctx.args.backup_id, ctx.args.identity):
-            print(f"ok   volume {name}: restored into a scratch volume and removed")
+    app, backup_id = ctx.app, ctx.args.backup_id
+    job = app.catalog.get(backup_id).job
+    with app.leases.hold([f"job:{job}"], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
+        results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity)
+        for r in results:
+            print(f"{'ok  ' if r.ok else 'FAIL'} {r.artifact} on {r.destination}: {r.detail}")
+        bad = [r for r in results if not r.ok]
+        if ctx.args.restore and not bad:
+            for name in restore_drill(ctx.config, app.catalog, app.host, backup_id, ctx.args.identity):
+                print(f"ok   volume {name}: restored into a scratch volume and removed")
     if bad or not results:
         raise IntegrityError(f"backup {ctx.args.backup_id}: {len(bad)} of {len(results)} copies failed verification")
     return 0
 
 
 def cmd_prune(ctx: Context) -> int:
-    from backupd.catalog import utcnow
-    from backupd.prune import find_orphans, prune_job
-    from backupd.storage import configured_stores
+    from backupd.prune import find_orphans
+    from backupd.retention import summarize
 
-    config, args = ctx.config, ctx.args
-    # A dry run deletes nothing, so it needs no destination (nor boto3/paramiko to reach one).
-    stores = configured_stores(config) if args.orphans or not args.dry_run else {}
+    config, args, app = ctx.config, ctx.args, ctx.app
     if args.orphans:
-        report = find_orphans(ctx.catalog, stores, delete=args.delete)
+        report = find_orphans(app.catalog, app.stores(), delete=args.delete)
         for dest, key in report.orphans:
             print(f"orphan   {dest}: {key}{' (deleted)' if (dest, key) in report.removed else ''}")
         for backup_id, dest, key in report.missing:
@@ -191,9 +191,8 @@ def cmd_prune(ctx: Context) -> int:
         config.job(args.job)
     failures = []
     for job in jobs:
-        report = prune_job(config, ctx.catalog, job, utcnow(), stores, dry_run=args.dry_run)
-        from backupd.retention import summarize
-
+        # A dry run deletes nothing, so it opens no destination (nor imports boto3/paramiko).
+        report = app.prune(job, dry_run=args.dry_run)
         print(f"job {job}{' (dry run: nothing deleted)' if args.dry_run else ''}")
         with paused_gc():
             print(summarize(report.decisions))
@@ -207,12 +206,11 @@ def cmd_prune(ctx: Context) -> int:
 
 def cmd_catalog_rebuild(ctx: Context) -> int:
     from backupd.prune import rebuild_catalog
-    from backupd.storage import open_store
 
     dest = ctx.args.destination
     if dest not in ctx.config.destinations:
         raise ConfigError(f"--destination: '{dest}' is not defined (defined: {', '.join(ctx.config.destinations)})")
-    imported, skipped = rebuild_catalog(ctx.catalog, dest, open_store(dest, ctx.config.destinations[dest]))
+    imported, skipped = rebuild_catalog(ctx.catalog, dest, ctx.app.stores([dest])[dest])
     print(f"imported {len(imported)} backup(s) from {dest}; {len(skipped)} already in the catalog")
     return 0
 
@@ -287,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("backup", cmd_backup, "run one job now; prints the backup id, exit 0 only if every "
             "artifact reached every destination")
     p.add_argument("job")
+    p.add_argument("--no-wait", action="store_true",
+                   help="refuse (exit 75) instead of waiting while another backupd runs this job "
+                        "or uses its volumes or containers")
 
     p = add("run", cmd_run, "run as a daemon: back up every job on its schedule until SIGTERM")
     p.add_argument("--http", metavar="[HOST:]PORT",
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty target (containers using it are stopped meanwhile)")
     p.add_argument("--identity", help="age identity file, for encrypted backups")
+    p.add_argument("--no-wait", action="store_true",
+                   help="refuse (exit 75) instead of waiting while another backupd uses the target")
 
     p = add("verify", cmd_verify, "re-read every copy of a backup: size, sha256, decompression, tar")
     p.add_argument("backup_id")
@@ -373,3 +376,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output still buffered goes nowhere, so the flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    finally:
+        ctx.close()

@@ -1,9 +1,10 @@
 """`backupd run`: the long-running sidecar process and its signals.
 
 SIGTERM/SIGINT: stop taking runs, give running ones `scheduler.stop_grace`,
-then cancel them cleanly; exit 0. SIGHUP: reload the config file; a new
-config that does not validate is refused (logged) and the old one kept.
-Signal handlers only set flags; the main thread does the work.
+then cancel them (they get CANCEL_WAIT more to unwind); exit 0. SIGHUP:
+reload the config file; a new config that does not validate is refused
+(logged) and the old one kept. Signal handlers only set flags; the main
+thread does the work.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import signal
 import threading
 from typing import Any, Callable
 
-from backupd.catalog import Catalog
+from backupd.app import App
 from backupd.config import Config, load_config
 from backupd.errors import BackupdError
 from backupd.http import HttpEndpoint, parse_bind
 from backupd.metrics import Metrics
-from backupd.scheduler import Sidecar, docker_host_for
+from backupd.scheduler import CANCEL_WAIT, Sidecar
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +56,15 @@ def reload_config(sidecar: Sidecar, path: str, load: Callable[[str], Config] = l
         return False
 
 
-def prepare_engine(config: Config, catalog: Catalog) -> None:
-    """Before the first run: fail what a killed backupd left running, remove its stopped helpers."""
-    for backup_id in catalog.fail_interrupted():
-        log.warning("backup %s was left running by a stopped backupd: recorded failed", backup_id,
-                    extra={"backup_id": backup_id})
-    host = docker_host_for(config)
-    removed = host.remove_stale_helpers()
-    if removed:
-        log.info("removed %d stale helper container(s)", removed)
-
-
-def run_daemon(config_path: str, config: Config, catalog: Catalog, http_bind: str | None,
-               signals: Signals | None = None) -> int:
+def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signals | None = None) -> int:
     """Serve schedules until SIGTERM/SIGINT; returns the exit code (0 after a clean stop)."""
     signals = signals or Signals()
     if threading.current_thread() is threading.main_thread():
         signals.install()
-    prepare_engine(config, catalog)
-    metrics = Metrics(catalog)
-    sidecar = Sidecar(config, catalog, metrics=metrics)
+    config = app.config
+    app.host  # connect the engine and run start-up recovery before the first run
+    sidecar = Sidecar(config, app, app.catalog, clock=app.clock)
+    metrics = sidecar.metrics = Metrics(app.catalog, lambda: sidecar.config.jobs)
     endpoint = None
     if http_bind:
         host, port = parse_bind(http_bind)
@@ -85,8 +75,11 @@ def run_daemon(config_path: str, config: Config, catalog: Catalog, http_bind: st
     sidecar.start()
     if host is not None:
         endpoint = HttpEndpoint(host, port, sidecar.health, metrics.render)
-    log.info("backupd running: %d scheduled entr%s; SIGHUP reloads %s, SIGTERM stops",
-             len(sidecar.entries()), "y" if len(sidecar.entries()) == 1 else "ies", config_path)
+    grace = config.scheduler.stop_grace.total_seconds()
+    log.info("backupd running: %d scheduled entr%s; SIGHUP reloads %s, SIGTERM stops "
+             "(a stop may take up to %.0fs: give the container a longer stop grace period)",
+             len(sidecar.entries()), "y" if len(sidecar.entries()) == 1 else "ies", config_path,
+             grace + CANCEL_WAIT)
     try:
         while not signals.stop:
             signals.wake.wait(timeout=5)

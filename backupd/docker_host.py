@@ -38,7 +38,6 @@ import docker  # noqa: E402
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound  # noqa: E402
 from docker.types import LogConfig, Mount  # noqa: E402
 
-from backupd.catalog import process_alive, process_token
 from backupd.config import VolumeSelector
 from backupd.errors import BackupdError, ConfigError, NotFoundError
 
@@ -115,12 +114,14 @@ class DockerHost:
     """The engine operations backupd needs, and nothing else."""
 
     def __init__(self, client: docker.DockerClient, helper_image: str | None,
-                 helper_memory: int | None = None) -> None:
+                 helper_memory: int | None = None, owner: str = "") -> None:
         self.client = client
+        self.owner = owner  # the catalog owner id of this backupd, on every helper it makes
         self.api = client.api
         self._helper_image = helper_image
         self.helper_memory = helper_memory
         self._fifo_dir: FifoDir | None = None
+        self._engine_id: str | None = None
 
     # ------------------------------------------------------------ helper image
 
@@ -305,7 +306,7 @@ class DockerHost:
                 stdin_open=stdin,  # with detach=False this also sets StdinOnce
                 detach=not stdin,
                 network_disabled=True,
-                labels={HELPER_LABEL: purpose or "1", OWNER_LABEL: f"{socket.gethostname()}/{process_token()}"},
+                labels={HELPER_LABEL: purpose or "1", OWNER_LABEL: self.owner},
                 # No log driver: the archive must not be copied into the engine's logs on disk
                 # (json-file would stage every byte and cut throughput tenfold).
                 # The memory limit holds the helper's page cache too: a backup does not push the
@@ -334,20 +335,30 @@ class DockerHost:
         except APIError as exc:
             log.warning("could not remove helper container %s: %s", cid[:12], exc)
 
-    def remove_stale_helpers(self) -> int:
+    def remove_stale_helpers(self, owner_alive: Callable[[str | None], bool]) -> int:
         """Helpers left by a killed backupd hold volumes busy: remove those whose owner is dead.
 
         Helpers of live processes (another backupd on this engine) are left alone.
         """
-        me = socket.gethostname()
-        stale = []
-        for c in self.api.containers(all=True, filters={"label": HELPER_LABEL}):
-            host, _, token = (c.get("Labels") or {}).get(OWNER_LABEL, "").partition("/")
-            if host == me and not process_alive(token):
-                stale.append(c)
+        stale = [c for c in self.api.containers(all=True, filters={"label": HELPER_LABEL})
+                 if not owner_alive((c.get("Labels") or {}).get(OWNER_LABEL) or None)]
         for c in stale:
             self._remove(c["Id"])
         return len(stale)
+
+    def engine_id(self) -> str:
+        """The engine's own id: held containers and helpers belong to one engine."""
+        if self._engine_id is None:
+            self._engine_id = str(self.client.info().get("ID") or "")
+        return self._engine_id
+
+    def container_state(self, container_id: str) -> tuple[bool, str] | None:
+        """(running, started at) of a container, or None when it no longer exists."""
+        try:
+            state = self.api.inspect_container(container_id)["State"]
+        except NotFound:
+            return None
+        return bool(state.get("Running")), str(state.get("StartedAt") or "")
 
     def run_helper(self, command: list[str], mounts: list[Mount], purpose: str) -> str:
         """Run a short helper command to completion; return its stdout, raise on failure."""

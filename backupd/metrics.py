@@ -8,13 +8,13 @@ survive a restart of the sidecar.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from backupd.catalog import STORED, SUCCEEDED, BackupView, Catalog
+from backupd.catalog import STORED, BackupView, Catalog
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,11 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, fl
 
 
 class CatalogCollector(Collector):
-    def __init__(self, catalog: Catalog) -> None:
+    """Gauges read from the catalog at scrape time: a few index lookups, whatever its size."""
+
+    def __init__(self, catalog: Catalog, jobs: Callable[[], Iterable[str]]) -> None:
         self.catalog = catalog
+        self.jobs = jobs
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         last_ok = GaugeMetricFamily("backupd_last_success_timestamp_seconds",
@@ -32,20 +35,14 @@ class CatalogCollector(Collector):
                                       "Stored artifact copies per destination (not deleted)",
                                       labels=["destination"])
         try:
-            backups = self.catalog.list()
+            successes = {job: self.catalog.last_runs(job)[1] for job in self.jobs()}
+            per_dest = self.catalog.stored_copies()
         except Exception as exc:  # noqa: BLE001 - a scrape must answer even with the catalog down
             log.warning("metrics: catalog not readable: %s", type(exc).__name__)
             return
-        seen: set[str] = set()
-        per_dest: dict[str, int] = {}
-        for b in backups:  # newest first
-            if b.status == SUCCEEDED and b.job not in seen and b.finished_at:
-                seen.add(b.job)
-                last_ok.add_metric([b.job], b.finished_at.timestamp())
-            for a in b.artifacts:
-                for c in a.copies:
-                    if c.status == STORED:
-                        per_dest[c.destination] = per_dest.get(c.destination, 0) + 1
+        for job, finished in sorted(successes.items()):
+            if finished is not None:
+                last_ok.add_metric([job], finished.timestamp())
         for dest, count in sorted(per_dest.items()):
             artifacts.add_metric([dest], count)
         yield last_ok
@@ -55,7 +52,7 @@ class CatalogCollector(Collector):
 class Metrics:
     """One registry per sidecar (not the global one), so tests and reloads do not collide."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, jobs: Callable[[], Iterable[str]]) -> None:
         self.registry = CollectorRegistry()
         self.runs = Counter("backupd_runs", "Backup runs by outcome", ["job", "status"],
                             registry=self.registry)
@@ -63,7 +60,7 @@ class Metrics:
                                   buckets=DURATION_BUCKETS, registry=self.registry)
         self.bytes_written = Counter("backupd_bytes_written", "Bytes stored, per destination copy",
                                      ["job", "destination"], registry=self.registry)
-        self.registry.register(CatalogCollector(catalog))
+        self.registry.register(CatalogCollector(catalog, jobs))
 
     def observe_run(self, job: str, status: str, seconds: float, backup: BackupView | None) -> None:
         self.runs.labels(job, status).inc()

@@ -29,6 +29,7 @@ class RunReport:
     status: str
     errors: list[str] = field(default_factory=list)
     backup: BackupView | None = None
+    warnings: list[str] = field(default_factory=list)  # `on_error: continue` hooks that failed
 
     def payload(self) -> dict[str, Any]:
         """The webhook's JSON body: what happened, sizes, and why it failed."""
@@ -43,6 +44,7 @@ class RunReport:
             "artifacts": [{"kind": a.kind, "name": a.name, "status": a.status, "size": a.size}
                           for a in backup.artifacts] if backup else [],
             "errors": self.errors,
+            "warnings": self.warnings,
         }
 
 
@@ -98,8 +100,8 @@ def run_finished(settings: Notifications, job: Job, job_name: str, report: RunRe
         url = settings.ping_url.rstrip("/") + ("" if ok else "/fail")
         _send("POST", url, "\n".join(report.errors).encode() or b"ok", timeout,
               f"{'success' if ok else 'failure'} ping for job {job_name}")
-    if ok and not wants_success(settings, job):
-        return
+    if ok and not report.warnings and not wants_success(settings, job):
+        return  # a success with warnings is reported: someone should look at the failed hook
     url = webhook_url(settings)
     if url:
         body = json.dumps(report.payload()).encode()

@@ -13,18 +13,27 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from backupd.catalog import DELETED, MISSING, RUNNING, STORED, BackupView, Catalog
 from backupd.config import Config
-from backupd.errors import ConfigError
+from backupd.errors import ConfigError, RefusedError
 from backupd.gcpause import paused_gc
 from backupd.retention import BackupRecord, Decision, Policy, decide
 from backupd.storage import Store
 from backupd.storage.base import MANIFEST
 
 log = logging.getLogger(__name__)
+
+
+# Backups stamped this far ahead of the clock mean the clock was (or is) wrong: they would
+# outrank every later backup, and retention would delete each new one as it is made.
+CLOCK_SKEW_TOLERANCE = timedelta(minutes=10)
+
+
+class ClockSkewError(RefusedError):
+    """Retention refused: the newest backup lies in the future."""
 
 
 @dataclass
@@ -58,12 +67,27 @@ def prune_job(
         report = PruneReport(job, decide(records, policy, now, tz))
     if dry_run:
         return report
+    check_clock(job, records, now)
     for decision in report.decisions:
         if not decision.keep:
             delete_backup(catalog, catalog.get(decision.id), stores, report)
     log.info("pruned job %s: %d deleted, %d kept, %d deletion failures", job, len(report.deleted),
              sum(d.keep for d in report.decisions), len(report.failures), extra={"job": job})
     return report
+
+
+def check_clock(job: str, records: list[BackupRecord], now: datetime) -> None:
+    """Refuse to delete anything while the newest backup lies in the future beyond the tolerance."""
+    if not records:
+        return
+    newest = max(records, key=lambda r: r.started_at)
+    ahead = newest.started_at - now
+    if ahead > CLOCK_SKEW_TOLERANCE:
+        raise ClockSkewError(
+            f"retention of job {job} refused: backup {newest.id} started at "
+            f"{newest.started_at:%Y-%m-%d %H:%M:%S}Z, {ahead} ahead of this clock ({now:%Y-%m-%d %H:%M:%S}Z); "
+            f"it would outrank every new backup. Fix the clock; once it has passed that time, or that "
+            f"backup is deleted by hand, retention runs again")
 
 
 def delete_backup(catalog: Catalog, backup: BackupView, stores: dict[str, Store], report: PruneReport) -> None:

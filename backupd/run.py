@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ from backupd.artifact import Cancelled, store_artifact
 from backupd.quiesce.databases import Dump, plan_dumps
 from backupd.quiesce.hooks import run_hooks
 from backupd.quiesce.stop import held, resolve_containers
-from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog
+from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog, utcnow
 from backupd.config import Config
 from backupd.docker_host import DockerHost, VolumeSource
 from backupd.storage import Store, open_store
@@ -45,6 +46,7 @@ class RunResult:
     backup_id: str
     status: str
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # `on_error: continue` hooks that failed
 
 
 def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
@@ -67,10 +69,15 @@ def run_backup(
     host: DockerHost,
     cancel: threading.Event | None = None,
     on_start: Callable[[str], None] | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    owner: str | None = None,
 ) -> RunResult:
-    """Run one planned backup and record it; never raises for a failed artifact."""
+    """Run one planned backup and record it; never raises for a failed artifact.
+
+    `owner` is the catalog owner id of this backupd (for recovery if it dies mid-run).
+    """
     job_name = plan.job
-    backup_id = catalog.start_backup(job_name)
+    backup_id = catalog.start_backup(job_name, clock(), owner)
     if on_start is not None:
         on_start(backup_id)
     logger = logging.LoggerAdapter(log, {"backup_id": backup_id, "job": job_name})
@@ -92,14 +99,15 @@ def run_backup(
             pass
 
     errors: list[str] = []
+    warnings: list[str] = []
     try:
         logger.info("step 1/6: before hooks (%d)", len(hooks.before))
-        run_hooks(hooks.before, "before", host, where)
+        warnings += run_hooks(hooks.before, "before", host, where)
         logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
         for dump in plan.dumps:
             store("database", dump.artifact, dump.source, dump.open)
         logger.info("step 3/6: stop containers (%s)", ", ".join(c.name for c in plan.stop) or "none")
-        with held(catalog, backup_id, plan.stop) as restart_problems:
+        with held(catalog, backup_id, plan.stop, owner, host.engine_id() if plan.stop else None) as restart_problems:
             logger.info("step 4/6: archive volumes (%d)", len(plan.volumes))
             for src in plan.volumes:
                 store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
@@ -108,10 +116,12 @@ def run_backup(
     except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
         errors.append(str(exc) or type(exc).__name__)
         if not isinstance(exc, Exception):
-            _after_hooks(hooks.after, host, where, errors, logger)
+            _after_hooks(hooks.after, host, where, errors, warnings, logger)
+            catalog.add_warnings(backup_id, warnings)
             catalog.finish_backup(backup_id, f"interrupted: {type(exc).__name__}")
             raise
-    _after_hooks(hooks.after, host, where, errors, logger)
+    _after_hooks(hooks.after, host, where, errors, warnings, logger)
+    catalog.add_warnings(backup_id, warnings)
     run_error = "; ".join(errors) or None
     status = catalog.finish_backup(backup_id, run_error)
     backup = catalog.get(backup_id)
@@ -123,13 +133,14 @@ def run_backup(
     log_fn = logger.info if status == SUCCEEDED else logger.error
     log_fn("backup %s of job %s %s (%d bytes)%s", backup_id, job_name, status, backup.size,
            f": {backup.error}" if backup.error else "")
-    return RunResult(backup_id, status, errors)
+    return RunResult(backup_id, status, errors, warnings)
 
 
-def _after_hooks(hooks: list, host: DockerHost, where: str, errors: list[str], logger: Any) -> None:
+def _after_hooks(hooks: list, host: DockerHost, where: str, errors: list[str], warnings: list[str],
+                 logger: Any) -> None:
     logger.info("step 6/6: after hooks (%d)", len(hooks))
     try:
-        run_hooks(hooks, "after", host, where)
+        warnings += run_hooks(hooks, "after", host, where)
     except Exception as exc:  # noqa: BLE001 - recorded with the run
         errors.append(str(exc))
 

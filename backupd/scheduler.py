@@ -4,9 +4,9 @@ Policies, all decided here:
 - an entry never overlaps itself (max_instances=1);
 - runs missed while backupd was down or busy coalesce into one run, and only
   if it is still within ``scheduler.misfire_grace`` of the missed time;
-- runs that touch a common volume or container take per-resource locks in
-  sorted order, so two jobs never copy one volume or stop one container at
-  once, and two runs can never deadlock on each other's locks;
+- runs that touch a common job, volume or container wait for each other's
+  leases in the catalog (backupd.catalog.leases), which also keep the daemon
+  and a CLI command, or two hosts sharing a catalog, apart;
 - on stop no new run starts; running ones get ``scheduler.stop_grace`` to
   finish, then are cancelled through the event run_backup already honours.
 """
@@ -17,10 +17,9 @@ import logging
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
@@ -30,24 +29,18 @@ from apscheduler.schedulers.base import STATE_RUNNING, BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from backupd import notify
-from backupd.catalog import FAILED, SUCCEEDED, Catalog, utcnow
-from backupd.config import Config, Job
-from backupd.errors import BackupdError, ConfigError
-from backupd.run import make_plan, run_backup
+from backupd.app import Operations
+from backupd.catalog import FAILED, BackupView, Catalog, utcnow
+from backupd.catalog.leases import Stopping
+from backupd.config import Config
+from backupd.errors import ConfigError
+from backupd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 BACKUP, PRUNE, VERIFY = "backup", "prune", "verify"
-CANCEL_WAIT = 120.0  # after stop_grace: how long a cancelled run may take to unwind
+CANCEL_WAIT = 30.0  # after stop_grace: how long a cancelled run may take to unwind (README: stop grace)
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-PruneFn = Callable[..., Any]  # prune_job(config, catalog, job_name, now, dry_run=False)
-VerifyFn = Callable[[Config, Catalog, str], Any]
-
-
-class Stopping(BackupdError):
-    """backupd is stopping: a run that had not started yet is not started."""
-
 
 # ---------------------------------------------------------------- what to schedule
 
@@ -144,64 +137,6 @@ def is_overdue(entry: Entry, last_success: datetime | None, since: datetime, now
     return True
 
 
-# ---------------------------------------------------------------- shared resources
-
-
-def resources_of(job_name: str, job: Job, volumes: Iterable[Any]) -> list[str]:
-    """What a run must hold alone: the job itself, each volume or host path, each named container.
-
-    Containers picked by label are not known before the quiesce step resolves
-    them, so they are not locked here.
-    """
-    names = {f"job:{job_name}"}
-    names.update(f"{v.kind}:{v.source}" for v in volumes)
-    names.update(f"container:{c.name}" for c in job.stop_containers if c.name)
-    names.update(f"container:{d.container}" for d in job.databases if d.container)
-    for hook in (*job.hooks.before, *job.hooks.after):
-        if hook.container:
-            names.add(f"container:{hook.container}")
-    return sorted(names)
-
-
-class ResourceLocks:
-    """A lock per resource name, taken in sorted order so two runs never deadlock."""
-
-    def __init__(self, poll: float = 0.2) -> None:
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
-        self._poll = poll
-
-    def _lock(self, name: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(name, threading.Lock())
-
-    def held(self) -> list[str]:
-        with self._guard:
-            return sorted(n for n, lock in self._locks.items() if lock.locked())
-
-    @contextmanager
-    def hold(self, names: Iterable[str], stop: threading.Event,
-             waiting: Callable[[str], None] | None = None) -> Iterator[None]:
-        """Hold every named lock; give up with Stopping if `stop` is set while waiting."""
-        taken: list[threading.Lock] = []
-        try:
-            for name in sorted(set(names)):
-                lock = self._lock(name)
-                if not lock.acquire(blocking=False):
-                    if waiting is not None:
-                        waiting(name)
-                    while not lock.acquire(timeout=self._poll):
-                        if stop.is_set():
-                            raise Stopping(f"stopped while waiting for {name}")
-                taken.append(lock)
-            if stop.is_set():
-                raise Stopping("stopped before the run started")
-            yield
-        finally:
-            for lock in reversed(taken):
-                lock.release()
-
-
 # ---------------------------------------------------------------- the sidecar
 
 
@@ -214,58 +149,27 @@ class RunningRun:
     backup_id: str | None = None
 
 
-def _default_prune() -> PruneFn | None:
-    try:
-        from backupd.prune import prune_job  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return prune_job
-
-
-def verify_latest(config: Config, catalog: Catalog, job_name: str) -> list[str]:
-    """Check the newest successful backup of a job on every destination; return the problems."""
-    from backupd.storage import open_store
-    from backupd.verify import verify_backup
-
-    backups = catalog.list(job=job_name, statuses=[SUCCEEDED])
-    if not backups:
-        return [f"job {job_name} has no successful backup to verify"]
-    stores = {n: open_store(n, spec) for n, spec in config.job_destinations(job_name).items()}
-    checks = verify_backup(config, catalog, stores, backups[0].id)
-    return [f"{c.artifact} on {c.destination}: {c.detail}" for c in checks if not c.ok]
-
-
-def docker_host_for(config: Config) -> Any:
-    from backupd.docker_host import DockerHost, connect
-
-    return DockerHost(connect(), config.helper_image, config.helper_memory)
-
-
 class Sidecar:
-    """Owns the APScheduler instance, the locks, and the record of what is running."""
+    """Owns the APScheduler instance and the record of what is running; the work itself is
+    the Operations it is handed (the App)."""
 
     def __init__(
         self,
         config: Config,
+        ops: Operations,
         catalog: Catalog,
         *,
-        host_factory: Callable[[Config], Any] = docker_host_for,
-        prune: PruneFn | None = None,
-        verify: VerifyFn | None = verify_latest,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         scheduler: BaseScheduler | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.config = config
+        self.ops = ops
         self.catalog = catalog
-        self.host_factory = host_factory
-        self.prune_fn = prune if prune is not None else _default_prune()
-        self.verify_fn = verify
         self.metrics = metrics
         self.clock = clock
         self.scheduler = scheduler or BackgroundScheduler(
             timezone=timezone.utc, executors={"default": ThreadPoolExecutor(8)})
-        self.locks = ResourceLocks()
         self.stopping = threading.Event()  # no new run starts
         self.cancel = threading.Event()  # running runs abort
         self.actions: dict[str, Callable[[Config, str, logging.LoggerAdapter], None]] = {
@@ -376,49 +280,53 @@ class Sidecar:
             return list(self._running.values())
 
     def backup(self, config: Config, job_name: str, logger: logging.LoggerAdapter) -> None:
-        """make_plan + run_backup under the job's resource locks, then metrics, notices, prune."""
+        """One backup through the operations, then metrics, notices and retention.
+
+        Whatever goes wrong (a catalog outage included) is still logged, counted and
+        notified: a run never ends without a trace. The catalog row such a run may have
+        left `running` is failed by the next start-up's recovery.
+        """
         job = config.job(job_name)
         started = time.monotonic()
         notify.run_started(config.notifications, job_name)
-        backup_id: str | None = None
+        warnings: list[str] = []
         try:
-            host = self.host_factory(config)
-            plan = make_plan(config, job_name, host)
-            with self.locks.hold(resources_of(job_name, job, plan.volumes), self.stopping,
-                                 waiting=lambda r: logger.info("waiting for %s (used by another run)", r)):
-                result = run_backup(config, plan, self.catalog, host, cancel=self.cancel,
-                                    on_start=lambda bid: logging.LoggerAdapter(
-                                        log, {**(logger.extra or {}), "backup_id": bid}
-                                    ).info("run %s is backup %s", logger.extra["run_id"], bid))
-            backup_id, status, errors = result.backup_id, result.status, result.errors
+            outcome = self.ops.backup(
+                job_name, config=config, cancel=self.cancel, stop=self.stopping,
+                on_start=lambda bid: logging.LoggerAdapter(log, {**(logger.extra or {}), "backup_id": bid})
+                .info("run %s is backup %s", (logger.extra or {}).get("run_id"), bid))
+            backup_id, status, errors, warnings = outcome.backup_id, outcome.status, outcome.errors, outcome.warnings
         except Stopping:
             raise
-        except BackupdError as exc:
-            status, errors = FAILED, [str(exc)]
-            logger.error("backup of job %s failed before it started: %s", job_name, exc)
+        except Exception as exc:  # noqa: BLE001 - the catalog or engine failed under the run
+            backup_id, status, errors = None, FAILED, [f"{type(exc).__name__}: {exc}"]
+            logger.error("backup of job %s failed: %s", job_name, errors[0])
         duration = time.monotonic() - started
-        backup = self.catalog.get(backup_id) if backup_id else None
+        backup = self._view(backup_id, logger)
         if self.metrics is not None:
             self.metrics.observe_run(job_name, status, duration, backup)
         notify.run_finished(config.notifications, job, job_name,
-                            notify.RunReport(job_name, backup_id, status, errors, backup))
+                            notify.RunReport(job_name, backup_id, status, errors, backup, warnings))
         retention = config.job_retention(job_name)
         if status != FAILED and retention is not None and not retention.schedule and not self.cancel.is_set():
             self.prune(config, job_name, logger)
 
+    def _view(self, backup_id: str | None, logger: logging.LoggerAdapter) -> BackupView | None:
+        if backup_id is None:
+            return None
+        try:
+            return self.catalog.get(backup_id)
+        except Exception as exc:  # noqa: BLE001 - report the run without its details
+            logger.error("could not read backup %s back from the catalog: %s", backup_id, type(exc).__name__)
+            return None
+
     def prune(self, config: Config, job_name: str, logger: logging.LoggerAdapter) -> None:
-        if self.prune_fn is None:
-            logger.warning("retention for job %s not applied: this backupd has no prune", job_name)
-            return
-        with self.locks.hold([f"job:{job_name}"], self.stopping):
-            self.prune_fn(config, self.catalog, job_name, self.clock(), dry_run=False)
+        report = self.ops.prune(job_name, config=config, stop=self.stopping)
+        if report.failures:
+            logger.error("retention of job %s could not delete: %s", job_name, "; ".join(report.failures))
 
     def verify(self, config: Config, job_name: str, logger: logging.LoggerAdapter) -> None:
-        if self.verify_fn is None:
-            logger.warning("verification of job %s skipped: no verifier", job_name)
-            return
-        with self.locks.hold([f"job:{job_name}"], self.stopping):
-            problems = self.verify_fn(config, self.catalog, job_name)
+        problems = self.ops.verify_latest(job_name, config=config, stop=self.stopping)
         if problems:
             logger.error("verification of job %s found problems: %s", job_name, "; ".join(problems))
             notify.run_finished(config.notifications, config.job(job_name), job_name,
@@ -479,9 +387,7 @@ class Sidecar:
         for entry in self._entries.values():
             if entry.action != BACKUP:
                 continue
-            backups = self.catalog.list(job=entry.job)
-            last = next((b for b in backups if b.status != "running"), None)
-            last_ok = next((b for b in backups if b.status == SUCCEEDED), None)
+            last, last_ok = self.catalog.last_runs(entry.job)
             when = times.get(entry.id)
             jobs[entry.job] = {
                 "schedule": entry.cron,
@@ -489,11 +395,15 @@ class Sidecar:
                 "next_run": when.isoformat() if when else None,
                 "last_run": None if last is None else {
                     "backup_id": last.id, "status": last.status,
-                    "finished_at": last.finished_at.isoformat() if last.finished_at else None},
-                "last_success": last_ok.finished_at.isoformat() if last_ok and last_ok.finished_at else None,
-                "overdue": is_overdue(entry, last_ok.finished_at if last_ok else None, self.started_at, now),
+                    "finished_at": _iso(self.catalog.finished_at(last.id))},
+                "last_success": _iso(last_ok),
+                "overdue": is_overdue(entry, last_ok, self.started_at, now),
             }
         report["jobs"] = jobs
         healthy = report["scheduler"]["alive"] and not any(j["overdue"] for j in jobs.values())
         report["healthy"] = healthy
         return healthy, report
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the catalog: runs, artifacts, copies, held containers."""
+"""SQLAlchemy models of the catalog: runs, artifacts, copies, held containers, owners, leases."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ class BackupRow(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     host: Mapped[str] = mapped_column(String(255), default="")
-    process: Mapped[str] = mapped_column(String(64), default="")  # "pid:start time" of the owner
+    process: Mapped[str] = mapped_column(String(64), default="")  # "pid:start time" (before v4)
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)  # OwnerRow.id (v4)
+    warnings: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list (v4)
     # Kept by the catalog as artifacts are added and finished (schema v3), so listing
     # 100k backups reads one index instead of joining and grouping their artifacts.
     total_size: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -100,6 +102,8 @@ class CopyRow(Base):
     status: Mapped[str] = mapped_column(String(16))  # pending/stored/failed/deleted/missing
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     artifact: Mapped[ArtifactRow] = relationship(back_populates="copies")
+    # Metrics count stored copies per destination from this index alone (v4).
+    __table_args__ = (Index("ix_copies_status_destination", "status", "destination"),)
 
 
 class HeldContainerRow(Base):
@@ -111,6 +115,45 @@ class HeldContainerRow(Base):
     container_id: Mapped[str] = mapped_column(String(128))
     container_name: Mapped[str] = mapped_column(String(255))
     host: Mapped[str] = mapped_column(String(255), default="")
-    process: Mapped[str] = mapped_column(String(64), default="")
+    process: Mapped[str] = mapped_column(String(64), default="")  # before v4
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)  # OwnerRow.id (v4)
+    engine_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # where it lives (v4)
     stopped_at: Mapped[datetime] = mapped_column(UTCDateTime)
     restarted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class OwnerRow(Base):
+    """A backupd process that holds leases, runs backups or stopped containers (schema v4).
+
+    How another process tells whether it is still alive, without trusting the hostname
+    (Compose gives a recreated container a new one): the same pid namespace proves it
+    through /proc; the same engine proves it through the owner's container; otherwise a
+    heartbeat older than the lease TTL means it is gone.
+    """
+
+    __tablename__ = "owners"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="")  # for humans only
+    pid_ns: Mapped[str] = mapped_column(String(64), default="")
+    pid: Mapped[int] = mapped_column(Integer)
+    pid_start: Mapped[str] = mapped_column(String(32), default="")
+    engine_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    container_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    container_started: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    command: Mapped[str] = mapped_column(String(64), default="")  # "run", "backup", ...
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LeaseRow(Base):
+    """One resource (job, volume, container) held by one run of one owner (schema v4).
+
+    The primary key makes taking a lease atomic on every database: the second insert fails.
+    """
+
+    __tablename__ = "leases"
+    resource: Mapped[str] = mapped_column(String(512), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(32), index=True)
+    holder: Mapped[str] = mapped_column(String(32))  # the run within the owner
+    purpose: Mapped[str] = mapped_column(Text, default="")
+    since: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from docker.errors import DockerException, NotFound
 
@@ -68,7 +68,8 @@ def stop_order(containers: list[Any]) -> list[Any]:
 
 
 @contextmanager
-def held(catalog: Catalog, backup_id: str, containers: list[Any]) -> Iterator[list[str]]:
+def held(catalog: Catalog, backup_id: str, containers: list[Any], owner: str | None = None,
+         engine_id: str | None = None) -> Iterator[list[str]]:
     """Stop the containers for the duration of the block; start them again whatever happens.
 
     Yields a list that collects restart errors (the caller records them).
@@ -77,7 +78,7 @@ def held(catalog: Catalog, backup_id: str, containers: list[Any]) -> Iterator[li
     problems: list[str] = []
     try:
         for c in containers:
-            hold_id = catalog.hold_container(backup_id, c.id, c.name)
+            hold_id = catalog.hold_container(backup_id, c.id, c.name, owner, engine_id)
             log.info("stopping container %s", c.name, extra={"container": c.name})
             try:
                 c.stop(timeout=STOP_TIMEOUT)
@@ -97,10 +98,11 @@ def held(catalog: Catalog, backup_id: str, containers: list[Any]) -> Iterator[li
                 log.error("container %s could not be started again: %s (will retry at next start)", c.name, exc)
 
 
-def recover_held_containers(catalog: Catalog, host: DockerHost) -> list[str]:
-    """Start containers a dead backupd left stopped; returns their names."""
+def recover_held_containers(catalog: Catalog, host: DockerHost, owner_alive: Callable[[str | None], bool],
+                            engine_id: str) -> list[str]:
+    """Start containers a dead backupd left stopped on this engine; returns their names."""
     started = []
-    for hold_id, container_id, name in catalog.held_containers():
+    for hold_id, container_id, name in catalog.held_containers(owner_alive, engine_id):
         try:
             c = host.client.containers.get(container_id)
         except NotFound:

@@ -63,7 +63,7 @@ def test_a_v2_catalog_is_migrated_in_place(catalog_url):
         conn.execute(text("DROP INDEX ix_backups_list"))
         conn.execute(text("ALTER TABLE backups DROP COLUMN total_size, DROP COLUMN artifact_count"))
         conn.execute(text("ALTER TABLE artifacts ALTER COLUMN size TYPE INTEGER"))
-        conn.execute(text("DELETE FROM backupd_schema WHERE version = 3"))
+        conn.execute(text("DELETE FROM backupd_schema WHERE version >= 3"))
     old.close()
 
     catalog = Catalog(catalog_url)
@@ -71,3 +71,45 @@ def test_a_v2_catalog_is_migrated_in_place(catalog_url):
     big = catalog.add_artifact(bid, "volume", "c", "volume:c", "zstd", None, {"local": "c"})
     catalog.finish_artifact(big, FIVE_GIB, "cd" * 32, {})
     assert [(s.size, s.artifacts) for s in catalog.summaries()] == [(123 + FIVE_GIB, 3)]
+
+
+def test_hosts_starting_together_on_a_new_shared_catalog_all_start_and_migrate_it_once(catalog_url):
+    """Migrations run under an advisory lock: the losers wait, find the schema done, carry on."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys; from backupd.catalog import Catalog; Catalog(sys.argv[1]).list()"
+    repo = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", code, catalog_url], stderr=subprocess.PIPE, text=True,
+                              cwd=repo) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    engine = create_engine(catalog_url)
+    with engine.connect() as conn:
+        versions = [v for (v,) in conn.execute(text("SELECT version FROM backupd_schema ORDER BY version"))]
+    engine.dispose()
+    assert versions == [1, 2, 3, 4]
+
+
+def test_leases_are_shared_by_processes_on_a_postgresql_catalog(catalog_url):
+    """Two hosts on one catalog: the second taker of a lease is refused while the first lives."""
+    from backupd.catalog import utcnow
+    from backupd.catalog.leases import LeaseBusy, Leases
+    from backupd.identity import Identity, Liveness, this_process
+
+    catalog = Catalog(catalog_url)
+    other_host = Identity(id=uuid.uuid4().hex, hostname="other", pid_ns="pid:[1]", pid=1, pid_start="1",
+                          command="run")
+    first = Leases(catalog.session_factory, Liveness(other_host), utcnow)
+    second = Leases(catalog.session_factory, Liveness(this_process("backup")), utcnow)
+    assert first.try_acquire(["job:a", "volume:v"], "h1", "backup of job a") is None
+    with pytest.raises(LeaseBusy, match="job:a is held by backupd run"):
+        with second.hold(["job:a"], "backup of job a", wait=0):
+            pass
+    first.release("h1")
+    with second.hold(["job:a"], "backup of job a", wait=0):
+        pass
+    first.close()
+    second.close()
+    catalog.close()

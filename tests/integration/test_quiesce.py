@@ -140,7 +140,9 @@ def test_missing_database_is_an_error_before_anything_runs(docker_client, helper
     proc = backupd(config, "backup", "j")
     assert proc.returncode == 2
     assert "jobs.j.databases[0].database[1]: database 'nope' does not exist" in proc.stderr
-    assert listing(config) == []
+    [failed] = listing(config)  # recorded failed, with its cause, and nothing dumped
+    assert failed["status"] == "failed" and failed["artifacts"] == []
+    assert "planning failed" in failed["error"] and "'nope' does not exist" in failed["error"]
 
 
 def test_mariadb_dump_drop_restore_and_into_a_second_container(

@@ -278,7 +278,9 @@ def test_unknown_volume_is_an_error_before_anything_runs(helper_image, tmp_path)
     assert proc.returncode == 2
     assert "jobs.j.volumes[0]: volume 'no-such-volume-" in proc.stderr
     assert "does not exist" in proc.stderr
-    assert listing(config) == []
+    [failed] = listing(config)  # recorded failed, with its cause, and nothing written
+    assert failed["status"] == "failed" and failed["artifacts"] == []
+    assert "planning failed: jobs.j.volumes[0]: volume 'no-such-volume-" in failed["error"]
     assert not (tmp_path / "backups").exists()
 
 

@@ -36,7 +36,7 @@ def test_migrate_is_idempotent_across_restarts(tmp_path: Path):
     again = Catalog(url)
     assert len(again.list()) == 1
     versions = sqlite3.connect(tmp_path / "c.db").execute("select version from backupd_schema").fetchall()
-    assert versions == [(1,), (2,), (3,)]
+    assert versions == [(1,), (2,), (3,), (4,)]
 
 
 def test_a_v1_catalog_gains_block_checksums_and_keeps_its_backups(tmp_path: Path):
@@ -75,7 +75,7 @@ def test_a_v2_catalog_gains_backup_sizes_and_counts_from_its_artifacts(tmp_path:
     con.execute("drop index ix_backups_list")
     con.execute("alter table backups drop column total_size")
     con.execute("alter table backups drop column artifact_count")
-    con.execute("delete from backupd_schema where version = 3")
+    con.execute("delete from backupd_schema where version >= 3")
     con.commit()
     con.close()
 
@@ -183,36 +183,51 @@ def test_list_json_contract(catalog: Catalog):
     assert data["started_at"].endswith("Z")
 
 
-def test_interrupted_run_of_dead_process_is_failed(catalog: Catalog):
-    bid = catalog.start_backup("nightly")
-    add(catalog, bid)
+def alive_except(*dead: str):
+    return lambda owner: owner not in dead
+
+
+def test_interrupted_run_of_a_dead_owner_is_failed_and_a_live_owners_is_left_alone(catalog: Catalog):
+    dead = catalog.start_backup("nightly", owner="dead-owner")
+    add(catalog, dead)
+    live = catalog.start_backup("nightly", owner="live-owner")
+    assert catalog.fail_interrupted(alive_except("dead-owner")) == [dead]
+    view = catalog.get(dead)
+    assert view.status == "failed" and "interrupted" in view.error
+    assert all(c.status == "failed" for c in view.artifacts[0].copies)
+    assert catalog.get(live).status == "running"
+
+
+def test_interrupted_run_from_before_owners_is_judged_by_its_pid(catalog: Catalog):
+    """Rows written before schema v4 have no owner: their host and pid token decide."""
+    bid = catalog.start_backup("nightly")  # no owner: this process's pid token
+    assert catalog.fail_interrupted(alive_except()) == []  # we are alive
     with catalog.session() as s:  # pretend a dead process owned it
         from backupd.catalog.models import BackupRow
         s.get(BackupRow, bid).process = "4000000:1"
         s.commit()
-    assert catalog.fail_interrupted() == [bid]
-    view = catalog.get(bid)
-    assert view.status == "failed" and "interrupted" in view.error
-    assert all(c.status == "failed" for c in view.artifacts[0].copies)
-
-
-def test_running_run_of_live_process_is_left_alone(catalog: Catalog):
-    bid = catalog.start_backup("nightly")
-    assert catalog.fail_interrupted() == []
-    assert catalog.get(bid).status == "running"
+    assert catalog.fail_interrupted(alive_except()) == [bid]
     assert os.getpid() > 0
 
 
-def test_held_containers_of_a_dead_process_are_returned_for_recovery(catalog: Catalog):
+def test_held_containers_of_a_dead_owner_on_this_engine_are_returned_for_recovery(catalog: Catalog):
+    hold = catalog.hold_container("b1", "cid123", "web", owner="o1", engine_id="E1")
+    other_engine = catalog.hold_container("b1", "cid456", "db", owner="o1", engine_id="E2")
+    assert catalog.held_containers(alive_except(), "E1") == []  # alive: it will restart them itself
+    assert catalog.held_containers(alive_except("o1"), "E1") == [(hold, "cid123", "web")]
+    assert catalog.held_containers(alive_except("o1"), "E2") == [(other_engine, "cid456", "db")]
+    catalog.release_container(hold)
+    assert catalog.held_containers(alive_except("o1"), "E1") == []
+
+
+def test_held_containers_from_before_owners_are_judged_by_their_pid(catalog: Catalog):
     hold = catalog.hold_container("b1", "cid123", "web")
-    assert catalog.held_containers() == []  # ours: we are alive and will restart it
+    assert catalog.held_containers(alive_except(), "E1") == []  # ours: we are alive and will restart it
     with catalog.session() as s:
         from backupd.catalog.models import HeldContainerRow
         s.get(HeldContainerRow, hold).process = "1:12345"  # pid 1 reused after a restart
         s.commit()
-    assert catalog.held_containers() == [(hold, "cid123", "web")]
-    catalog.release_container(hold)
-    assert catalog.held_containers() == []
+    assert catalog.held_containers(alive_except(), "E1") == [(hold, "cid123", "web")]
 
 
 def test_catalog_url_password_is_never_shown():

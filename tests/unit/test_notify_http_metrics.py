@@ -142,7 +142,7 @@ def test_metrics_count_runs_by_status_and_read_last_success_and_artifacts_from_t
     catalog.finish_artifact(art, 500, "cd" * 32, {})
     catalog.finish_backup(good)
 
-    metrics = Metrics(catalog)
+    metrics = Metrics(catalog, lambda: ["nightly", "never-ran"])
     metrics.observe_run("nightly", "partial", 3.0, catalog.get(bid))
     metrics.observe_run("nightly", "succeeded", 2.0, catalog.get(good))
     text = metrics.render().decode()
@@ -155,3 +155,4 @@ def test_metrics_count_runs_by_status_and_read_last_success_and_artifacts_from_t
     finished = catalog.get(good).finished_at.timestamp()
     assert f'backupd_last_success_timestamp_seconds{{job="nightly"}} {finished!r}' in text \
         or 'backupd_last_success_timestamp_seconds{job="nightly"} ' in text
+    assert 'job="never-ran"' not in text

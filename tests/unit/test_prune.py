@@ -184,3 +184,21 @@ def test_manifest_carries_what_rebuild_needs(env):
     data = json.loads((tmp / "a" / "j" / bid / "manifest.json").read_text())
     assert data == json.loads(json.dumps(manifest_of(catalog.get(bid))))
     assert data["format"] == 1 and data["artifacts"][0]["sha256"]
+
+
+def test_retention_deletes_nothing_while_the_newest_backup_lies_in_the_future(env) -> None:
+    """A backup stamped while the clock ran a day ahead would outrank every later one, and
+    keep_last/keep_daily would delete each new backup as it is made."""
+    from backupd.prune import ClockSkewError
+
+    config, catalog, stores, _ = env
+    kept = [make_backup(catalog, stores, NOW - timedelta(days=d)) for d in range(1, 10)]
+    ahead = make_backup(catalog, stores, NOW + timedelta(days=1))
+    with pytest.raises(ClockSkewError, match=f"backup {ahead} started at .* ahead of this clock"):
+        prune_job(config, catalog, "j", NOW, stores)
+    assert {b.id for b in catalog.list()} == {*kept, ahead}  # nothing deleted
+    assert prune_job(config, catalog, "j", NOW, stores, dry_run=True).decisions  # a dry run still shows
+    minutes_ahead = make_backup(catalog, stores, NOW + timedelta(minutes=5))  # within the tolerance
+    assert minutes_ahead
+    catalog.mark_deleted(ahead)
+    prune_job(config, catalog, "j", NOW, stores)  # runs again once the stray backup is gone

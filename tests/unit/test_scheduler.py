@@ -19,25 +19,23 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.base import BaseScheduler
 
 from backupd import scheduler as sched_mod
+from backupd.app import BackupOutcome, resources_of
 from backupd.catalog import Catalog
-from backupd.config import parse_config
+from backupd.config import Config, parse_config
 from backupd.daemon import Signals, reload_config, run_daemon
 from backupd.docker_host import VolumeSource
 from backupd.errors import ConfigError
-from backupd.run import Plan, RunResult
+from backupd.prune import PruneReport
 from backupd.scheduler import (
     BACKUP,
     PRUNE,
     VERIFY,
     Entry,
-    ResourceLocks,
     Sidecar,
-    Stopping,
     cron_trigger,
     entries_of,
     is_overdue,
     next_runs,
-    resources_of,
 )
 
 UTC = timezone.utc
@@ -84,12 +82,39 @@ def config_of(jobs: dict[str, Any], **extra: Any) -> Any:
     return parse_config({"jobs": jobs, **extra})
 
 
+class FakeOps:
+    """Operations (backupd.app) that record their calls. The real App behind the same
+    interface is exercised by tests/integration/test_daemon.py."""
+
+    def __init__(self, outcome: BackupOutcome | Exception | None = None) -> None:
+        self.outcome = outcome
+        self.calls: list[tuple[str, str]] = []
+
+    def backup(self, job: str, *, config: Config | None = None, cancel: threading.Event | None = None,
+               stop: threading.Event | None = None, on_start: Any = None,
+               wait: float | None = None) -> BackupOutcome:
+        self.calls.append((BACKUP, job))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome or BackupOutcome(job, None, "succeeded", [])
+
+    def prune(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None,
+              dry_run: bool = False) -> PruneReport:
+        self.calls.append((PRUNE, job))
+        return PruneReport(job, [])
+
+    def verify_latest(self, job: str, *, config: Config | None = None,
+                      stop: threading.Event | None = None) -> list[str]:
+        self.calls.append((VERIFY, job))
+        return []
+
+
 def make_sidecar(config: Any, clock: Clock, tmp_path: Path, threaded: bool = False,
-                 **kwargs: Any) -> tuple[Sidecar, list[tuple[str, str]]]:
+                 ops: FakeOps | None = None, **kwargs: Any) -> tuple[Sidecar, list[tuple[str, str]]]:
     executor = ThreadPoolExecutor(4) if threaded else DebugExecutor()
     scheduler = ManualScheduler(timezone=UTC, executors={"default": executor})
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    sidecar = Sidecar(config, catalog, scheduler=scheduler, clock=clock, verify=None, **kwargs)
+    sidecar = Sidecar(config, ops or FakeOps(), catalog, scheduler=scheduler, clock=clock, **kwargs)
     calls: list[tuple[str, str]] = []
     for action in (BACKUP, PRUNE, VERIFY):
         sidecar.actions[action] = lambda cfg, job, logger, action=action: calls.append((action, job))
@@ -264,136 +289,72 @@ def test_a_reload_does_not_change_the_config_of_a_run_already_going(clock: Clock
 # ---------------------------------------------------------------- shared resources
 
 
-def test_resources_of_a_job_are_the_job_its_volumes_and_its_named_containers() -> None:
+def test_resources_of_a_job_are_the_job_its_volumes_and_every_container_it_touches() -> None:
     config = config_of({"a": {"volumes": ["v"], "stop_containers": ["app", {"label": "x=y"}],
                               "databases": [{"name": "db", "type": "postgres", "container": "pg"}],
                               "hooks": {"before": [{"command": "true", "container": "web"}]}}})
     volumes = [VolumeSource("v", "volume", "v", "w"), VolumeSource("p", "bind", "/srv/p", "w")]
-    assert resources_of("a", config.jobs["a"], volumes) == [
-        "bind:/srv/p", "container:app", "container:pg", "container:web", "job:a", "volume:v"]
-
-
-def test_opposite_lock_orders_never_deadlock() -> None:
-    locks, stop = ResourceLocks(poll=0.01), threading.Event()
-    done: list[int] = []
-
-    def worker(names: list[str], n: int) -> None:
-        for _ in range(200):
-            with locks.hold(names, stop):
-                pass
-        done.append(n)
-
-    threads = [threading.Thread(target=worker, args=(["volume:b", "volume:a"], 1)),
-               threading.Thread(target=worker, args=(["volume:a", "volume:b"], 2))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert sorted(done) == [1, 2] and locks.held() == []
-
-
-def test_a_run_waiting_for_a_busy_resource_gives_up_when_backupd_stops() -> None:
-    locks, stop = ResourceLocks(poll=0.01), threading.Event()
-    with locks.hold(["volume:v"], stop):
-        stop.set()
-        with pytest.raises(Stopping, match="volume:v"):
-            with locks.hold(["job:b", "volume:v"], stop):
-                pass
-    assert locks.held() == []
-
-
-def fake_backup_engine(monkeypatch: pytest.MonkeyPatch, volumes_of: dict[str, list[str]], hold: float,
-                       status: str = "succeeded") -> dict[str, Any]:
-    """make_plan/run_backup stand-ins that record which volumes are being copied at once."""
-    state: dict[str, Any] = {"active": set(), "overlaps": [], "ran": [], "lock": threading.Lock()}
-
-    def make_plan(config: Any, job: str, host: Any) -> Plan:
-        return Plan(job, [VolumeSource(v, "volume", v, "w") for v in volumes_of[job]], {})
-
-    def run_backup(config: Any, plan: Plan, catalog: Any, host: Any, cancel: Any = None,
-                   on_start: Any = None) -> RunResult:
-        with state["lock"]:
-            busy = set(plan.volumes) & state["active"]
-            if busy:
-                state["overlaps"].append(plan.job)
-            state["active"] |= set(plan.volumes)
-            state["ran"].append(plan.job)
-        time.sleep(hold)
-        with state["lock"]:
-            state["active"] -= set(plan.volumes)
-        return RunResult("", status, [] if status == "succeeded" else ["boom"])
-
-    monkeypatch.setattr(sched_mod, "make_plan", make_plan)
-    monkeypatch.setattr(sched_mod, "run_backup", run_backup)
-    return state
-
-
-def run_concurrently(sidecar: Sidecar, jobs: list[str]) -> None:
-    threads = [threading.Thread(target=sidecar.fire, args=(BACKUP, j)) for j in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-
-
-def test_jobs_sharing_a_volume_never_copy_it_at_the_same_time(
-        monkeypatch: pytest.MonkeyPatch, clock: Clock, tmp_path: Path) -> None:
-    config = config_of({"a": {"volumes": ["shared", "a_only"]}, "b": {"volumes": ["shared"]},
-                        "c": {"volumes": ["c_only"]}})
-    state = fake_backup_engine(monkeypatch, {"a": ["shared", "a_only"], "b": ["shared"], "c": ["c_only"]}, 0.3)
-    sidecar = Sidecar(config, Catalog(f"sqlite:///{tmp_path / 'c.db'}"), host_factory=lambda c: None,
-                      verify=None, clock=clock)
-    started = time.monotonic()
-    run_concurrently(sidecar, ["a", "b", "c"])
-    assert sorted(state["ran"]) == ["a", "b", "c"]
-    assert state["overlaps"] == []
-    assert time.monotonic() - started < 0.9, "c shares nothing and ran alongside"
+    stopped = [SimpleNamespace(name="app"), SimpleNamespace(name="labelled")]  # as resolved by the plan
+    assert resources_of("a", config.jobs["a"], volumes, stopped) == [
+        "bind:/srv/p", "container:app", "container:labelled", "container:pg", "container:web",
+        "job:a", "volume:v"]
 
 
 # ---------------------------------------------------------------- a scheduled backup's follow-ups
 
 
 def test_a_successful_backup_is_followed_by_prune_when_the_job_has_retention(
-        monkeypatch: pytest.MonkeyPatch, clock: Clock, tmp_path: Path) -> None:
+        clock: Clock, tmp_path: Path) -> None:
     config = config_of({"a": {"volumes": ["v"], "retention": {"keep_last": 2}}, "b": {"volumes": ["w"]}})
-    fake_backup_engine(monkeypatch, {"a": ["v"], "b": ["w"]}, 0)
-    pruned: list[tuple[str, datetime, bool]] = []
-    sidecar = Sidecar(config, Catalog(f"sqlite:///{tmp_path / 'c.db'}"), host_factory=lambda c: None,
-                      verify=None, clock=clock,
-                      prune=lambda cfg, cat, job, now, dry_run=False: pruned.append((job, now, dry_run)))
+    ops = FakeOps()
+    sidecar, _ = make_sidecar(config, clock, tmp_path, ops=ops)
+    sidecar.actions = {BACKUP: sidecar.backup, PRUNE: sidecar.prune, VERIFY: sidecar.verify}
     sidecar.fire(BACKUP, "a")
     sidecar.fire(BACKUP, "b")
-    assert pruned == [("a", T0, False)]
+    assert ops.calls == [(BACKUP, "a"), (PRUNE, "a"), (BACKUP, "b")]
 
 
-def test_without_a_prune_function_retention_is_skipped_with_a_warning(
-        monkeypatch: pytest.MonkeyPatch, clock: Clock, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_backup_is_not_followed_by_prune(clock: Clock, tmp_path: Path) -> None:
     config = config_of({"a": {"volumes": ["v"], "retention": {"keep_last": 2}}})
-    fake_backup_engine(monkeypatch, {"a": ["v"]}, 0)
-    sidecar = Sidecar(config, Catalog(f"sqlite:///{tmp_path / 'c.db'}"), host_factory=lambda c: None,
-                      verify=None, clock=clock)
-    sidecar.prune_fn = None
+    ops = FakeOps(BackupOutcome("a", "b1", "failed", ["boom"]))
+    sidecar, _ = make_sidecar(config, clock, tmp_path, ops=ops)
+    sidecar.actions = {BACKUP: sidecar.backup, PRUNE: sidecar.prune, VERIFY: sidecar.verify}
     sidecar.fire(BACKUP, "a")
-    assert any("retention for job a not applied" in r.getMessage() for r in caplog.records)
+    assert ops.calls == [(BACKUP, "a")]
 
 
-def test_a_backup_that_fails_before_starting_is_counted_and_notified(
-        monkeypatch: pytest.MonkeyPatch, clock: Clock, tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure", [
+    BackupOutcome("a", "b1", "failed", ["jobs.a.volumes[0]: volume 'v' does not exist"]),
+    RuntimeError("(sqlite3.OperationalError) database or disk is full"),
+], ids=["planning failed", "catalog outage"])
+def test_a_failed_backup_is_counted_notified_and_logged_whatever_failed(
+        monkeypatch: pytest.MonkeyPatch, clock: Clock, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        failure: Any) -> None:
     config = config_of({"a": {"volumes": ["v"]}}, notifications={"webhook_url": "http://hook.invalid/x"})
-
-    def make_plan(config: Any, job: str, host: Any) -> Plan:
-        raise ConfigError("jobs.a.volumes[0]: volume 'v' does not exist")
-
     sent: list[Any] = []
-    monkeypatch.setattr(sched_mod, "make_plan", make_plan)
     monkeypatch.setattr(sched_mod.notify, "run_finished", lambda s, job, name, report: sent.append(report))
     observed: list[tuple[str, str]] = []
     metrics = SimpleNamespace(observe_run=lambda job, status, secs, backup: observed.append((job, status)))
-    sidecar = Sidecar(config, Catalog(f"sqlite:///{tmp_path / 'c.db'}"), host_factory=lambda c: None,
-                      verify=None, clock=clock, metrics=metrics)
+    sidecar, _ = make_sidecar(config, clock, tmp_path, ops=FakeOps(failure), metrics=metrics)
+    sidecar.actions = {BACKUP: sidecar.backup, PRUNE: sidecar.prune, VERIFY: sidecar.verify}
     sidecar.fire(BACKUP, "a")
     assert observed == [("a", "failed")]
-    assert sent[0].status == "failed" and "does not exist" in sent[0].errors[0]
+    assert sent[0].status == "failed"
+    assert ("does not exist" in sent[0].errors[0]) or ("disk is full" in sent[0].errors[0])
+    assert any(r.levelname == "ERROR" and r.job == "a" for r in caplog.records)
+
+
+def test_warnings_of_a_successful_run_are_notified(monkeypatch: pytest.MonkeyPatch, clock: Clock,
+                                                   tmp_path: Path) -> None:
+    config = config_of({"a": {"volumes": ["v"]}}, notifications={"webhook_url": "http://hook.invalid/x"})
+    posted: list[bytes] = []
+    monkeypatch.setattr(sched_mod.notify, "_send", lambda method, url, body, timeout, what: posted.append(body))
+    ops = FakeOps(BackupOutcome("a", None, "succeeded", [], ["jobs.a.hooks.before[0] (true) exited 1"]))
+    sidecar, _ = make_sidecar(config, clock, tmp_path, ops=ops)
+    sidecar.actions = {BACKUP: sidecar.backup, PRUNE: sidecar.prune, VERIFY: sidecar.verify}
+    sidecar.fire(BACKUP, "a")
+    import json as _json
+    assert [_json.loads(b)["warnings"] for b in posted] == [["jobs.a.hooks.before[0] (true) exited 1"]]
 
 
 def test_scheduler_log_lines_carry_job_and_run_id(
@@ -447,8 +408,9 @@ def test_the_daemon_reloads_on_sighup_flag_and_exits_0_on_stop(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     path = tmp_path / "backupd.yml"
     path.write_text("jobs:\n  a:\n    schedule: '0 3 * * *'\n    volumes: [v]\n")
-    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
-    monkeypatch.setattr("backupd.daemon.prepare_engine", lambda config, catalog: None)
+    config = parse_config({"catalog": f"sqlite:///{tmp_path / 'c.db'}",
+                           "jobs": {"a": {"schedule": "0 3 * * *", "volumes": ["v"]}}})
+    app = SimpleNamespace(config=config, catalog=Catalog(config.catalog), clock=lambda: T0, host=None)
     made: list[Sidecar] = []
     real = sched_mod.Sidecar
 
@@ -460,8 +422,7 @@ def test_the_daemon_reloads_on_sighup_flag_and_exits_0_on_stop(
     signals = Signals()
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(
-        run_daemon(str(path), parse_config({"jobs": {"a": {"schedule": "0 3 * * *", "volumes": ["v"]}}}),
-                   catalog, None, signals)))
+        run_daemon(str(path), app, None, signals)))  # type: ignore[arg-type]
     thread.start()
     deadline = time.monotonic() + 5
     while not made or not made[0].alive():

@@ -1,0 +1,238 @@
+"""The composition root: the one place that builds backupd from its config.
+
+The CLI and the daemon both get an App, so they cannot drift apart: the same
+catalog, the same engine connection, the same start-up recovery, the same
+leases, and the same operations (backup, prune, verify, restore). The daemon
+is handed the App as `Operations`, a typed interface, never loose callables.
+
+Start-up recovery (the first time a command needs the engine): runs a dead
+backupd left `running` are recorded failed, containers it left stopped are
+started, its helper containers are removed. "Dead" is judged by the owner
+recorded in the catalog (backupd.identity), never by hostname, so it also
+works after Compose recreated the sidecar container.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterable, Protocol
+
+from backupd.catalog import FAILED, SUCCEEDED, Catalog, utcnow
+from backupd.catalog.leases import Conflict, Leases
+from backupd.config import Config, Job
+from backupd.errors import BackupdError
+from backupd.identity import Identity, Liveness, this_process
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class Recovery:
+    """What start-up recovery found and undid."""
+
+    failed_runs: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    helpers_removed: int = 0
+    owners_forgotten: int = 0
+
+    def __str__(self) -> str:
+        if not (self.failed_runs or self.restarted or self.helpers_removed):
+            return "nothing left behind by an earlier backupd"
+        parts = []
+        if self.failed_runs:
+            parts.append(f"{len(self.failed_runs)} interrupted run(s) recorded failed "
+                         f"({', '.join(self.failed_runs)})")
+        if self.restarted:
+            parts.append(f"started container(s) left stopped: {', '.join(self.restarted)}")
+        if self.helpers_removed:
+            parts.append(f"removed {self.helpers_removed} stale helper container(s)")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class BackupOutcome:
+    """What one backup attempt ended as, whether or not it got as far as a catalog row."""
+
+    job: str
+    backup_id: str | None
+    status: str
+    errors: list[str]
+    warnings: list[str] = field(default_factory=list)
+    planning_error: BackupdError | None = None  # failed before it started (recorded as backup_id)
+
+
+class Operations(Protocol):
+    """What the scheduler may do; App implements it. Typed, so a mismatch fails type checks."""
+
+    def backup(self, job: str, *, config: Config | None = None, cancel: threading.Event | None = None,
+               stop: threading.Event | None = None, on_start: Callable[[str], None] | None = None,
+               wait: float | None = None) -> BackupOutcome: ...
+
+    def prune(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None,
+              dry_run: bool = False) -> Any: ...
+
+    def verify_latest(self, job: str, *, config: Config | None = None,
+                      stop: threading.Event | None = None) -> list[str]: ...
+
+
+def resources_of(job_name: str, job: Job, volumes: Iterable[Any], stopped: Iterable[Any]) -> list[str]:
+    """What a run must hold alone: the job, each volume or host path, each container it stops,
+    dumps from, or runs hooks in."""
+    names = {f"job:{job_name}"}
+    names.update(f"{v.kind}:{v.source}" for v in volumes)
+    names.update(f"container:{c.name}" for c in stopped)
+    names.update(f"container:{d.container}" for d in job.databases if d.container)
+    for hook in (*job.hooks.before, *job.hooks.after):
+        if hook.container:
+            names.add(f"container:{hook.container}")
+    return sorted(names)
+
+
+class App:
+    """backupd built from one config: catalog, identity and leases now; engine on first use."""
+
+    def __init__(self, config: Config, command: str, *, clock: Clock = utcnow,
+                 identity: Identity | None = None, connect: Callable[[], Any] | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.catalog = Catalog(config.catalog)
+        self.leases = Leases(self.catalog.session_factory, Liveness(identity or this_process(command)), clock)
+        self._connect = connect
+        self._host: Any = None
+        self.recovery: Recovery | None = None
+
+    # ------------------------------------------------------------ the engine
+
+    @property
+    def host(self) -> Any:
+        """The engine; the first use records who we are on it and runs start-up recovery."""
+        if self._host is None:
+            from backupd.docker_host import DockerHost, connect
+
+            client = (self._connect or connect)()
+            host = DockerHost(client, self.config.helper_image, self.config.helper_memory,
+                              owner=self.leases.me.id)
+            own = host.own_container()
+            started = own.attrs.get("State", {}).get("StartedAt") if own is not None else None
+            self.leases.set_identity(
+                self.leases.me.with_engine(host.engine_id(), own.id if own is not None else None, started),
+                host.container_state)
+            self.leases.register()  # before any helper carries our owner id
+            self._host = host
+            self.recovery = self.recover()
+        return self._host
+
+    def recover(self) -> Recovery:
+        """Undo what dead backupd processes left behind; logs what it found."""
+        from backupd.quiesce.stop import recover_held_containers
+
+        host, alive = self._host, self.leases.owner_alive
+        report = Recovery()
+        report.failed_runs = self.catalog.fail_interrupted(alive)
+        for backup_id in report.failed_runs:
+            log.warning("backup %s was left running by a stopped backupd: recorded failed", backup_id,
+                        extra={"backup_id": backup_id})
+        report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
+        report.helpers_removed = host.remove_stale_helpers(alive)
+        report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
+        log.info("start-up recovery: %s", report)
+        return report
+
+    def stores(self, destinations: Iterable[str] | None = None) -> dict[str, Any]:
+        from backupd.storage import open_store
+
+        names = list(self.config.destinations) if destinations is None else list(destinations)
+        return {n: open_store(n, self.config.destinations[n]) for n in names}
+
+    def close(self) -> None:
+        self.leases.close()
+        self.catalog.close()
+
+    # ------------------------------------------------------------ operations
+
+    def backup(self, job: str, *, config: Config | None = None, cancel: threading.Event | None = None,
+               stop: threading.Event | None = None, on_start: Callable[[str], None] | None = None,
+               wait: float | None = None) -> BackupOutcome:
+        """Plan, take the leases, run and record one backup of a job.
+
+        A run that fails while planning (unknown volume, engine down, a destination that
+        cannot be opened) is recorded failed with its cause, like any other failed run.
+        """
+        from backupd.run import make_plan, run_backup
+
+        config = config or self.config
+        spec = config.job(job)
+        try:
+            host = self.host
+            plan = make_plan(config, job, host)
+        except BackupdError as exc:
+            backup_id = self.catalog.record_failed_run(job, f"planning failed: {exc}", self.clock(),
+                                                       self.leases.register())
+            log.error("backup of job %s failed before it started: %s", job, exc,
+                      extra={"job": job, "backup_id": backup_id})
+            return BackupOutcome(job, backup_id, FAILED, [str(exc)], planning_error=exc)
+        try:
+            with self.leases.hold(resources_of(job, spec, plan.volumes, plan.stop), f"backup of job {job}",
+                                  stop=stop, wait=wait, on_wait=_waiting_logger(job)):
+                result = run_backup(config, plan, self.catalog, host, cancel=cancel, on_start=on_start,
+                                    clock=self.clock, owner=self.leases.me.id)
+        except BaseException:
+            for store in plan.stores.values():
+                store.close()
+            raise
+        return BackupOutcome(job, result.backup_id, result.status, result.errors, result.warnings)
+
+    def prune(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None,
+              dry_run: bool = False) -> Any:
+        """Apply retention to one job. A dry run reads the catalog only: no lease, no destination."""
+        from backupd.prune import prune_job
+
+        config = config or self.config
+        if dry_run:
+            return prune_job(config, self.catalog, job, self.clock(), {}, dry_run=True)
+        with self.leases.hold([f"job:{job}"], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+            stores = self.stores(config.job_destinations(job))
+            try:
+                return prune_job(config, self.catalog, job, self.clock(), stores)
+            finally:
+                for store in stores.values():
+                    store.close()
+
+    def verify_latest(self, job: str, *, config: Config | None = None,
+                      stop: threading.Event | None = None) -> list[str]:
+        """Check the newest successful backup of a job on every destination; return the problems."""
+        from backupd.verify import verify_backup
+
+        config = config or self.config
+        backups = self.catalog.list(job=job, statuses=[SUCCEEDED])
+        if not backups:
+            return [f"job {job} has no successful backup to verify"]
+        with self.leases.hold([f"job:{job}"], f"verify of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+            stores = self.stores(config.job_destinations(job))
+            checks = verify_backup(config, self.catalog, stores, backups[0].id)
+        return [f"{c.artifact} on {c.destination}: {c.detail}" for c in checks if not c.ok]
+
+    def hold_for_restore(self, volume: str | None, container: str | None, wait: float | None = None,
+                         job: str | None = None) -> Any:
+        """The leases a restore needs: its target volume (and the containers a --force restore
+        stops), or the job and database container a dump is fed back through."""
+        resources = [f"job:{job}"] if job else []
+        if volume is not None:
+            resources.append(f"volume:{volume}")
+            resources += [f"container:{c.name}" for c in self.host.running_containers_using(volume)]
+        if container is not None:
+            resources.append(f"container:{container}")
+        return self.leases.hold(resources, "restore", wait=wait, on_wait=_waiting_logger(None))
+
+
+def _waiting_logger(job: str | None) -> Callable[[Conflict], None]:
+    def waiting(conflict: Conflict) -> None:
+        log.info("waiting: %s", conflict, extra={"job": job} if job else {})
+
+    return waiting
+

@@ -1,0 +1,188 @@
+"""The daemon as users run it (`backupd run` on the host, and the image as a sidecar container)
+keeps the promises the CLI keeps, on a real engine:
+
+- a container a killed daemon held stopped is started by the next daemon within 10 s, also
+  when the next daemon is a new container with a new hostname (Compose recreated it);
+- a CLI backup of a job the daemon is running waits for it and never overlaps it.
+
+Retention applied by the running daemon is proven by tests/integration/test_sidecar.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.integration.services import APP_COMMAND
+from tests.integration.test_sidecar import SOCKET, _fill, sidecar_image  # noqa: F401 - fixture
+from tests.integration.test_volumes import REPO, backupd, listing, write_config
+
+pytestmark = pytest.mark.integration
+
+SLOW = {"algorithm": "gzip", "level": 9}  # with _fill's a/b bytes: about 2.5 s per MB here
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float, logs: Callable[[], str] = lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    pytest.fail(f"{what} not seen within {timeout:.0f}s\n{logs()[-4000:]}", pytrace=False)
+
+
+class Daemon:
+    """`backupd run` as a process on the host, its log in a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        self.out = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "backupd", "--log-format", "json", "--config",
+                                      str(config), "run"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                                     stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+        self.out.close()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path):
+    made: list[Daemon] = []
+
+    def start(config: Path) -> Daemon:
+        made.append(Daemon(config, tmp_path / f"daemon-{len(made)}.log"))
+        return made[-1]
+
+    yield start
+    for d in made:
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def held_app(docker_client, helper_image, volume_factory):
+    """A running app container and a volume slow enough to back up that a test can act mid-copy."""
+    vol = volume_factory("held")
+    _fill(docker_client, helper_image, vol, 6)
+    app = docker_client.containers.run(helper_image, APP_COMMAND, detach=True, name=f"app-{uuid.uuid4().hex[:8]}",
+                                       volumes={vol: {"bind": "/data", "mode": "rw"}})
+    yield app, vol
+    app.remove(force=True)
+
+
+def status_of(container) -> str:
+    container.reload()
+    return container.status
+
+
+def no_helpers_on(docker_client, volume: str) -> bool:
+    return not docker_client.containers.list(all=True, filters={"volume": volume, "label": "backupd.helper"})
+
+
+def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daemon(
+        docker_client, helper_image, held_app, daemons, tmp_path):
+    app, vol = held_app
+    config = write_config(tmp_path, helper_image, {"slow": {
+        "schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name], "compression": SLOW}},
+        scheduler={"misfire_grace": "30s"})
+    first = daemons(config)
+    wait_until(lambda: status_of(app) == "exited", "the scheduled run stopping the app", 90, first.text)
+    time.sleep(1)
+    first.stop(signal.SIGKILL)
+    assert status_of(app) == "exited", "SIGKILL restarts nothing: the next daemon must"
+
+    killed_at = time.monotonic()
+    second = daemons(config)
+    wait_until(lambda: status_of(app) == "running", "the app started again", 10, second.text)
+    assert time.monotonic() - killed_at < 10
+    wait_until(lambda: no_helpers_on(docker_client, vol), "the dead daemon's helper removed", 10, second.text)
+    recovered = [json.loads(line) for line in second.text().splitlines() if "start-up recovery" in line]
+    assert recovered and f"started container(s) left stopped: {app.name}" in recovered[0]["message"]
+    [interrupted] = [b for b in listing(config) if b["status"] != "running"]
+    assert interrupted["status"] == "failed" and "interrupted" in interrupted["error"]
+
+
+def test_a_cli_backup_of_a_job_the_daemon_is_running_waits_and_never_overlaps(
+        docker_client, helper_image, held_app, daemons, tmp_path):
+    app, vol = held_app
+    config = write_config(tmp_path, helper_image, {"slow": {
+        "schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name], "compression": SLOW}},
+        scheduler={"misfire_grace": "30s"})
+    daemon = daemons(config)
+    wait_until(lambda: [b for b in listing(config) if b["status"] == "running"], "the daemon's run", 90, daemon.text)
+    cli = backupd(config, "backup", "slow")
+    assert cli.returncode == 0, cli.stderr
+    assert "waiting: job:slow is held by backupd run" in cli.stderr
+    refused = backupd(config, "backup", "slow", "--no-wait")  # the daemon may have started its next run
+    assert refused.returncode in (0, 75)
+    runs = sorted((b for b in listing(config) if b["status"] != "running"), key=lambda b: b["started_at"])
+    assert len(runs) >= 2 and all(b["status"] == "succeeded" for b in runs), runs
+    for earlier, later in zip(runs, runs[1:]):
+        assert earlier["finished_at"] <= later["started_at"], "two runs of one job overlapped"
+    assert status_of(app) == "running"
+
+
+@pytest.fixture
+def sidecar_container(docker_client, sidecar_image, tmp_path):
+    """Start the image as a sidecar on the default bridge (its own hostname), state in a volume."""
+    made: list[Any] = []
+
+    def start(config: dict, state_volume: str) -> Any:
+        cfg = tmp_path / "sidecar.yml"
+        cfg.write_text(json.dumps(config))
+        cfg.chmod(0o644)
+        tmp_path.chmod(0o755)
+        made.append(docker_client.containers.run(
+            sidecar_image, detach=True, name=f"backupd-sidecar-{uuid.uuid4().hex[:8]}",
+            group_add=[str(Path(SOCKET).stat().st_gid)], read_only=True, tmpfs={"/tmp": ""},
+            environment={"BACKUPD_HTTP": "127.0.0.1:8080"}, command=["--log-format", "json", "run"],
+            volumes={SOCKET: {"bind": SOCKET, "mode": "rw"},
+                     str(cfg): {"bind": "/etc/backupd/backupd.yml", "mode": "ro"},
+                     state_volume: {"bind": "/var/lib/backupd", "mode": "rw"}}))
+        return made[-1]
+
+    yield start
+    for container in made:
+        container.remove(force=True, v=True)
+
+
+def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostname(
+        docker_client, sidecar_image, held_app, volume_factory, sidecar_container):
+    app, vol = held_app
+    state = volume_factory("scstate")
+    config = {"catalog": "sqlite:////var/lib/backupd/catalog.db", "helper_image": sidecar_image,
+              "destinations": {"local": {"type": "local", "path": "/var/lib/backupd/backups"}},
+              "scheduler": {"misfire_grace": "30s"},
+              "jobs": {"slow": {"schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name],
+                                "compression": SLOW}}}
+    first = sidecar_container(config, state)
+    logs = lambda c=first: c.logs().decode(errors="replace")  # noqa: E731
+    wait_until(lambda: status_of(app) == "exited", "the scheduled run stopping the app", 90, logs)
+    time.sleep(1)
+    first.kill(signal="SIGKILL")
+    first.wait(timeout=30)
+    assert status_of(app) == "exited"
+
+    second = sidecar_container(config, state)
+    second.reload()
+    first.reload()
+    assert second.attrs["Config"]["Hostname"] != first.attrs["Config"]["Hostname"]
+    wait_until(lambda: status_of(app) == "running", "the app started by the new container", 10,
+               lambda: second.logs().decode(errors="replace"))
+    wait_until(lambda: "start-up recovery: " in second.logs().decode(errors="replace"), "the recovery log line",
+               10, lambda: second.logs().decode(errors="replace"))
