@@ -2,7 +2,7 @@
 # Install and start what backupd's integration tests need on Debian 12, as root.
 # Idempotent: every step checks first and does nothing when already done.
 #
-#   install       Debian packages (Docker engine, busybox-static, debootstrap, OpenSSH, zstd, age, pigz, peers)
+#   install       Debian packages (Docker engine and Compose, busybox-static, debootstrap, OpenSSH, zstd, age, pigz, peers)
 #   dockerd       start the Docker engine if it does not answer (no systemd on these machines)
 #   helper-image  backupd-helper:test = static busybox + the host's GNU tar (no registry needed)
 #   db-image      dbbase:test = Debian bookworm with PostgreSQL 15, MariaDB, python3 (debootstrap, cached)
@@ -19,7 +19,7 @@ BASE_IMAGE=${BASE_IMAGE:-backupd-base:test}
 CACHE=${TESTENV_CACHE:-/var/cache/backupd-test}
 # restic, borgbackup: peers for benchmarks/; python3-venv: .ci/run's venv if python3 is Debian's.
 # postgresql-client: pg_dump for databases reached over the network (host: entries).
-APT_PACKAGES=(docker.io busybox-static debootstrap openssh-server openssh-client zstd age pigz time
+APT_PACKAGES=(docker.io docker-compose busybox-static debootstrap openssh-server openssh-client zstd age pigz time
               restic borgbackup python3-venv postgresql-client)
 DB_PACKAGES=postgresql-15,mariadb-server,python3
 DB_PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

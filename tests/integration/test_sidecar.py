@@ -134,7 +134,8 @@ class Sidecar:
     """A running sidecar container and the ways a test looks at it."""
 
     def __init__(self, client: docker.DockerClient, image: str, tmp: Path, data_volume: str,
-                 state_volume: str, backups_volume: str, webhook_url: str, compression: dict) -> None:
+                 state_volume: str, backups_volume: str, webhook_url: str, compression: dict,
+                 retention: dict | None = None) -> None:
         self.client, self.image = client, image
         self.port = _free_port()
         config = {
@@ -142,7 +143,7 @@ class Sidecar:
             "helper_image": image,
             "destinations": {"local": {"type": "local", "path": "/backups"}},
             "jobs": {"data": {"schedule": "* * * * *", "volumes": [data_volume],
-                              "compression": compression}},
+                              "compression": compression, **({"retention": retention} if retention else {})}},
             "scheduler": {"stop_grace": "1s", "misfire_grace": "30s"},
             "notifications": {"webhook_url": webhook_url, "timeout": "5s"},
         }
@@ -204,10 +205,11 @@ class Sidecar:
 def start_sidecar(docker_client, sidecar_image, helper_image, volume_factory, webhook, tmp_path):
     made: list[Sidecar] = []
 
-    def start(megabytes: int, compression: dict) -> tuple[Sidecar, str, str]:
+    def start(megabytes: int, compression: dict, retention: dict | None = None) -> tuple[Sidecar, str, str]:
         data, state, backups = volume_factory("scdata"), volume_factory("scstate"), volume_factory("scbak")
         _fill(docker_client, helper_image, data, megabytes)
-        sidecar = Sidecar(docker_client, sidecar_image, tmp_path, data, state, backups, webhook.url, compression)
+        sidecar = Sidecar(docker_client, sidecar_image, tmp_path, data, state, backups, webhook.url, compression,
+                          retention)
         made.append(sidecar)
         return sidecar, data, backups
 
@@ -216,17 +218,32 @@ def start_sidecar(docker_client, sidecar_image, helper_image, volume_factory, we
         sidecar.remove()
 
 
-def test_image_backs_up_on_a_minute_schedule_and_reports_health_and_metrics(start_sidecar, webhook):
-    sidecar, _, _ = start_sidecar(megabytes=1, compression={"algorithm": "zstd"})
+def test_image_backs_up_on_a_minute_schedule_applies_retention_and_reports_health_and_metrics(
+        start_sidecar, webhook, docker_client):
+    """The sidecar as deployed: three scheduled runs of a keep_last: 1 job leave exactly one
+    backup, in the catalog and on disk."""
+    sidecar, _, backups_volume = start_sidecar(megabytes=1, compression={"algorithm": "zstd"},
+                                               retention={"keep_last": 1})
     sidecar.wait_for(lambda: sidecar.get("/healthz")[0] == 200, "healthy /healthz", 30)
 
     code, out = sidecar.container.exec_run(["backupd", "list", "--schedule", "--json"])
     assert code == 0 and json.loads(out)[0]["schedule"] == "* * * * *"
 
-    done = sidecar.wait_for(lambda: [b for b in sidecar.backups() if b["status"] == "succeeded"],
-                            "a succeeded scheduled backup", 100)
-    backup = done[0]
+    def runs_succeeded() -> float:
+        for line in sidecar.get("/metrics")[1].decode().splitlines():
+            if line.startswith('backupd_runs_total{job="data",status="succeeded"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    sidecar.wait_for(lambda: runs_succeeded() >= 3, "three succeeded scheduled backups", 200)
+    sidecar.wait_for(lambda: len(sidecar.backups()) == 1, "retention applied after the third run", 30)
+    [backup] = sidecar.backups()
+    assert backup["status"] == "succeeded"
     assert [a["name"] for a in backup["artifacts"]][0].startswith("scdata-")
+    on_disk = run_once(docker_client, sidecar.image, ["sh", "-c", "find /backups -name '*.tar.*'"], entrypoint=[],
+                       volumes={backups_volume: {"bind": "/backups", "mode": "ro"}},
+                       network_mode="none").decode().split()
+    assert len(on_disk) == 1 and backup["id"] in on_disk[0], on_disk
 
     status, body = sidecar.get("/healthz")
     health = json.loads(body)
@@ -234,21 +251,21 @@ def test_image_backs_up_on_a_minute_schedule_and_reports_health_and_metrics(star
     assert health["scheduler"]["alive"] and health["catalog"]["reachable"]
     job = health["jobs"]["data"]
     assert job["overdue"] is False and job["last_run"]["status"] == "succeeded"
-    assert job["last_run"]["backup_id"] == backup["id"]
 
     status, body = sidecar.get("/metrics")
     metrics = body.decode()
     assert status == 200
-    assert 'backupd_runs_total{job="data",status="succeeded"} 1.0' in metrics
     assert 'backupd_artifacts{destination="local"} 1.0' in metrics
     assert 'backupd_last_success_timestamp_seconds{job="data"}' in metrics
-    assert 'backupd_run_duration_seconds_count{job="data"} 1.0' in metrics
+    assert 'backupd_run_duration_seconds_count{job="data"}' in metrics
     written = [line for line in metrics.splitlines() if line.startswith('backupd_bytes_written_total{')]
-    assert written and float(written[0].split()[-1]) == backup["size"]
+    assert written and float(written[0].split()[-1]) >= 3 * backup["size"]
 
     lines = [json.loads(line) for line in sidecar.logs().splitlines() if line.startswith("{")]
     assert any(rec.get("job") == "data" and rec.get("run_id") and rec.get("backup_id") == backup["id"]
                for rec in lines), "scheduler lines carry job, run id and backup id"
+    assert any("pruned job data" in rec.get("message", "") for rec in lines)
+    assert not any(rec.get("level") == "error" for rec in lines), [r for r in lines if r.get("level") == "error"]
     assert webhook.posts == [], "success is not notified unless asked"
 
 

@@ -22,11 +22,17 @@ def stack() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
+def mount_target(spec: str) -> str:
+    """SOURCE:TARGET[:MODE], where SOURCE may be ${VAR:-default} with a colon of its own."""
+    return spec.rsplit("}", 1)[-1].lstrip(":").split(":")[0] if spec.startswith("${") else spec.split(":")[1]
+
+
 def test_the_sidecar_mounts_the_socket_config_catalog_and_backups(stack: dict) -> None:
     svc = stack["services"]["backupd"]
-    mounts = {m.split(":")[1]: m for m in svc["volumes"]}
+    mounts = {mount_target(m): m for m in svc["volumes"]}
     assert mounts["/var/run/docker.sock"].startswith("/var/run/docker.sock:")
-    assert mounts["/etc/backupd/backupd.yml"] == "./config/compose.yml:/etc/backupd/backupd.yml:ro"
+    assert mounts["/etc/backupd/backupd.yml"] == \
+        "${BACKUPD_CONFIG_FILE:-./config/compose.yml}:/etc/backupd/backupd.yml:ro"
     assert mounts["/var/lib/backupd"].split(":")[0] in stack["volumes"]
     assert mounts["/backups"].split(":")[0] in stack["volumes"]
 
@@ -53,8 +59,20 @@ def test_the_mounted_config_names_the_stacks_volume_and_database_and_stops_withi
     assert config.jobs["app"].volumes[0].name == stack["volumes"]["appdata"]["name"]
     assert config.jobs["db"].databases[0].container == stack["services"]["db"]["container_name"]
     assert {e.id for e in entries_of(config)} == {"backup:app", "backup:db"}
-    assert config.scheduler.stop_grace.total_seconds() < 6 * 60
+    from backupd.scheduler import CANCEL_WAIT
+
+    # SIGTERM: stop_grace for running runs, then CANCEL_WAIT to unwind, all before Docker's SIGKILL
+    assert stack["services"]["backupd"]["stop_grace_period"] == "6m"
+    assert config.scheduler.stop_grace.total_seconds() + CANCEL_WAIT < 6 * 60
     assert config.notifications.webhook_url_file == Path("/run/secrets/webhook_url")
+
+
+def test_images_config_and_port_can_be_overridden_for_hosts_without_a_registry(stack: dict) -> None:
+    services = stack["services"]
+    assert services["db"]["image"] == "${POSTGRES_IMAGE:-postgres:16}"
+    assert services["app"]["image"] == "${APP_IMAGE:-nginx:stable}"
+    assert services["backupd"]["image"] == "${BACKUPD_IMAGE:-backupd:latest}"
+    assert services["backupd"]["ports"] == ["127.0.0.1:${BACKUPD_PORT:-8080}:8080"]
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed")
