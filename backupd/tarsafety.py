@@ -42,6 +42,7 @@ pointing above the target are restored as they were.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
@@ -193,10 +194,12 @@ def _decimal(value: str, what: str, maximum: int = OFF_MAX) -> int:
 
 
 def _checksum_ok(header: bytes) -> None:
+    """The unsigned sum (POSIX) or, when that fails, the signed one (some old tars)."""
     recorded = _octal(header[148:156], "checksum")
-    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
-    signed = unsigned - 256 * sum(1 for b in header if b >= 128) + 256 * sum(1 for b in header[148:156] if b >= 128)
-    if recorded not in (unsigned, signed):
+    if recorded == sum(header) - sum(header[148:156]) + 8 * 32:
+        return
+    signed = sum(struct.unpack_from("148b", header)) + sum(struct.unpack_from("356b", header, 156)) + 8 * 32
+    if recorded != signed:
         raise _malformed("header checksum mismatch")
 
 
@@ -297,8 +300,8 @@ class _Reader:
         self.checker = checker
         self.pending = _Pending()
 
-    def step(self, data: bytes | memoryview, pos: int) -> _Step | None:
-        """Judge the header at data[pos:] (at least a block); None when more bytes are needed."""
+    def step(self, data: bytes | memoryview, pos: int) -> _Step | int:
+        """Judge the header at data[pos:] (at least a block), or say how many bytes from pos it needs."""
         header = bytes(data[pos:pos + BLOCK])
         _checksum_ok(header)
         kind = header[156:157]
@@ -309,7 +312,7 @@ class _Reader:
                 raise _unsafe(f"an extended header of {size} bytes "
                               f"(more than {MAX_EXTENDED_HEADER >> 20} MiB)")
             if available < _padded(size):
-                return None  # wait for the whole extended header
+                return BLOCK + _padded(size)  # wait for the whole extended header
             self._extended(kind, bytes(data[pos + BLOCK:pos + BLOCK + size]))
             return _Step(BLOCK + _padded(size), 0)
         member, sparse = self._member(header, kind, size)
@@ -318,7 +321,7 @@ class _Reader:
             blocks = _sparse_blocks(bytes(data[pos + BLOCK:pos + BLOCK + min(available, held)]), sparse)
             if blocks is None:
                 if available < held:
-                    return None  # wait for the whole map
+                    return BLOCK + available + 1  # wait for the rest of the map
                 raise _malformed(f"the sparse map of '{member.name}' runs past its data")
             if blocks * BLOCK > _padded(member.size):
                 raise _malformed(f"the sparse map of '{member.name}' runs past its data")
@@ -381,6 +384,7 @@ def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Itera
     checker = checker or TarChecker()
     reader = _Reader(checker)
     tail = b""  # incomplete headers waiting for the next chunk
+    need = BLOCK  # bytes the header at the start of tail needs before it can be judged
     skip = 0  # content bytes of the current member still to pass through
     ended = False
     for chunk in chunks:
@@ -395,7 +399,7 @@ def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Itera
                 skip -= step
                 if skip:
                     break
-            if n - pos < BLOCK:
+            if n - pos < need:
                 break
             if data[pos:pos + BLOCK] == ZERO_BLOCK:
                 # The end-of-archive mark: tar stops at the first zero block. Only the mark is
@@ -403,10 +407,12 @@ def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Itera
                 ended = True
                 break
             taken = reader.step(data, pos)
-            if taken is None:
+            if isinstance(taken, int):
+                need = taken
                 break
             pos += taken.passed
             skip = taken.skip
+            need = BLOCK
         if ended:
             if pos:
                 yield memoryview(data)[:pos]
