@@ -72,6 +72,9 @@ _MEMBER_KEYS = frozenset({"path", "linkpath", "size", "GNU.sparse.name", "GNU.sp
 _OCTAL = re.compile(rb" *([0-7]+)[ \0]*")
 _DECIMAL = re.compile(rb"[0-9]+")
 _RECORD_LENGTH = re.compile(rb"[1-9][0-9]{0,19} ")
+_PAX_TIME = re.compile(r"-?[0-9]{1,18}(\.[0-9]+)?")  # tar's decode_time, within time_t
+ID_MAX = (1 << 32) - 1  # uid_t, gid_t
+DEV_MAX = (1 << 31) - 1
 SPARSE_LINE_MAX = 20  # tar reads a sparse map number into a 21-byte buffer: 19 digits and '\n'
 
 
@@ -172,17 +175,32 @@ def _octal(field: bytes, what: str) -> int:
     return int(match.group(1), 8)
 
 
-def _size(field: bytes) -> int:
-    """A header's size: octal, or positive base-256 (0x80 then 11 bytes), as tar reads it."""
+def _number(field: bytes, what: str, maximum: int) -> int:
+    """A header number: octal, or positive base-256 (0x80 then big-endian bytes), as tar reads it."""
     if field[:1] == b"\x80":
         value = int.from_bytes(field[1:], "big")
     elif field[:1] == b"\xff":
-        raise _malformed("a negative size")
+        raise _malformed(f"a negative {what}")
     else:
-        value = _octal(field, "size")
-    if value > OFF_MAX:
-        raise _malformed(f"a size of {value} bytes")
+        value = _octal(field, what)
+    if value > maximum:
+        raise _malformed(f"a {what} of {value}")
     return value
+
+
+def _size(field: bytes) -> int:
+    return _number(field, "size", OFF_MAX)
+
+
+def _check_numbers(header: bytes, kind: bytes) -> None:
+    """The numbers tar decodes for every member: one it cannot read fails the restore."""
+    _number(header[100:108], "mode", (1 << 63) - 1)
+    _number(header[108:116], "uid", ID_MAX)
+    _number(header[116:124], "gid", ID_MAX)
+    _number(header[136:148], "mtime", OFF_MAX)
+    if kind in (b"3", b"4"):
+        _number(header[329:337], "device major", DEV_MAX)
+        _number(header[337:345], "device minor", DEV_MAX)
 
 
 def _decimal(value: str, what: str, maximum: int = OFF_MAX) -> int:
@@ -236,6 +254,13 @@ def _judge_keys(records: dict[str, str], allowed: frozenset[str], where: str) ->
     for key in ("path", "linkpath", "GNU.sparse.name"):
         if "\0" in records.get(key, ""):
             raise _unsafe(f"PAX record '{key}' holds a NUL")
+    for key in ("mtime", "atime", "ctime"):
+        if key in records and _PAX_TIME.fullmatch(records[key]) is None:
+            raise _malformed(f"bad PAX {key} {records[key]!r}")
+    for key, maximum in (("uid", ID_MAX), ("gid", ID_MAX), ("SCHILY.devmajor", DEV_MAX),
+                         ("SCHILY.devminor", DEV_MAX)):
+        if key in records:
+            _decimal(records[key], f"PAX {key}", maximum)
 
 
 def _padded(size: int) -> int:
@@ -346,6 +371,7 @@ class _Reader:
         """The member as tar reads it, and a PAX 1.0 sparse file's real size (else None)."""
         if kind not in REGULAR and kind not in NO_DATA:
             raise _unsafe(f"member type {kind!r}, which backupd never writes")
+        _check_numbers(header, kind)
         pax = self.pending.pax or {}
         name = _text(header[0:100])
         if header[257:263] == b"ustar\0" and header[345] != 0:

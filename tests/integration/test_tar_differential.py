@@ -172,6 +172,10 @@ HAND_MADE: dict[str, bytes] = {
         forge.pax(forge.record("GNU.sparse.major", "1") + forge.record("GNU.sparse.minor", "0")
                   + forge.record("GNU.sparse.name", "sp") + forge.record("GNU.sparse.realsize", "8192")),
         forge.member("GNUSparseFile/sp", data=forge.pad(b"1\n0\n4096\n") + hidden("../outside"))),
+    "sparse file as GNU tar writes it": forge.archive(
+        forge.pax(forge.record("GNU.sparse.major", "1") + forge.record("GNU.sparse.minor", "0")
+                  + forge.record("GNU.sparse.name", "./sp") + forge.record("GNU.sparse.realsize", "1048576")),
+        forge.member("./GNUSparseFile.1/sp", data=forge.pad(b"2\n4096\n1000\n1048576\n0\n") + b"z" * 1000)),
     "ordinary tree with absolute links": forge.archive(
         forge.member("./", b"5"), forge.member("./bin/python3", b"2", link="/usr/bin/python3.11"),
         forge.member("./access.log", b"2", link="/dev/stdout"), forge.member("./up", b"2", link="../.."),

@@ -348,3 +348,23 @@ def test_sparse_forms_backupd_never_writes_are_refused():
 def test_garbage_raises_the_integrity_error_and_nothing_else(data):
     with pytest.raises(IntegrityError):
         names(data)
+
+
+@pytest.mark.parametrize("offset,field", [(100, b"\x01000644\0"), (108, b"+0\0\0\0\0\0\0"), (116, b"\xff" * 8),
+                                          (136, b"1_000\0\0\0\0\0\0\0"), (108, b"\x80" + b"\x01" * 7)])
+def test_member_numbers_tar_cannot_read_are_refused(offset, field):
+    """tar fails the restore on them; the guard says so before anything is written."""
+    block = bytearray(forge.header("f"))
+    block[offset:offset + len(field)] = field
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    with pytest.raises(IntegrityError, match="not a well-formed tar"):
+        names(bytes(block) + forge.end())
+
+
+@pytest.mark.parametrize("key,value", [("mtime", "yesterday"), ("atime", "1_0"), ("uid", "-1"),
+                                       ("gid", str(1 << 40)), ("SCHILY.devmajor", "x")])
+def test_pax_metadata_tar_cannot_read_is_refused(key, value):
+    with pytest.raises(IntegrityError, match=f"PAX {key}"):
+        names(forge.archive(forge.pax(forge.record(key, value)), forge.member("f")))
+    assert names(forge.archive(forge.pax(forge.record("mtime", "-315619200.123456789")), forge.member("f"))) == ["f"]
