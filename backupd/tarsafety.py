@@ -69,7 +69,7 @@ _METADATA_KEYS = frozenset({"atime", "ctime", "mtime", "uid", "gid", "uname", "g
 _METADATA_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.", "SCHILY.acl.")
 _MEMBER_KEYS = frozenset({"path", "linkpath", "size", "GNU.sparse.name", "GNU.sparse.major",
                           "GNU.sparse.minor", "GNU.sparse.realsize"})
-_OCTAL = re.compile(rb" *([0-7]+)[ \0]*")
+_OCTAL = re.compile(rb" *([0-7]+)[ \0]*|\0+")  # tar reads an all-NUL field as 0
 _DECIMAL = re.compile(rb"[0-9]+")
 _RECORD_LENGTH = re.compile(rb"[1-9][0-9]{0,19} ")
 _PAX_TIME = re.compile(r"-?[0-9]{1,18}(\.[0-9]+)?")  # tar's decode_time, within time_t
@@ -167,12 +167,11 @@ def _text(raw: bytes) -> str:
 
 def _octal(field: bytes, what: str) -> int:
     """Leading spaces, octal digits, then spaces or NULs: the part of tar's reading backupd accepts."""
-    if field == bytes(len(field)):
-        return 0  # tar reads an all-NUL field as 0
     match = _OCTAL.fullmatch(field)
     if match is None:
         raise _malformed(f"bad {what} field {field!r}")
-    return int(match.group(1), 8)
+    digits = match.group(1)
+    return int(digits, 8) if digits else 0
 
 
 def _number(field: bytes, what: str, maximum: int) -> int:
