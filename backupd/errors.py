@@ -37,6 +37,12 @@ class IntegrityError(BackupdError):
     exit_code = 4
 
 
+class UnsafeArchiveError(IntegrityError):
+    """An archive restore refuses to unpack: a member that could write outside the target,
+    or a form the tar guard cannot judge. Bytes that prove their checksum are the same on
+    every copy, so another copy cannot do better."""
+
+
 class PartialError(BackupdError):
     """Some artifacts or copies landed and others did not."""
 

@@ -23,7 +23,7 @@ from backupd.catalog import ArtifactView, BackupView, Catalog, CopyView
 from backupd.config import Config
 from backupd.docker_host import DockerHost, HelperError
 from backupd.quiesce.stop import held
-from backupd.errors import BackupdError, ConfigError, IntegrityError, RefusedError
+from backupd.errors import BackupdError, ConfigError, IntegrityError, RefusedError, UnsafeArchiveError
 from backupd.storage import Store, configured_stores
 from backupd.stream import Progress
 from backupd.tarsafety import guarded
@@ -50,7 +50,7 @@ def _candidates(artifact: ArtifactView, stores: dict[str, Store], prefer: list[s
 
 def _skip_copy(copy: CopyView, exc: BackupdError, problems: list[str]) -> None:
     """Note why a copy is unusable, or raise when no other copy can do better."""
-    if isinstance(exc, HelperError) or "unsafe archive" in str(exc):
+    if isinstance(exc, (HelperError, UnsafeArchiveError)):
         raise exc  # the target's fault, or the same bytes on every copy (same sha256)
     problems.append(str(exc) if isinstance(exc, IntegrityError) else f"{copy.destination}: {exc}")
     log.warning("copy on %s unusable: %s", copy.destination, exc)

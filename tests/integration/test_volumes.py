@@ -195,6 +195,84 @@ def test_round_trip_brings_back_every_byte_owner_mode_link_hole_and_timestamp(
     assert sparse.st_blocks * 512 < 1 << 20, "sparse file came back fully allocated"
 
 
+def populate_real_world_links(root: Path) -> None:
+    """Trees ordinary applications leave in volumes, full of absolute and dangling links."""
+    venv = root / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (venv / "bin" / "python3").symlink_to("/usr/bin/python3.11")
+    (venv / "bin" / "python").symlink_to("python3")
+    (venv / "lib64").symlink_to("lib")
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    logs = root / "nginx" / "log"
+    logs.mkdir(parents=True)
+    (logs / "access.log").symlink_to("/dev/stdout")
+    (logs / "error.log").symlink_to("/dev/stderr")
+    certs = root / "ssl" / "certs"
+    certs.mkdir(parents=True)
+    (certs / "ca-certificates.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    (certs / "ISRG_Root_X1.pem").symlink_to("/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt")
+    (certs / "4042bcee.0").symlink_to("ISRG_Root_X1.pem")
+    (certs / "ca-bundle.crt").symlink_to("../certs/ca-certificates.crt")
+    (certs / "java").symlink_to("/etc/ssl/certs/java")
+    (root / "current").symlink_to("/srv/app/releases/2024-05-01")  # exists only in the app's container
+    (root / "up").symlink_to("../../..")
+
+
+def test_absolute_dangling_and_climbing_links_round_trip_exactly(
+        docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("links")
+    root = mountpoint(docker_client, vol)
+    populate_real_world_links(root)
+    before = snapshot(root)
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    target = f"{vol}-restored"
+    try:
+        backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", target, check=True)
+        restored = mountpoint(docker_client, target)
+        assert os.readlink(restored / "venv" / "bin" / "python3") == "/usr/bin/python3.11"
+        assert os.readlink(restored / "nginx" / "log" / "access.log") == "/dev/stdout"
+        assert snapshot(restored) == before
+    finally:
+        docker_client.volumes.get(target).remove(force=True)
+
+
+def readme_restore_commands() -> str:
+    """The shell block under the README's restore-without-backupd marker, as written."""
+    text = (REPO / "README.md").read_text()
+    _, marker, rest = text.partition("<!-- restore-without-backupd -->")
+    assert marker, "README lost its restore-without-backupd section"
+    return rest.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_restore_without_backupd_works_under_pipefail(docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("manual")
+    root = mountpoint(docker_client, vol)
+    populate_awkward(root, big_mb=2, small_files=100)
+    populate_real_world_links(root)
+    before = snapshot(root)
+    identity = tmp_path / "key.txt"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(identity)], check=True,
+                               capture_output=True, text=True).stdout.strip()
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}},
+                          encryption={"age_recipients": [recipient]})
+    backupd(config, "backup", "j", check=True)
+    [archive] = archives(tmp_path)
+    target = tmp_path / "restore" / "app_data"
+
+    script = readme_restore_commands()
+    lines = script.splitlines()
+    assert lines[0] == "set -euo pipefail" and "--ignore-zeros" in script
+    lines = [f"archive={archive}" if line.startswith("archive=") else
+             f"target={target}" if line.startswith("target=") else line for line in lines]
+    proc = subprocess.run(["bash", "-c", "\n".join(lines)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(target) == before
+
+
 def test_attach_stream_transport_round_trips_too(docker_client, helper_image, volume_factory, tmp_path):
     """Without a mount shared with helpers, archives travel over Docker's attach stream."""
     vol = volume_factory("attach")
