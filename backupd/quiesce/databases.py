@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 
 from backupd.config import DatabaseSpec
 from backupd.docker_host import DockerHost
-from backupd.errors import BackupdError, ConfigError, NotFoundError
+from backupd.errors import BackupdError, NotFoundError, UnsafeNameError
+from backupd.names import decode_name, encode_name, unquotable
 from backupd.quiesce import mysql, postgres
 from backupd.quiesce.runner import MISSING_COMMAND, ContainerRunner, LocalRunner, Runner, redact
 
@@ -58,6 +59,18 @@ class Target:
             raise DumpError(f"{what} in {self.runner.where} failed (exit {result.code}): "
                             f"{self.redact(result.stderr)[-400:] or 'no message'}")
         return result.stdout
+
+    def databases(self, where: str) -> list[str]:
+        """Every database on the server, by its exact name (the tools print them hex-encoded)."""
+        out = self.query(self.kind.list_databases(self.spec, self.tools), "listing databases")
+        names = []
+        for line in out.split():
+            try:
+                names.append(bytes.fromhex(line).decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError is one
+                raise UnsafeNameError(f"{where}: {self.runner.where} lists a database whose name is not "
+                                      f"UTF-8 (hex {line[:140]}); backupd cannot name it to a tool") from None
+        return names
 
 
 @dataclass(frozen=True)
@@ -124,63 +137,90 @@ def server_name(spec: DatabaseSpec, container: str | None = None) -> str:
     return container or spec.container or f"{spec.host}:{spec.port or ''}"
 
 
-def plan_dumps(spec: DatabaseSpec, host: DockerHost, where: str) -> list[Dump]:
-    """The dumps one `databases:` entry makes, resolved now (unknown names fail here)."""
-    target = connect(spec, host, where)
-    kind, tools = target.kind, target.tools
-    server = server_name(spec)
-    source = lambda db: f"{kind.KIND}:{server}/{db}"  # noqa: E731
-    if spec.database == "all":
-        everything = kind.dump_everything(spec, tools)
-        if everything is not None:
-            return [Dump(spec.name, source("*all"), everything, target)]
-        names = [n for n in target.query(kind.list_databases(spec, tools), "listing databases").split()
-                 if n not in kind.SYSTEM_DATABASES]
-        dumps = [Dump(f"{spec.name}.{n}", source(n), kind.dump_one(spec, n, tools), target) for n in names]
-        extra = kind.dump_all_extra(spec, tools)
-        if extra is not None:
-            dumps.append(Dump(f"{spec.name}.{extra[0]}", source(f"*{extra[0]}"), extra[1], target))
-        return dumps
-    wanted = [spec.database] if isinstance(spec.database, str) else list(spec.database)
-    existing = set(target.query(kind.list_databases(spec, tools), "listing databases").split())
-    for i, name in enumerate(wanted):
-        if name not in existing:
-            at = where if isinstance(spec.database, str) else f"{where}.database[{i}]"
-            raise NotFoundError(f"{at}: database '{name}' does not exist on {server}")
-    if isinstance(spec.database, str):
-        return [Dump(spec.name, source(spec.database), kind.dump_one(spec, spec.database, tools), target)]
-    return [Dump(f"{spec.name}.{n}", source(n), kind.dump_one(spec, n, tools), target) for n in wanted]
+def check_name(name: str, at: str) -> str:
+    """`name` if every tool can be handed it as a plain value; else UnsafeNameError naming `at`."""
+    reason = unquotable(name)
+    if reason is not None:
+        raise UnsafeNameError(f"{at}: database {name!r} cannot be passed to a dump tool safely: {reason}")
+    return name
+
+
+def make_source(kind: str, server: str, database: str) -> str:
+    """'postgres:pg/app'. The database part is encoded (never '/' or '*'), or '*all' / '*globals'."""
+    return f"{kind}:{server}/{database if database.startswith('*') else encode_name(database)}"
 
 
 def parse_source(source: str) -> tuple[str, str, str]:
-    """'postgres:pg/app' -> ('postgres', 'pg', 'app')."""
+    """'postgres:pg/app' -> ('postgres', 'pg', 'app'); 'postgres:pg/a%2Fb' -> (..., 'a/b')."""
     kind, _, rest = source.partition(":")
     server, _, database = rest.rpartition("/")
-    if kind not in KINDS or not server:
+    if kind not in KINDS or not server or not database:
         raise BackupdError(f"artifact source '{source}' is not a database dump")
-    return kind, server, database
+    if database.startswith("*"):
+        return kind, server, database
+    try:
+        return kind, server, decode_name(database)
+    except UnicodeDecodeError:
+        raise BackupdError(f"artifact source '{source}' does not name a database") from None
+
+
+def plan_dumps(spec: DatabaseSpec, host: DockerHost, where: str) -> list[Dump]:
+    """The dumps one `databases:` entry makes, resolved now (unknown or unsafe names fail here)."""
+    if spec.database == "all":
+        wanted = None
+    elif isinstance(spec.database, str):  # (artifact, database, config key path)
+        wanted = [(spec.name, spec.database, where)]
+    else:
+        wanted = [(f"{spec.name}.{n}", n, f"{where}.database[{i}]") for i, n in enumerate(spec.database)]
+    for _, name, at in wanted or []:
+        check_name(name, at)
+    target = connect(spec, host, where)
+    kind, tools = target.kind, target.tools
+    server = server_name(spec)
+
+    def dump(artifact: str, database: str) -> Dump:
+        return Dump(artifact, make_source(kind.KIND, server, database), kind.dump_one(spec, database, tools),
+                    target)
+
+    if wanted is None:
+        everything = kind.dump_everything(spec, tools)
+        if everything is not None:
+            return [Dump(spec.name, make_source(kind.KIND, server, "*all"), everything, target)]
+        dumps = [dump(f"{spec.name}.{n}", check_name(n, f"{where}.database (all)"))
+                 for n in target.databases(where) if n not in kind.SYSTEM_DATABASES]
+        extra = kind.dump_all_extra(spec, tools)
+        if extra is not None:
+            dumps.append(Dump(f"{spec.name}.{extra[0]}", make_source(kind.KIND, server, f"*{extra[0]}"),
+                              extra[1], target))
+        return dumps
+    existing = set(target.databases(where))
+    for _, name, at in wanted:
+        if name not in existing:
+            raise NotFoundError(f"{at}: database {name!r} does not exist on {server}")
+    return [dump(artifact, name) for artifact, name, _ in wanted]
 
 
 def restore_dump(target: Target, database: str, chunks: Iterable[bytes], force: bool) -> None:
     """Feed a dump into the target server; refuse a non-empty database without force."""
     kind, spec, tools = target.kind, target.spec, target.tools
+    where = f"restore into {target.runner.where}"
     if database.startswith("*"):
         if database == "*all" and not force:
-            names = [n for n in target.query(kind.list_databases(spec, tools), "listing databases").split()
-                     if n not in kind.SYSTEM_DATABASES]
+            names = [check_name(n, where) for n in target.databases(where) if n not in kind.SYSTEM_DATABASES]
             busy = [n for n in names if _object_count(target, n) > 0]
             if busy:
-                raise _refused(target, ", ".join(busy))
+                raise _refused(target, ", ".join(repr(n) for n in busy))
         argv = kind.restore(spec, None, tools)
     else:
-        existing = set(target.query(kind.list_databases(spec, tools), "listing databases").split())
+        check_name(database, where)
+        existing = set(target.databases(where))
         if database in existing:
             if _object_count(target, database) > 0 and not force:
-                raise _refused(target, database)
+                raise _refused(target, repr(database))
         else:
             create = kind.create_database(spec, database, tools)
             if create is not None:
-                target.query(create, f"creating database '{database}'")
+                target.query(create, f"creating database {database!r}")
         argv = kind.restore(spec, database, tools)
     with target.runner.stream(argv, target.env, stdin=chunks) as proc:
         output = b"".join(proc.stdout())
@@ -196,7 +236,7 @@ def restore_dump(target: Target, database: str, chunks: Iterable[bytes], force: 
 
 def _object_count(target: Target, database: str) -> int:
     out = target.query(target.kind.count_objects(target.spec, database, target.tools),
-                       f"inspecting database '{database}'")
+                       f"inspecting database {database!r}")
     return int(out.strip() or 0)
 
 
