@@ -33,6 +33,7 @@ def reports_error(stderr: str) -> bool:
     """A tool that exits 0 but prints an error line still failed (warnings are fine)."""
     return any(ERROR_WORD.search(line) and "warning" not in line.lower() for line in stderr.splitlines())
 QUERY_TIMEOUT = 60.0
+QUERY_OUTPUT_MAX = 64 << 20  # a listing is never cut short: more than this fails instead
 
 
 class DumpError(BackupdError):
@@ -54,10 +55,12 @@ class Target:
         return redact(text, [self.password])
 
     def query(self, argv: list[str], what: str) -> str:
-        result = self.runner.run(argv, self.env, QUERY_TIMEOUT)
+        result = self.runner.run(argv, self.env, QUERY_TIMEOUT, keep=QUERY_OUTPUT_MAX)
         if result.code != 0:
             raise DumpError(f"{what} in {self.runner.where} failed (exit {result.code}): "
                             f"{self.redact(result.stderr)[-400:] or 'no message'}")
+        if result.truncated:
+            raise DumpError(f"{what} in {self.runner.where}: more than {QUERY_OUTPUT_MAX >> 20} MiB of output")
         return result.stdout
 
     def databases(self, where: str) -> list[str]:

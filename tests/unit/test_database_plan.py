@@ -3,6 +3,7 @@ name, whatever it holds, and names no tool can take are refused naming where the
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -12,8 +13,9 @@ from psycopg2.extensions import parse_dsn
 from backupd.config import DatabaseSpec
 from backupd.errors import NotFoundError, RefusedError, UnsafeNameError
 from backupd.quiesce import databases, mysql, postgres
-from backupd.quiesce.databases import Target, parse_source, plan_dumps, restore_dump
-from backupd.quiesce.runner import Result
+from backupd.quiesce.databases import (DumpError, Target, parse_source, plan_dumps,
+                                       restore_dump)
+from backupd.quiesce.runner import LocalRunner, Result
 
 HOSTILE = ["host=127.0.0.1 port=5432", "postgresql://attacker/x", "two words", "a/b", "it's", "-x",
            "new\nline", "tab\there", "zażółć 日本語", "*all"]
@@ -45,7 +47,7 @@ class FakeServer:
         self.fed: list[bytes] = []
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float,
-            stdin: Iterable[bytes] | None = None) -> Result:
+            stdin: Iterable[bytes] | None = None, keep: int = 16384) -> Result:
         self.commands.append(argv)
         query = argv[-1].lower()
         if "hex" in query:
@@ -54,7 +56,7 @@ class FakeServer:
             out = f"{self.objects}\n"
         else:
             out = ""
-        return Result(0, out, "", False)
+        return Result(0, out[-keep:], "", False, len(out) > keep)
 
     @contextmanager
     def stream(self, argv: list[str], env: dict[str, str],
@@ -127,6 +129,13 @@ def test_a_listed_name_that_is_not_utf8_is_refused_naming_the_entry(monkeypatch)
         plan_dumps(pg_spec(), None, "jobs.j.databases[0]")
 
 
+def test_a_listing_too_long_to_keep_fails_instead_of_losing_names(monkeypatch):
+    monkeypatch.setattr(databases, "QUERY_OUTPUT_MAX", 100)
+    serve(monkeypatch, pg_spec(), FakeServer([f"db{i:03}" for i in range(50)]))
+    with pytest.raises(DumpError, match="listing databases .* more than"):
+        plan_dumps(pg_spec(), None, "jobs.j.databases[0]")
+
+
 @pytest.mark.parametrize("name", HOSTILE[:-1])
 def test_restore_creates_and_feeds_the_database_of_that_exact_name(name):
     server = FakeServer(["postgres"])
@@ -143,3 +152,10 @@ def test_restore_refuses_a_non_empty_database_by_its_exact_name():
         restore_dump(Target(pg_spec(), postgres, server, {}, None, {}), "two words", [b"dump"], force=False)
     counted = next(c for c in server.commands if "count" in c[-1].lower())
     assert dbname(counted) == "two words"
+
+
+def test_local_runner_says_when_it_kept_only_the_tail_of_the_output():
+    script = "import sys; sys.stdout.write('x' * 100 + 'END')"
+    result = LocalRunner().run([sys.executable, "-c", script], {}, timeout=30, keep=10)
+    assert result.truncated and result.stdout == "xxxxxxxEND"
+    assert not LocalRunner().run([sys.executable, "-c", script], {}, timeout=30, keep=1000).truncated
