@@ -24,6 +24,10 @@ class UnsafeNameError(ConfigError):
     nothing was touched."""
 
 
+class NameClashError(ConfigError):
+    """Two artifacts of one job would get the same name (and so the same object key)."""
+
+
 class NotFoundError(BackupdError):
     """A volume, container, backup id or destination object does not exist."""
 

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 from backupd.config import DatabaseSpec
 from backupd.docker_host import DockerHost
-from backupd.errors import BackupdError, NotFoundError, UnsafeNameError
+from backupd.errors import BackupdError, NameClashError, NotFoundError, UnsafeNameError
 from backupd.names import decode_name, encode_name, unquotable
 from backupd.quiesce import mysql, postgres
 from backupd.quiesce.runner import MISSING_COMMAND, ContainerRunner, LocalRunner, Runner, redact
@@ -201,6 +201,17 @@ def plan_dumps(spec: DatabaseSpec, host: DockerHost, where: str) -> list[Dump]:
         if name not in existing:
             raise NotFoundError(f"{at}: database {name!r} does not exist on {server}")
     return [dump(artifact, name) for artifact, name, _ in wanted]
+
+
+def check_unique(dumps: list[Dump], where: str) -> None:
+    """Two dumps of one job under one name would share an object key: one would overwrite the other."""
+    seen: dict[str, Dump] = {}
+    for d in dumps:
+        if d.artifact in seen:
+            raise NameClashError(
+                f"{where}: two dumps would both be stored as '{d.artifact}' ({seen[d.artifact].source} "
+                f"and {d.source}); rename an entry (name:) or list its databases explicitly")
+        seen[d.artifact] = d
 
 
 def restore_dump(target: Target, database: str, chunks: Iterable[bytes], force: bool) -> None:

@@ -11,9 +11,9 @@ import pytest
 from psycopg2.extensions import parse_dsn
 
 from backupd.config import DatabaseSpec
-from backupd.errors import NotFoundError, RefusedError, UnsafeNameError
+from backupd.errors import NameClashError, NotFoundError, RefusedError, UnsafeNameError
 from backupd.quiesce import databases, mysql, postgres
-from backupd.quiesce.databases import (DumpError, Target, parse_source, plan_dumps,
+from backupd.quiesce.databases import (DumpError, Target, check_unique, parse_source, plan_dumps,
                                        restore_dump)
 from backupd.quiesce.runner import LocalRunner, Result
 
@@ -134,6 +134,22 @@ def test_a_listing_too_long_to_keep_fails_instead_of_losing_names(monkeypatch):
     serve(monkeypatch, pg_spec(), FakeServer([f"db{i:03}" for i in range(50)]))
     with pytest.raises(DumpError, match="listing databases .* more than"):
         plan_dumps(pg_spec(), None, "jobs.j.databases[0]")
+
+
+def test_a_database_named_globals_does_not_overwrite_the_roles_dump(monkeypatch):
+    serve(monkeypatch, pg_spec(), FakeServer(["app", "globals"]))
+    dumps = plan_dumps(pg_spec(), None, "jobs.j.databases[0]")
+    with pytest.raises(NameClashError, match=r"jobs\.j\.databases: two dumps would both be stored as 'pg\.globals'"):
+        check_unique(dumps, "jobs.j.databases")
+
+
+def test_entries_whose_names_meet_at_a_dot_clash(monkeypatch):
+    serve(monkeypatch, pg_spec(), FakeServer(["x.y", "y"]))
+    dumps = (plan_dumps(pg_spec(database=["x.y"]), None, "jobs.j.databases[0]")
+             + plan_dumps(pg_spec(name="pg.x", database=["y"]), None, "jobs.j.databases[1]"))
+    with pytest.raises(NameClashError, match="'pg.x.y'"):
+        check_unique(dumps, "jobs.j.databases")
+    check_unique(dumps[:1], "jobs.j.databases")
 
 
 @pytest.mark.parametrize("name", HOSTILE[:-1])
