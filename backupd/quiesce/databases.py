@@ -148,21 +148,37 @@ def check_name(name: str, at: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Source:
+    """What a dump holds: one `database` of `server`, or (database None) a `marker` dump of no
+    one database: 'all' (MySQL --all-databases) or 'globals' (PostgreSQL roles)."""
+
+    kind: str
+    server: str
+    database: str | None
+    marker: str | None = None
+
+
 def make_source(kind: str, server: str, database: str) -> str:
-    """'postgres:pg/app'. The database part is encoded (never '/' or '*'), or '*all' / '*globals'."""
-    return f"{kind}:{server}/{database if database.startswith('*') else encode_name(database)}"
+    """'postgres:pg/app'; the database part encoded, so it never holds '/' nor starts with '*'."""
+    return f"{kind}:{server}/{encode_name(database)}"
 
 
-def parse_source(source: str) -> tuple[str, str, str]:
-    """'postgres:pg/app' -> ('postgres', 'pg', 'app'); 'postgres:pg/a%2Fb' -> (..., 'a/b')."""
+def marker_source(kind: str, server: str, what: str) -> str:
+    """'postgres:pg/*globals': a dump of no one database (`all`, or the roles of `all`)."""
+    return f"{kind}:{server}/*{what}"
+
+
+def parse_source(source: str) -> Source:
+    """'postgres:pg/a%2Fb' -> Source('postgres', 'pg', 'a/b'); 'mysql:db/*all' -> marker 'all'."""
     kind, _, rest = source.partition(":")
     server, _, database = rest.rpartition("/")
     if kind not in KINDS or not server or not database:
         raise BackupdError(f"artifact source '{source}' is not a database dump")
     if database.startswith("*"):
-        return kind, server, database
+        return Source(kind, server, None, database[1:])
     try:
-        return kind, server, decode_name(database)
+        return Source(kind, server, decode_name(database))
     except UnicodeDecodeError:
         raise BackupdError(f"artifact source '{source}' does not name a database") from None
 
@@ -188,12 +204,12 @@ def plan_dumps(spec: DatabaseSpec, host: DockerHost, where: str) -> list[Dump]:
     if wanted is None:
         everything = kind.dump_everything(spec, tools)
         if everything is not None:
-            return [Dump(spec.name, make_source(kind.KIND, server, "*all"), everything, target)]
+            return [Dump(spec.name, marker_source(kind.KIND, server, "all"), everything, target)]
         dumps = [dump(f"{spec.name}.{n}", check_name(n, f"{where}.database (all)"))
                  for n in target.databases(where) if n not in kind.SYSTEM_DATABASES]
         extra = kind.dump_all_extra(spec, tools)
         if extra is not None:
-            dumps.append(Dump(f"{spec.name}.{extra[0]}", make_source(kind.KIND, server, f"*{extra[0]}"),
+            dumps.append(Dump(f"{spec.name}.{extra[0]}", marker_source(kind.KIND, server, extra[0]),
                               extra[1], target))
         return dumps
     existing = set(target.databases(where))
@@ -214,12 +230,13 @@ def check_unique(dumps: list[Dump], where: str) -> None:
         seen[d.artifact] = d
 
 
-def restore_dump(target: Target, database: str, chunks: Iterable[bytes], force: bool) -> None:
+def restore_dump(target: Target, source: Source, chunks: Iterable[bytes], force: bool) -> None:
     """Feed a dump into the target server; refuse a non-empty database without force."""
     kind, spec, tools = target.kind, target.spec, target.tools
     where = f"restore into {target.runner.where}"
-    if database.startswith("*"):
-        if database == "*all" and not force:
+    database = source.database
+    if database is None:
+        if source.marker == "all" and not force:
             names = [check_name(n, where) for n in target.databases(where) if n not in kind.SYSTEM_DATABASES]
             busy = [n for n in names if _object_count(target, n) > 0]
             if busy:

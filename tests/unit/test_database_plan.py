@@ -13,7 +13,7 @@ from psycopg2.extensions import parse_dsn
 from backupd.config import DatabaseSpec
 from backupd.errors import NameClashError, NotFoundError, RefusedError, UnsafeNameError
 from backupd.quiesce import databases, mysql, postgres
-from backupd.quiesce.databases import (DumpError, Target, check_unique, parse_source, plan_dumps,
+from backupd.quiesce.databases import (DumpError, Source, Target, check_unique, parse_source, plan_dumps,
                                        restore_dump)
 from backupd.quiesce.runner import LocalRunner, Result
 
@@ -89,8 +89,8 @@ def test_all_dumps_every_database_by_its_exact_name(monkeypatch):
     assert [d.artifact for d in dumps] == ["pg.postgres", *[f"pg.{n}" for n in HOSTILE], "pg.globals"]
     for d, name in zip(dumps, ["postgres", *HOSTILE]):
         assert d.argv[0] == "pg_dump" and dbname(d.argv) == name
-        assert parse_source(d.source) == ("postgres", "db", name)
-    assert parse_source(dumps[-1].source) == ("postgres", "db", "*globals")
+        assert parse_source(d.source) == Source("postgres", "db", name)  # never a marker, even `*all`
+    assert parse_source(dumps[-1].source) == Source("postgres", "db", None, "globals")
 
 
 def test_explicit_names_are_checked_against_the_exact_listing(monkeypatch):
@@ -152,10 +152,11 @@ def test_entries_whose_names_meet_at_a_dot_clash(monkeypatch):
     check_unique(dumps[:1], "jobs.j.databases")
 
 
-@pytest.mark.parametrize("name", HOSTILE[:-1])
+@pytest.mark.parametrize("name", HOSTILE)
 def test_restore_creates_and_feeds_the_database_of_that_exact_name(name):
     server = FakeServer(["postgres"])
-    restore_dump(Target(pg_spec(), postgres, server, {}, None, {}), name, [b"dump"], force=False)
+    restore_dump(Target(pg_spec(), postgres, server, {}, None, {}), Source("postgres", "db", name), [b"dump"],
+                 force=False)
     createdb = next(c for c in server.commands if c[0] == "createdb")
     pg_restore = next(c for c in server.commands if c[0] == "pg_restore")
     assert createdb[-2:] == ["--", name] and dbname(pg_restore) == name
@@ -165,7 +166,8 @@ def test_restore_creates_and_feeds_the_database_of_that_exact_name(name):
 def test_restore_refuses_a_non_empty_database_by_its_exact_name():
     server = FakeServer(["two words"], objects=3)
     with pytest.raises(RefusedError, match="database 'two words' .* not empty"):
-        restore_dump(Target(pg_spec(), postgres, server, {}, None, {}), "two words", [b"dump"], force=False)
+        restore_dump(Target(pg_spec(), postgres, server, {}, None, {}), Source("postgres", "db", "two words"),
+                     [b"dump"], force=False)
     counted = next(c for c in server.commands if "count" in c[-1].lower())
     assert dbname(counted) == "two words"
 

@@ -13,7 +13,7 @@ from psycopg2.extensions import parse_dsn
 from backupd.config import DatabaseSpec
 from backupd.errors import UnsafeNameError
 from backupd.quiesce import mysql, postgres
-from backupd.quiesce.databases import make_source, parse_source, reports_error
+from backupd.quiesce.databases import Source, make_source, marker_source, parse_source, reports_error
 from backupd.quiesce.runner import LocalRunner, redact
 from backupd.quiesce.stop import stop_order
 
@@ -144,25 +144,26 @@ def test_mariadb_is_an_alias_of_mysql():
 
 
 def test_source_round_trip():
-    assert parse_source("postgres:pg/app") == ("postgres", "pg", "app")
-    assert parse_source("mysql:10.0.0.5:3306/*all") == ("mysql", "10.0.0.5:3306", "*all")
+    assert parse_source("postgres:pg/app") == Source("postgres", "pg", "app")
+    assert parse_source("mysql:10.0.0.5:3306/*all") == Source("mysql", "10.0.0.5:3306", None, "all")
 
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_source_round_trips_any_database_name(name):
     source = make_source("postgres", "pg", name)
-    assert parse_source(source) == ("postgres", "pg", name)
+    assert parse_source(source) == Source("postgres", "pg", name)
     assert source.count("/") == 1
 
 
 def test_a_database_named_like_a_marker_is_not_the_marker():
-    assert make_source("postgres", "pg", "*globals") == "postgres:pg/*globals"  # the marker itself
-    assert parse_source(make_source("postgres", "pg", "%2Aglobals")) == ("postgres", "pg", "%2Aglobals")
-    assert parse_source("postgres:pg/%2Aglobals") == ("postgres", "pg", "*globals")
+    for what in ("all", "globals"):
+        assert parse_source(marker_source("postgres", "pg", what)) == Source("postgres", "pg", None, what)
+        assert parse_source(make_source("postgres", "pg", f"*{what}")) == Source("postgres", "pg", f"*{what}")
+    assert parse_source(make_source("postgres", "pg", "%2Aglobals")) == Source("postgres", "pg", "%2Aglobals")
 
 
 def test_sources_of_a_server_given_as_a_socket_path_still_parse():
-    assert parse_source(make_source("postgres", "/run/postgresql:", "a/b")) == ("postgres", "/run/postgresql:", "a/b")
+    assert parse_source(make_source("postgres", "/run/postgresql:", "a/b")) == Source("postgres", "/run/postgresql:", "a/b")
 
 
 def test_error_lines_are_recognised_but_warnings_are_not():
