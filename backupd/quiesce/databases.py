@@ -230,10 +230,10 @@ def check_unique(dumps: list[Dump], where: str) -> None:
         seen[d.artifact] = d
 
 
-def restore_dump(target: Target, source: Source, chunks: Iterable[bytes], force: bool) -> None:
-    """Feed a dump into the target server; refuse a non-empty database without force."""
+def restore_dump(target: Target, source: Source, chunks: Iterable[bytes], force: bool, where: str) -> None:
+    """Feed a dump into the target server; refuse a non-empty database without force.
+    `where` names the restore in errors (`restore pg.app`)."""
     kind, spec, tools = target.kind, target.spec, target.tools
-    where = f"restore into {target.runner.where}"
     database = source.database
     if database is None:
         if source.marker == "all" and not force:

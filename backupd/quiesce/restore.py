@@ -44,7 +44,8 @@ def restore_database(
     spec = _spec_for(config, backup.job, name, source.kind, source.server)
     if to_container is None and spec.container is None and spec.host is None:
         raise ConfigError(f"'{name}' came from {source.server}; pass --to-container C")
-    target = connect(spec, host, f"restore {name}", container=to_container)
+    where = f"restore {name}"
+    target = connect(spec, host, where, container=to_container)
     stores = configured_stores(config)
     store, copy = find_good_copy(backup, artifact, stores, preference(config, backup.job),
                                  identity, check_tar=False)
@@ -52,5 +53,5 @@ def restore_database(
              copy.destination, target.runner.where)
     # Proven whole above; proven again block by block as it is fed (the copy may have changed since).
     chunks = read_copy(store, copy, artifact, identity, catalog.blocks(artifact.id))
-    restore_dump(target, source, chunks, force)
+    restore_dump(target, source, chunks, force, where)
     return target.runner.where

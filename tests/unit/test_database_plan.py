@@ -129,6 +129,14 @@ def test_a_listed_name_that_is_not_utf8_is_refused_naming_the_entry(monkeypatch)
         plan_dumps(pg_spec(), None, "jobs.j.databases[0]")
 
 
+def test_a_restore_of_a_name_no_tool_can_take_is_refused_naming_the_restore():
+    server = FakeServer(["postgres"])
+    with pytest.raises(UnsafeNameError, match=r"^restore pg\.x: database 'a\\x00b' .* NUL"):
+        restore_dump(Target(pg_spec(), postgres, server, {}, None, {}), Source("postgres", "db", "a\0b"),
+                     [b"dump"], force=False, where="restore pg.x")
+    assert server.commands == []
+
+
 def test_a_listing_too_long_to_keep_fails_instead_of_losing_names(monkeypatch):
     monkeypatch.setattr(databases, "QUERY_OUTPUT_MAX", 100)
     serve(monkeypatch, pg_spec(), FakeServer([f"db{i:03}" for i in range(50)]))
@@ -156,7 +164,7 @@ def test_entries_whose_names_meet_at_a_dot_clash(monkeypatch):
 def test_restore_creates_and_feeds_the_database_of_that_exact_name(name):
     server = FakeServer(["postgres"])
     restore_dump(Target(pg_spec(), postgres, server, {}, None, {}), Source("postgres", "db", name), [b"dump"],
-                 force=False)
+                 force=False, where="restore pg.x")
     createdb = next(c for c in server.commands if c[0] == "createdb")
     pg_restore = next(c for c in server.commands if c[0] == "pg_restore")
     assert createdb[-2:] == ["--", name] and dbname(pg_restore) == name
@@ -167,7 +175,7 @@ def test_restore_refuses_a_non_empty_database_by_its_exact_name():
     server = FakeServer(["two words"], objects=3)
     with pytest.raises(RefusedError, match="database 'two words' .* not empty"):
         restore_dump(Target(pg_spec(), postgres, server, {}, None, {}), Source("postgres", "db", "two words"),
-                     [b"dump"], force=False)
+                     [b"dump"], force=False, where="restore pg.two words")
     counted = next(c for c in server.commands if "count" in c[-1].lower())
     assert dbname(counted) == "two words"
 
