@@ -18,6 +18,7 @@ import zstandard
 from backupd.catalog import Catalog, CopyView, ArtifactView, STORED
 from backupd.config import Compression, Encryption
 from backupd.errors import BackupdError, IntegrityError
+from backupd.names import encode_name
 from backupd.storage.base import Store
 from backupd.stream import (
     BLOCK,
@@ -45,8 +46,9 @@ class Cancelled(BackupdError):
 
 
 def artifact_key(job: str, backup_id: str, kind: str, name: str, suffix: str) -> str:
-    """Where a copy lives in every store: grouped by job and backup, named by what it holds."""
-    return f"{job}/{backup_id}/{kind}-{name}{suffix}"
+    """Where a copy lives in every store: grouped by job and backup, named by what it holds
+    (encoded, so a database called `a/b` or `..` is one plain file name)."""
+    return f"{job}/{backup_id}/{kind}-{encode_name(name)}{suffix}"
 
 
 def store_artifact(

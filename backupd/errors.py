@@ -19,6 +19,15 @@ class ConfigError(BackupdError):
     exit_code = 2
 
 
+class UnsafeNameError(ConfigError):
+    """A database name (or user or host) that cannot be handed to a dump tool as a plain value;
+    nothing was touched."""
+
+
+class NameClashError(ConfigError):
+    """Two artifacts of one job would get the same name (and so the same object key)."""
+
+
 class NotFoundError(BackupdError):
     """A volume, container, backup id or destination object does not exist."""
 

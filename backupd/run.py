@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backupd.artifact import Cancelled, store_artifact
-from backupd.quiesce.databases import Dump, plan_dumps
+from backupd.quiesce.databases import Dump, check_unique, plan_dumps
 from backupd.quiesce.hooks import run_hooks
 from backupd.quiesce.stop import held, resolve_containers
 from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog, utcnow
@@ -57,6 +57,7 @@ def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
         host.check_helper_image()
     dumps = [d for i, spec in enumerate(job.databases)
              for d in plan_dumps(spec, host, f"jobs.{job_name}.databases[{i}]")]
+    check_unique(dumps, f"jobs.{job_name}.databases")
     stop = resolve_containers(host, job_name, list(job.stop_containers))
     stores = {name: open_store(name, spec) for name, spec in config.job_destinations(job_name).items()}
     return Plan(job_name, volumes, stores, dumps, stop)

@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 
 from backupd.config import DatabaseSpec
 from backupd.docker_host import DockerHost
-from backupd.errors import BackupdError, ConfigError, NotFoundError
+from backupd.errors import BackupdError, NameClashError, NotFoundError, UnsafeNameError
+from backupd.names import decode_name, encode_name, unquotable
 from backupd.quiesce import mysql, postgres
 from backupd.quiesce.runner import MISSING_COMMAND, ContainerRunner, LocalRunner, Runner, redact
 
@@ -32,6 +33,7 @@ def reports_error(stderr: str) -> bool:
     """A tool that exits 0 but prints an error line still failed (warnings are fine)."""
     return any(ERROR_WORD.search(line) and "warning" not in line.lower() for line in stderr.splitlines())
 QUERY_TIMEOUT = 60.0
+QUERY_OUTPUT_MAX = 64 << 20  # a listing is never cut short: more than this fails instead
 
 
 class DumpError(BackupdError):
@@ -53,11 +55,25 @@ class Target:
         return redact(text, [self.password])
 
     def query(self, argv: list[str], what: str) -> str:
-        result = self.runner.run(argv, self.env, QUERY_TIMEOUT)
+        result = self.runner.run(argv, self.env, QUERY_TIMEOUT, keep=QUERY_OUTPUT_MAX)
         if result.code != 0:
             raise DumpError(f"{what} in {self.runner.where} failed (exit {result.code}): "
                             f"{self.redact(result.stderr)[-400:] or 'no message'}")
+        if result.truncated:
+            raise DumpError(f"{what} in {self.runner.where}: more than {QUERY_OUTPUT_MAX >> 20} MiB of output")
         return result.stdout
+
+    def databases(self, where: str) -> list[str]:
+        """Every database on the server, by its exact name (the tools print them hex-encoded)."""
+        out = self.query(self.kind.list_databases(self.spec, self.tools), "listing databases")
+        names = []
+        for line in out.split():
+            try:
+                names.append(bytes.fromhex(line).decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError is one
+                raise UnsafeNameError(f"{where}: {self.runner.where} lists a database whose name is not "
+                                      f"UTF-8 (hex {line[:140]}); backupd cannot name it to a tool") from None
+        return names
 
 
 @dataclass(frozen=True)
@@ -124,63 +140,118 @@ def server_name(spec: DatabaseSpec, container: str | None = None) -> str:
     return container or spec.container or f"{spec.host}:{spec.port or ''}"
 
 
+def check_name(name: str, at: str) -> str:
+    """`name` if every tool can be handed it as a plain value; else UnsafeNameError naming `at`."""
+    reason = unquotable(name)
+    if reason is not None:
+        raise UnsafeNameError(f"{at}: database {name!r} cannot be passed to a dump tool safely: {reason}")
+    return name
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a dump holds: one `database` of `server`, or (database None) a `marker` dump of no
+    one database: 'all' (MySQL --all-databases) or 'globals' (PostgreSQL roles)."""
+
+    kind: str
+    server: str
+    database: str | None
+    marker: str | None = None
+
+
+def make_source(kind: str, server: str, database: str) -> str:
+    """'postgres:pg/app'; the database part encoded, so it never holds '/' nor starts with '*'."""
+    return f"{kind}:{server}/{encode_name(database)}"
+
+
+def marker_source(kind: str, server: str, what: str) -> str:
+    """'postgres:pg/*globals': a dump of no one database (`all`, or the roles of `all`)."""
+    return f"{kind}:{server}/*{what}"
+
+
+def parse_source(source: str) -> Source:
+    """'postgres:pg/a%2Fb' -> Source('postgres', 'pg', 'a/b'); 'mysql:db/*all' -> marker 'all'."""
+    kind, _, rest = source.partition(":")
+    server, _, database = rest.rpartition("/")
+    if kind not in KINDS or not server or not database:
+        raise BackupdError(f"artifact source '{source}' is not a database dump")
+    if database.startswith("*"):
+        return Source(kind, server, None, database[1:])
+    try:
+        return Source(kind, server, decode_name(database))
+    except UnicodeDecodeError:
+        raise BackupdError(f"artifact source '{source}' does not name a database") from None
+
+
 def plan_dumps(spec: DatabaseSpec, host: DockerHost, where: str) -> list[Dump]:
-    """The dumps one `databases:` entry makes, resolved now (unknown names fail here)."""
+    """The dumps one `databases:` entry makes, resolved now (unknown or unsafe names fail here)."""
+    if spec.database == "all":
+        wanted = None
+    elif isinstance(spec.database, str):  # (artifact, database, config key path)
+        wanted = [(spec.name, spec.database, where)]
+    else:
+        wanted = [(f"{spec.name}.{n}", n, f"{where}.database[{i}]") for i, n in enumerate(spec.database)]
+    for _, name, at in wanted or []:
+        check_name(name, at)
     target = connect(spec, host, where)
     kind, tools = target.kind, target.tools
     server = server_name(spec)
-    source = lambda db: f"{kind.KIND}:{server}/{db}"  # noqa: E731
-    if spec.database == "all":
+
+    def dump(artifact: str, database: str) -> Dump:
+        return Dump(artifact, make_source(kind.KIND, server, database), kind.dump_one(spec, database, tools),
+                    target)
+
+    if wanted is None:
         everything = kind.dump_everything(spec, tools)
         if everything is not None:
-            return [Dump(spec.name, source("*all"), everything, target)]
-        names = [n for n in target.query(kind.list_databases(spec, tools), "listing databases").split()
-                 if n not in kind.SYSTEM_DATABASES]
-        dumps = [Dump(f"{spec.name}.{n}", source(n), kind.dump_one(spec, n, tools), target) for n in names]
+            return [Dump(spec.name, marker_source(kind.KIND, server, "all"), everything, target)]
+        dumps = [dump(f"{spec.name}.{n}", check_name(n, f"{where}.database (all)"))
+                 for n in target.databases(where) if n not in kind.SYSTEM_DATABASES]
         extra = kind.dump_all_extra(spec, tools)
         if extra is not None:
-            dumps.append(Dump(f"{spec.name}.{extra[0]}", source(f"*{extra[0]}"), extra[1], target))
+            dumps.append(Dump(f"{spec.name}.{extra[0]}", marker_source(kind.KIND, server, extra[0]),
+                              extra[1], target))
         return dumps
-    wanted = [spec.database] if isinstance(spec.database, str) else list(spec.database)
-    existing = set(target.query(kind.list_databases(spec, tools), "listing databases").split())
-    for i, name in enumerate(wanted):
+    existing = set(target.databases(where))
+    for _, name, at in wanted:
         if name not in existing:
-            at = where if isinstance(spec.database, str) else f"{where}.database[{i}]"
-            raise NotFoundError(f"{at}: database '{name}' does not exist on {server}")
-    if isinstance(spec.database, str):
-        return [Dump(spec.name, source(spec.database), kind.dump_one(spec, spec.database, tools), target)]
-    return [Dump(f"{spec.name}.{n}", source(n), kind.dump_one(spec, n, tools), target) for n in wanted]
+            raise NotFoundError(f"{at}: database {name!r} does not exist on {server}")
+    return [dump(artifact, name) for artifact, name, _ in wanted]
 
 
-def parse_source(source: str) -> tuple[str, str, str]:
-    """'postgres:pg/app' -> ('postgres', 'pg', 'app')."""
-    kind, _, rest = source.partition(":")
-    server, _, database = rest.rpartition("/")
-    if kind not in KINDS or not server:
-        raise BackupdError(f"artifact source '{source}' is not a database dump")
-    return kind, server, database
+def check_unique(dumps: list[Dump], where: str) -> None:
+    """Two dumps of one job under one name would share an object key: one would overwrite the other."""
+    seen: dict[str, Dump] = {}
+    for d in dumps:
+        if d.artifact in seen:
+            raise NameClashError(
+                f"{where}: two dumps would both be stored as '{d.artifact}' ({seen[d.artifact].source} "
+                f"and {d.source}); rename an entry (name:) or list its databases explicitly")
+        seen[d.artifact] = d
 
 
-def restore_dump(target: Target, database: str, chunks: Iterable[bytes], force: bool) -> None:
-    """Feed a dump into the target server; refuse a non-empty database without force."""
+def restore_dump(target: Target, source: Source, chunks: Iterable[bytes], force: bool, where: str) -> None:
+    """Feed a dump into the target server; refuse a non-empty database without force.
+    `where` names the restore in errors (`restore pg.app`)."""
     kind, spec, tools = target.kind, target.spec, target.tools
-    if database.startswith("*"):
-        if database == "*all" and not force:
-            names = [n for n in target.query(kind.list_databases(spec, tools), "listing databases").split()
-                     if n not in kind.SYSTEM_DATABASES]
+    database = source.database
+    if database is None:
+        if source.marker == "all" and not force:
+            names = [check_name(n, where) for n in target.databases(where) if n not in kind.SYSTEM_DATABASES]
             busy = [n for n in names if _object_count(target, n) > 0]
             if busy:
-                raise _refused(target, ", ".join(busy))
+                raise _refused(target, ", ".join(repr(n) for n in busy))
         argv = kind.restore(spec, None, tools)
     else:
-        existing = set(target.query(kind.list_databases(spec, tools), "listing databases").split())
+        check_name(database, where)
+        existing = set(target.databases(where))
         if database in existing:
             if _object_count(target, database) > 0 and not force:
-                raise _refused(target, database)
+                raise _refused(target, repr(database))
         else:
             create = kind.create_database(spec, database, tools)
             if create is not None:
-                target.query(create, f"creating database '{database}'")
+                target.query(create, f"creating database {database!r}")
         argv = kind.restore(spec, database, tools)
     with target.runner.stream(argv, target.env, stdin=chunks) as proc:
         output = b"".join(proc.stdout())
@@ -196,7 +267,7 @@ def restore_dump(target: Target, database: str, chunks: Iterable[bytes], force: 
 
 def _object_count(target: Target, database: str) -> int:
     out = target.query(target.kind.count_objects(target.spec, database, target.tools),
-                       f"inspecting database '{database}'")
+                       f"inspecting database {database!r}")
     return int(out.strip() or 0)
 
 

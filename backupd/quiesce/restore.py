@@ -40,11 +40,12 @@ def restore_database(
     """Restore dump `name` of a backup into its container (or `to_container`); returns where."""
     backup = catalog.get(backup_id)
     artifact = backup.artifact("database", name)
-    kind, server, database = parse_source(artifact.source)
-    spec = _spec_for(config, backup.job, name, kind, server)
+    source = parse_source(artifact.source)
+    spec = _spec_for(config, backup.job, name, source.kind, source.server)
     if to_container is None and spec.container is None and spec.host is None:
-        raise ConfigError(f"'{name}' came from {server}; pass --to-container C")
-    target = connect(spec, host, f"restore {name}", container=to_container)
+        raise ConfigError(f"'{name}' came from {source.server}; pass --to-container C")
+    where = f"restore {name}"
+    target = connect(spec, host, where, container=to_container)
     stores = configured_stores(config)
     store, copy = find_good_copy(backup, artifact, stores, preference(config, backup.job),
                                  identity, check_tar=False)
@@ -52,5 +53,5 @@ def restore_database(
              copy.destination, target.runner.where)
     # Proven whole above; proven again block by block as it is fed (the copy may have changed since).
     chunks = read_copy(store, copy, artifact, identity, catalog.blocks(artifact.id))
-    restore_dump(target, database, chunks, force)
+    restore_dump(target, source, chunks, force, where)
     return target.runner.where

@@ -26,6 +26,7 @@ class Result:
     stdout: str
     stderr: str
     timed_out: bool = False
+    truncated: bool = False  # stdout is only the last `keep` bytes of what the command printed
 
 
 class Proc(Protocol):
@@ -41,7 +42,7 @@ class Runner(Protocol):
                stdin: Iterable[bytes] | None = None) -> "contextmanager[Proc]": ...
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float,
-            stdin: Iterable[bytes] | None = None) -> Result: ...
+            stdin: Iterable[bytes] | None = None, keep: int = STDERR_KEEP) -> Result: ...
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
@@ -51,19 +52,23 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
-def _collect(proc: Proc, timeout: float) -> tuple[bytes, bool]:
-    """Drain stdout within timeout; (output tail, timed out?)."""
+def _collect(proc: Proc, timeout: float, keep: int) -> tuple[bytes, bool, bool]:
+    """Drain stdout within timeout; (its last `keep` bytes, timed out?, truncated?)."""
     out = bytearray()
+    truncated = False
 
     def drain() -> None:
+        nonlocal truncated
         for chunk in proc.stdout():
             out.extend(chunk)
-            del out[:-STDERR_KEEP]
+            if len(out) > keep:
+                truncated = True
+                del out[:-keep]
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     reader.join(timeout)
-    return bytes(out), reader.is_alive()
+    return bytes(out), reader.is_alive(), truncated
 
 
 class ContainerRunner:
@@ -90,14 +95,14 @@ class ContainerRunner:
         return ["timeout", "-s", "KILL", str(max(1, int(timeout)))] if self._has_timeout else []
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float,
-            stdin: Iterable[bytes] | None = None) -> Result:
+            stdin: Iterable[bytes] | None = None, keep: int = STDERR_KEEP) -> Result:
         wrapped = self._timeout_wrapper(timeout) + argv
         with self.host.exec_stream(self.container, wrapped, env, stdin) as proc:
-            out, timed_out = _collect(proc, timeout + 5)
+            out, timed_out, truncated = _collect(proc, timeout + 5, keep)
             code = proc.exit_code(timeout=5) if not timed_out else -1
             if wrapped[0] == "timeout" and code in (124, 137):  # killed by `timeout`
                 timed_out = True
-            return Result(code, out.decode("utf-8", "replace"), proc.stderr_text(), timed_out)
+            return Result(code, out.decode("utf-8", "replace"), proc.stderr_text(), timed_out, truncated)
 
 
 class _LocalProc:
@@ -176,10 +181,10 @@ class LocalRunner:
             proc.kill()
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float,
-            stdin: Iterable[bytes] | None = None) -> Result:
+            stdin: Iterable[bytes] | None = None, keep: int = STDERR_KEEP) -> Result:
         proc = _LocalProc(argv, env, stdin)
-        out, timed_out = _collect(proc, timeout)
+        out, timed_out, truncated = _collect(proc, timeout, keep)
         if timed_out:
             proc.kill()
-            return Result(-1, out.decode("utf-8", "replace"), proc.stderr_text(), True)
-        return Result(proc.exit_code(), out.decode("utf-8", "replace"), proc.stderr_text())
+            return Result(-1, out.decode("utf-8", "replace"), proc.stderr_text(), True, truncated)
+        return Result(proc.exit_code(), out.decode("utf-8", "replace"), proc.stderr_text(), False, truncated)
