@@ -21,7 +21,7 @@ from backupd.docker_host import DockerHost
 from backupd.errors import BackupdError, NameClashError, NotFoundError, UnsafeNameError
 from backupd.names import decode_name, encode_name, unquotable
 from backupd.quiesce import mysql, postgres
-from backupd.quiesce.runner import MISSING_COMMAND, ContainerRunner, LocalRunner, Runner, redact
+from backupd.quiesce.runner import KILLED_BY_TIMEOUT, MISSING_COMMAND, ContainerRunner, LocalRunner, Runner, redact
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,20 @@ class Dump:
 
     @contextmanager
     def open(self) -> Iterator[Iterator[bytes]]:
-        with self.target.runner.stream(self.argv, self.target.env) as proc:
-            yield _checked(proc, self.argv[0], self.target)
+        """Stream the dump; the entry's `timeout:` kills the tool (and fails the dump) when it runs over."""
+        timeout = self.target.spec.timeout
+        deadline = self.target.runner.deadline(timeout.total_seconds()) if timeout else []
+        with self.target.runner.stream(deadline + self.argv, self.target.env) as proc:
+            yield _checked(proc, self.argv[0], self.target, timeout.total_seconds() if deadline and timeout else None)
 
 
-def _checked(proc, tool: str, target: Target) -> Iterator[bytes]:
+def _checked(proc, tool: str, target: Target, timeout: float | None = None) -> Iterator[bytes]:
     yield from proc.stdout()
     code = proc.exit_code()
     stderr = target.redact(proc.stderr_text())
+    if timeout is not None and code in KILLED_BY_TIMEOUT:
+        raise DumpError(f"{tool} in {target.runner.where} timed out after {timeout:g}s (its entry's "
+                        f"timeout:) and was killed")
     if code != 0 or reports_error(stderr):
         raise DumpError(f"{tool} in {target.runner.where} failed (exit {code}): {stderr[-500:] or 'no message'}")
     if stderr:

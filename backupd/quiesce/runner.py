@@ -44,6 +44,19 @@ class Runner(Protocol):
     def run(self, argv: list[str], env: dict[str, str], timeout: float,
             stdin: Iterable[bytes] | None = None, keep: int = STDERR_KEEP) -> Result: ...
 
+    def deadline(self, timeout: float) -> list[str]:
+        """An argv prefix that kills the command after `timeout` seconds, where that can be had."""
+        ...
+
+
+# `timeout -s KILL` as the exit code shows it: 124 (timed out), 137 (through docker exec) or -9
+# (a local subprocess: timeout signals its whole process group, itself included).
+KILLED_BY_TIMEOUT = (124, 137, -9)
+
+
+def timeout_argv(timeout: float) -> list[str]:
+    return ["timeout", "-s", "KILL", str(max(1, int(timeout)))]
+
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     for secret in secrets:
@@ -86,21 +99,21 @@ class ContainerRunner:
         with self.host.exec_stream(self.container, argv, env, stdin) as proc:
             yield proc
 
-    def _timeout_wrapper(self, timeout: float) -> list[str]:
-        """`timeout -s KILL N` where the container has it, so a hung hook really dies."""
+    def deadline(self, timeout: float) -> list[str]:
+        """`timeout -s KILL N` where the container has it, so a hung hook or dump really dies."""
         if self._has_timeout is None:
             with self.host.exec_stream(self.container, ["timeout", "--help"], {}) as probe:
                 probe.drain()
                 self._has_timeout = probe.exit_code() not in MISSING_COMMAND
-        return ["timeout", "-s", "KILL", str(max(1, int(timeout)))] if self._has_timeout else []
+        return timeout_argv(timeout) if self._has_timeout else []
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float,
             stdin: Iterable[bytes] | None = None, keep: int = STDERR_KEEP) -> Result:
-        wrapped = self._timeout_wrapper(timeout) + argv
+        wrapped = self.deadline(timeout) + argv
         with self.host.exec_stream(self.container, wrapped, env, stdin) as proc:
             out, timed_out, truncated = _collect(proc, timeout + 5, keep)
             code = proc.exit_code(timeout=5) if not timed_out else -1
-            if wrapped[0] == "timeout" and code in (124, 137):  # killed by `timeout`
+            if wrapped[0] == "timeout" and code in KILLED_BY_TIMEOUT:
                 timed_out = True
             return Result(code, out.decode("utf-8", "replace"), proc.stderr_text(), timed_out, truncated)
 
@@ -170,6 +183,12 @@ class LocalRunner:
     """A subprocess of backupd itself (network dumps, hooks without a container)."""
 
     where = "backupd"
+
+    def deadline(self, timeout: float) -> list[str]:
+        """coreutils' `timeout` (in backupd's image); without it, no deadline for streams."""
+        import shutil
+
+        return timeout_argv(timeout) if shutil.which("timeout") else []
 
     @contextmanager
     def stream(self, argv: list[str], env: dict[str, str],

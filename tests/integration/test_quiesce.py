@@ -134,6 +134,33 @@ def test_wrong_password_fails_the_dump_with_the_tools_message_and_no_password(
     assert wrong not in proc.stderr and wrong not in str(listing(config))
 
 
+@pytest.mark.parametrize("where", ["container", "host"])
+def test_a_dump_that_outlasts_its_timeout_is_killed_and_fails_the_artifact(
+        docker_client, helper_image, pg_data, tmp_path, where):
+    """pg_dump waits forever for a lock held by a long transaction: the entry's timeout ends it."""
+    db = docker_client.containers.get(pg_data.name)
+    locker = db.exec_run(["psql", "-U", "postgres", "-d", "app", "-c",
+                          "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(40); COMMIT;"], detach=True)
+    assert locker is not None
+    time.sleep(1)
+    entry = {"name": "pg", "type": "postgres", "database": "app", "timeout": "3s",
+             **({"container": pg_data.name} if where == "container" else
+                {"host": pg_data.ip, "password": pg_data.password})}
+    config = write_config(tmp_path, helper_image, {"j": {"databases": [entry]}})
+    started = time.monotonic()
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - started < 30, "the timeout was not enforced"
+    [backup] = listing(config)
+    [art] = backup["artifacts"]
+    assert backup["status"] == "failed" and art["status"] == "failed"
+    assert "pg_dump in " in art["error"] and "timed out after 3s" in art["error"], art["error"]
+    # the lock holder is gone by the end of the test module's next use of the table
+    db.exec_run(["psql", "-U", "postgres", "-d", "app", "-c",
+                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(40)%' "
+                 "AND pid <> pg_backend_pid()"])
+
+
 def test_missing_database_is_an_error_before_anything_runs(docker_client, helper_image, pg_data, tmp_path):
     config = write_config(tmp_path, helper_image, {"j": {"databases": [
         {"name": "pg", "type": "postgres", "container": pg_data.name, "database": ["app", "nope"]}]}})
