@@ -66,15 +66,14 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
     sidecar = Sidecar(config, app, app.catalog, clock=app.clock)
     metrics = sidecar.metrics = Metrics(app.catalog, lambda: sidecar.config.jobs)
     endpoint = None
+    bind: tuple[str, int] | None = None
     if http_bind:
-        host, port = parse_bind(http_bind)
+        bind = parse_bind(http_bind)
     elif config.http.enabled:
-        host, port = config.http.host, config.http.port
-    else:
-        host = port = None  # type: ignore[assignment]
+        bind = (config.http.host, config.http.port)
     sidecar.start()
-    if host is not None:
-        endpoint = HttpEndpoint(host, port, sidecar.health, metrics.render)
+    if bind is not None:
+        endpoint = HttpEndpoint(bind[0], bind[1], sidecar.health, metrics.render)
     grace = config.scheduler.stop_grace.total_seconds()
     log.info("backupd running: %d scheduled entr%s; SIGHUP reloads %s, SIGTERM stops "
              "(a stop may take up to %.0fs: give the container a longer stop grace period)",

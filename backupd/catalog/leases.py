@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from backupd.catalog.models import LeaseRow, OwnerRow
 from backupd.errors import BackupdError
@@ -62,7 +63,7 @@ def _identity(row: OwnerRow) -> Identity:
 class Leases:
     """This process's owner row, its heartbeat, and the leases it takes."""
 
-    def __init__(self, session: Callable[..., object], liveness: Liveness,
+    def __init__(self, session: sessionmaker[Session], liveness: Liveness,
                  clock: Callable[[], datetime], poll: float = 1.0) -> None:
         self._session = session  # the catalog's sessionmaker
         self.liveness = liveness
@@ -84,7 +85,7 @@ class Leases:
         with self._lock:
             if not self._registered:
                 return
-        with self._session.begin() as s:  # type: ignore[attr-defined]
+        with self._session.begin() as s:
             s.execute(update(OwnerRow).where(OwnerRow.id == identity.id).values(
                 engine_id=identity.engine_id, container_id=identity.container_id,
                 container_started=identity.container_started))
@@ -97,7 +98,7 @@ class Leases:
             if self._registered:
                 return self.me.id
             me, now = self.me, self.clock()
-            with self._session.begin() as s:  # type: ignore[attr-defined]
+            with self._session.begin() as s:
                 s.add(OwnerRow(id=me.id, hostname=me.hostname, pid_ns=me.pid_ns, pid=me.pid,
                                pid_start=me.pid_start, engine_id=me.engine_id, container_id=me.container_id,
                                container_started=me.container_started, command=me.command,
@@ -110,7 +111,7 @@ class Leases:
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_EVERY.total_seconds()):
             try:
-                with self._session.begin() as s:  # type: ignore[attr-defined]
+                with self._session.begin() as s:
                     s.execute(update(OwnerRow).where(OwnerRow.id == self.me.id)
                               .values(heartbeat_at=self.clock()))
             except SQLAlchemyError as exc:  # the catalog may come back; the next beat tries again
@@ -122,7 +123,7 @@ class Leases:
         if not self._registered:
             return
         try:
-            with self._session.begin() as s:  # type: ignore[attr-defined]
+            with self._session.begin() as s:
                 s.execute(delete(LeaseRow).where(LeaseRow.owner == self.me.id))
         except SQLAlchemyError as exc:
             log.warning("could not release leases at exit: %s (a later backupd takes them over)",
@@ -136,25 +137,25 @@ class Leases:
             return False
         if owner_id == self.me.id:
             return True
-        with self._session() as s:  # type: ignore[operator]
+        with self._session() as s:
             row = s.get(OwnerRow, owner_id)
             if row is None:
                 return False
             return self.liveness.alive(_identity(row), row.heartbeat_at, self.clock())
 
     def describe_owner(self, owner_id: str) -> str:
-        with self._session() as s:  # type: ignore[operator]
+        with self._session() as s:
             row = s.get(OwnerRow, owner_id)
             return _identity(row).describe() if row is not None else f"a backupd that is gone ({owner_id[:8]})"
 
     def forget_dead_owners(self, still_referenced: Callable[[str], bool]) -> int:
         """Remove owner rows of dead processes that nothing refers to any more."""
         removed = 0
-        with self._session() as s:  # type: ignore[operator]
+        with self._session() as s:
             ids = list(s.scalars(select(OwnerRow.id).where(OwnerRow.id != self.me.id)))
         for owner_id in ids:
             if not self.owner_alive(owner_id) and not still_referenced(owner_id):
-                with self._session.begin() as s:  # type: ignore[attr-defined]
+                with self._session.begin() as s:
                     s.execute(delete(OwnerRow).where(OwnerRow.id == owner_id))
                 removed += 1
         return removed
@@ -176,22 +177,23 @@ class Leases:
     def _take(self, resource: str, holder: str, purpose: str) -> Conflict | None:
         for _ in range(3):  # a dead owner's lease removed, then inserted: a racer may win in between
             try:
-                with self._session.begin() as s:  # type: ignore[attr-defined]
+                with self._session.begin() as s:
                     s.add(LeaseRow(resource=resource, owner=self.me.id, holder=holder, purpose=purpose,
                                    since=self.clock()))
                 return None
             except DbIntegrityError:
                 pass
-            with self._session() as s:  # type: ignore[operator]
+            with self._session() as s:
                 row = s.get(LeaseRow, resource)
                 if row is None:
                     continue  # released meanwhile
                 owner, other, other_purpose, since = row.owner, row.holder, row.purpose, row.since
             if self.owner_alive(owner):
                 return Conflict(resource, self.describe_owner(owner), other_purpose, since)
-            with self._session.begin() as s:  # type: ignore[attr-defined]
-                gone = s.execute(delete(LeaseRow).where(LeaseRow.resource == resource,
-                                                        LeaseRow.holder == other)).rowcount
+            with self._session.begin() as s:
+                result = s.execute(delete(LeaseRow).where(LeaseRow.resource == resource,
+                                                          LeaseRow.holder == other))
+                gone = result.rowcount  # type: ignore[attr-defined]  # a CursorResult for DML
             if gone:
                 log.warning("took over %s from %s, which is no longer running (it held it for %s)",
                             resource, self.describe_owner(owner), other_purpose)
@@ -204,7 +206,7 @@ class Leases:
             if not names:
                 return
             query = query.where(LeaseRow.resource.in_(names))
-        with self._session.begin() as s:  # type: ignore[attr-defined]
+        with self._session.begin() as s:
             s.execute(query)
 
     @contextmanager
@@ -248,5 +250,5 @@ class Leases:
 
     def held(self) -> list[tuple[str, str, str]]:
         """(resource, owner id, purpose) of every lease in the catalog."""
-        with self._session() as s:  # type: ignore[operator]
+        with self._session() as s:
             return [(r.resource, r.owner, r.purpose) for r in s.scalars(select(LeaseRow).order_by(LeaseRow.resource))]
