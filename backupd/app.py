@@ -7,9 +7,11 @@ is handed the App as `Operations`, a typed interface, never loose callables.
 
 Start-up recovery (the first time a command needs the engine): runs a dead
 backupd left `running` are recorded failed, containers it left stopped are
-started, its helper containers are removed. "Dead" is judged by the owner
-recorded in the catalog (backupd.identity), never by hostname, so it also
-works after Compose recreated the sidecar container.
+started, its helper containers are removed and, for the commands that write
+to destinations (`backup`, `run`), the leftovers of its interrupted uploads
+are removed. "Dead" is judged by the owner recorded in the catalog
+(backupd.identity), never by hostname, so it also works after Compose
+recreated the sidecar container.
 """
 
 from __future__ import annotations
@@ -18,17 +20,24 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from backupd.catalog import FAILED, SUCCEEDED, Catalog, utcnow
 from backupd.catalog.leases import Conflict, Leases
 from backupd.config import Config, Job
 from backupd.errors import BackupdError
 from backupd.identity import Identity, Liveness, this_process
+from backupd.stream import human_bytes
+
+if TYPE_CHECKING:
+    from backupd.leftovers import LeftoverReport
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# Commands that write to destinations also sweep them for leftovers at start-up; `restore`
+# and `verify` only read, and must not wait on a destination they do not use.
+SWEEPING_COMMANDS = frozenset({"backup", "run"})
 
 
 @dataclass
@@ -39,9 +48,13 @@ class Recovery:
     restarted: list[str] = field(default_factory=list)
     helpers_removed: int = 0
     owners_forgotten: int = 0
+    leftovers_removed: int = 0  # partial files and open multipart uploads
+    leftover_bytes: int = 0
+    leftover_failures: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        if not (self.failed_runs or self.restarted or self.helpers_removed):
+        if not (self.failed_runs or self.restarted or self.helpers_removed or self.leftovers_removed
+                or self.leftover_failures):
             return "nothing left behind by an earlier backupd"
         parts = []
         if self.failed_runs:
@@ -51,6 +64,11 @@ class Recovery:
             parts.append(f"started container(s) left stopped: {', '.join(self.restarted)}")
         if self.helpers_removed:
             parts.append(f"removed {self.helpers_removed} stale helper container(s)")
+        if self.leftovers_removed:
+            parts.append(f"removed {self.leftovers_removed} leftover(s) of interrupted uploads "
+                         f"({human_bytes(self.leftover_bytes)})")
+        if self.leftover_failures:
+            parts.append(f"leftovers not checked or not removed: {'; '.join(self.leftover_failures)}")
         return "; ".join(parts)
 
 
@@ -102,6 +120,7 @@ class App:
         self.clock = clock
         self.catalog = Catalog(config.catalog)
         self.leases = Leases(self.catalog.session_factory, Liveness(identity or this_process(command)), clock)
+        self.sweeps = command in SWEEPING_COMMANDS
         self._connect = connect
         self._host: Any = None
         self.recovery: Recovery | None = None
@@ -140,8 +159,24 @@ class App:
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
         report.helpers_removed = host.remove_stale_helpers(alive)
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
+        if self.sweeps:  # last: containers left stopped must not wait on a slow destination
+            swept = self.sweep_leftovers()
+            report.leftovers_removed, report.leftover_bytes = len(swept.removed), swept.removed_bytes
+            report.leftover_failures = swept.failures
         log.info("start-up recovery: %s", report)
         return report
+
+    def sweep_leftovers(self, dry_run: bool = False) -> LeftoverReport:
+        """Remove (or, dry, only list) what interrupted uploads left on every destination
+        that no live run owns."""
+        from backupd.leftovers import sweep_leftovers
+
+        stores = self.stores()
+        try:
+            return sweep_leftovers(self.catalog, stores, self.leases.owner_alive, dry_run=dry_run)
+        finally:
+            for store in stores.values():
+                store.close()
 
     def stores(self, destinations: Iterable[str] | None = None) -> dict[str, Any]:
         from backupd.storage import open_store

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from backupd.errors import BackupdError, NotFoundError
-from backupd.storage.base import ObjectInfo, Store, Upload, check_key
+from backupd.storage.base import PARTIAL_MARK, Leftover, ObjectInfo, Store, Upload, check_key, is_partial
 
-PARTIAL_MARK = ".partial-"
 DROP_BEHIND = 8 << 20  # bytes read before they are dropped from the page cache
 
 
@@ -128,5 +127,32 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def leftovers(self) -> Iterator[Leftover]:
+        for job in _subdirs(self.root):
+            for backup in _subdirs(Path(job.path)):
+                for entry in _entries(Path(backup.path)):
+                    if is_partial(entry.name) and entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        yield Leftover(f"{job.name}/{backup.name}/{entry.name}", st.st_size,
+                                       datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        if not is_partial(leftover.key.rsplit("/", 1)[-1]):
+            raise ValueError(f"'{leftover.key}' is not a partial upload")
+        self._path(leftover.key).unlink(missing_ok=True)
+
     def describe(self) -> str:
         return f"local:{self.root}"
+
+
+def _entries(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):  # removed meanwhile (prune)
+        return []
+
+
+def _subdirs(path: Path) -> list[os.DirEntry[str]]:
+    """Directories in `path`; links to directories are not followed (nothing outside is ours)."""
+    return [e for e in _entries(path) if e.is_dir(follow_symlinks=False)]

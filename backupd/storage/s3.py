@@ -19,7 +19,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from backupd.config import S3Destination
 from backupd.errors import BackupdError, NotFoundError
 from backupd.retry import ATTEMPTS, retry
-from backupd.storage.base import ChunkReader, ObjectInfo, Store, Upload, check_key
+from backupd.storage.base import ChunkReader, Leftover, ObjectInfo, Store, Upload, check_key
 from backupd.stream import CHUNK
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,46 @@ class S3Store(Store):
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def leftovers(self) -> Iterator[Leftover]:
+        """Multipart uploads still open under the prefix, for keys of backupd's layout."""
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for upload in page.get("Uploads", []):
+                    key = upload["Key"][len(self.prefix):]
+                    if key.count("/") == 2:  # <job>/<backup id>/<file>
+                        yield Leftover(key, self._uploaded(upload["Key"], upload["UploadId"]),
+                                       upload.get("Initiated"), upload["UploadId"])
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error("list open uploads under", self.prefix or "/", exc) from None
+
+    def _uploaded(self, key: str, upload_id: str) -> int:
+        """Bytes an open multipart upload holds (the sum of its parts)."""
+        total = 0
+        try:
+            for page in self.client.get_paginator("list_parts").paginate(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id):
+                total += sum(part["Size"] for part in page.get("Parts", []))
+        except ClientError as exc:
+            if _code(exc) != "NoSuchUpload":  # completed or aborted meanwhile
+                raise
+        return total
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        """Abort the multipart upload: its parts are freed; an upload already gone is no error."""
+        assert leftover.upload_id is not None, "an S3 leftover is an open multipart upload"
+        key = self._key(leftover.key)
+        try:
+            retry(lambda: self.client.abort_multipart_upload(Bucket=self.bucket, Key=key,
+                                                             UploadId=leftover.upload_id),
+                  is_transient=is_transient, what=f"{self.name}: abort upload of {leftover.key}")
+        except ClientError as exc:
+            if _code(exc) in {"NoSuchUpload", *MISSING_CODES}:
+                return
+            raise self.error("abort upload of", leftover.key, exc) from None
+        except (BotoCoreError, OSError) as exc:
+            raise self.error("abort upload of", leftover.key, exc) from None
 
     def extra_args(self) -> dict[str, str]:
         args = {}

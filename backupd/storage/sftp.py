@@ -16,18 +16,17 @@ import socket
 import stat
 import uuid
 from datetime import datetime, timezone
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 import paramiko
 
 from backupd.config import SftpDestination
 from backupd.errors import BackupdError, NotFoundError
 from backupd.retry import retry
-from backupd.storage.base import ChunkReader, ObjectInfo, Store, Upload, check_key
+from backupd.storage.base import PARTIAL_MARK, ChunkReader, Leftover, ObjectInfo, Store, Upload, check_key, is_partial
 from backupd.stream import CHUNK
 
 log = logging.getLogger(__name__)
-PARTIAL_MARK = ".partial-"
 READ_WINDOW = 8 * CHUNK  # bytes requested ahead while reading: the memory bound of a read
 
 
@@ -174,6 +173,31 @@ class SftpStore(Store):
                 elif PARTIAL_MARK not in attr.filename and child.startswith(prefix):
                     yield ObjectInfo(child, attr.st_size or 0,
                                      datetime.fromtimestamp(attr.st_mtime or 0, timezone.utc))
+
+    def leftovers(self) -> Iterator[Leftover]:
+        for job in self._subdirs(self.root):
+            for backup in self._subdirs(posixpath.join(self.root, job)):
+                for attr in self._listdir(posixpath.join(self.root, job, backup)):
+                    if is_partial(attr.filename) and stat.S_ISREG(attr.st_mode or 0):
+                        yield Leftover(f"{job}/{backup}/{attr.filename}", attr.st_size or 0,
+                                       datetime.fromtimestamp(attr.st_mtime or 0, timezone.utc))
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        if not is_partial(leftover.key.rsplit("/", 1)[-1]):
+            raise ValueError(f"'{leftover.key}' is not a partial upload")
+        self.delete(leftover.key)
+
+    def _listdir(self, path: str) -> Sequence[paramiko.SFTPAttributes]:
+        try:
+            return sorted(self.sftp().listdir_attr(path), key=lambda a: a.filename)
+        except FileNotFoundError:  # removed meanwhile (prune)
+            return []
+        except OSError as exc:
+            raise BackupdError(f"destination '{self.name}': cannot list {path}: {exc}") from None
+
+    def _subdirs(self, path: str) -> Sequence[str]:
+        """Directories in `path` (links are not followed: nothing outside is ours)."""
+        return [a.filename for a in self._listdir(path) if stat.S_ISDIR(a.st_mode or 0)]
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
