@@ -1,14 +1,17 @@
 """S3 and S3-compatible destination (boto3).
 
-Uploads stream as a multipart upload, one part buffered at a time, so memory
-is bounded by the part size whatever the artifact size. The object appears
-under its final key only when the upload is completed; abort() aborts the
-multipart upload so no object and no orphaned parts remain.
+Uploads stream as a multipart upload with several parts in flight at once;
+memory is bounded by `concurrency` x the part size whatever the artifact
+size. The object appears under its final key only when the upload is
+completed; abort() aborts the multipart upload so no object and no orphaned
+parts remain.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Iterator
 
 import boto3
@@ -51,9 +54,11 @@ def _code(exc: BaseException) -> str:
 
 def part_size_for(number: int, base: int) -> int:
     """Size of part `number` (1-based): the configured size for the first 5000 parts,
-    then doubling every 1000, so one upload reaches S3's 5 TB object limit within
-    its 10,000 parts while ordinary artifacts keep the memory bound they were given."""
-    return min(MAX_PART_SIZE, base * 2 ** max(0, (number - 1) // 1000 - 4))
+    then doubling every 500, so one upload reaches S3's 5 TB object limit within its
+    10,000 parts even from the smallest part size, while ordinary artifacts keep the
+    memory bound they were given. (The uploader's budget stays concurrency x the
+    configured size: larger parts go fewer at a time.)"""
+    return min(MAX_PART_SIZE, base * 2 ** max(0, (number - 1) // 500 - 9))
 
 
 class S3Store(Store):
@@ -63,6 +68,7 @@ class S3Store(Store):
         self.bucket = spec.bucket
         self.prefix = spec.prefix.strip("/") + "/" if spec.prefix.strip("/") else ""
         self.part_size = spec.part_size_mb * 1024 * 1024
+        self.concurrency = spec.concurrency
         self.client = client or boto3.client(
             "s3",
             endpoint_url=spec.endpoint_url,
@@ -70,7 +76,8 @@ class S3Store(Store):
             aws_access_key_id=spec.access_key_id,
             aws_secret_access_key=spec.secret_access_key.get_secret_value() if spec.secret_access_key else None,
             config=BotoConfig(retries={"mode": "standard", "max_attempts": 3},
-                              connect_timeout=10, read_timeout=120),
+                              connect_timeout=10, read_timeout=120,
+                              max_pool_connections=max(10, spec.concurrency + 2)),
         )
 
     def describe(self) -> str:
@@ -202,55 +209,125 @@ class S3Store(Store):
 
 
 class S3Upload(Upload):
-    """Multipart upload fed by write(); a part is sent each time part_size bytes gathered."""
+    """Multipart upload fed by write(): a part is handed to the uploader threads each time
+    it is full, and up to `concurrency` parts are uploaded at once.
+
+    Memory is bounded by `concurrency` x `part_size_mb`: the part being filled and the
+    parts in flight each hold their bytes against that budget, and filling the next one
+    waits for room. The bytes were hashed in order before they got here (backupd.stream),
+    so the order the parts land in changes no checksum. A part that fails (after the
+    usual retries) fails the next write() or commit(); abort() waits for the parts in
+    flight, so none lands after the upload is aborted.
+    """
 
     def __init__(self, store: S3Store, key: str) -> None:
         self.store = store
         self.key = key
-        self.buffer = bytearray()
-        self.parts: list[dict[str, Any]] = []
+        self.buffer = bytearray()  # the part being filled
+        self.parts: dict[int, str] = {}  # part number -> ETag, as parts complete
         self.upload_id: str | None = None
         self.done = False
+        self.sent = 0  # parts handed to the uploader
+        self.peak_in_flight = 0  # most parts uploading at once (for tests and benchmarks)
+        self._budget = Budget(store.concurrency * store.part_size)
+        self._reserved = 0  # bytes the part being filled holds against the budget
+        self._uploading = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._error: BaseException | None = None
+        self._aborting = False
 
     def _start(self) -> None:
         resp = self.store._call("start upload of", self.key, self.store.client.create_multipart_upload,
                                 Bucket=self.store.bucket, Key=self.key, **self.store.extra_args())
         self.upload_id = resp["UploadId"]
+        self._pool = ThreadPoolExecutor(self.store.concurrency, thread_name_prefix="s3-part")
 
-    def _send_part(self, data: bytes) -> None:
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, data: bytes) -> None:
+        self._raise()
+        view = memoryview(data)
+        while view:
+            size = part_size_for(self.sent + 1, self.store.part_size)
+            if not self._reserved:
+                self._budget.take(size)
+                self._reserved = size
+                self._raise()  # a part failed while this one waited for room
+            take = min(len(view), size - len(self.buffer))
+            self.buffer += view[:take]
+            view = view[take:]
+            if len(self.buffer) == size:
+                self._hand_off()
+
+    def _hand_off(self) -> None:
+        """Give the full buffer (and its share of the budget) to an uploader thread."""
         if self.upload_id is None:
             self._start()
-        number = len(self.parts) + 1
+        number = self.sent + 1
         if number > MAX_PARTS:
             raise BackupdError(f"destination '{self.store.name}': {self.key} needs more than "
                                f"{MAX_PARTS} parts; raise part_size_mb")
-        resp = self.store._call(f"upload part {number} of", self.key, self.store.client.upload_part,
-                                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                                PartNumber=number, Body=data)
-        self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+        data, reserved = self.buffer, self._reserved
+        self.buffer, self._reserved, self.sent = bytearray(), 0, number
+        assert self._pool is not None
+        self._pool.submit(self._send_part, number, [data], reserved)
 
-    def write(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= (size := part_size_for(len(self.parts) + 1, self.store.part_size)):
-            part = bytes(self.buffer[:size])
-            del self.buffer[:size]
-            self._send_part(part)
+    def _send_part(self, number: int, box: list[bytearray], reserved: int) -> None:
+        """Upload one part (in an uploader thread); the first failure is kept for the writer.
+        The bytes come in a box emptied here, so they are freed before their room is given back."""
+        data = box.pop()
+        with self._budget.lock:
+            self._uploading += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._uploading)
+        try:
+            if self._error is None and not self._aborting:
+                resp = self.store._call(f"upload part {number} of", self.key, self._upload_part,
+                                        Number=number, Body=data)
+                self.parts[number] = resp["ETag"]
+        except BaseException as exc:  # noqa: BLE001 - raised in the writer's thread
+            if self._error is None:
+                self._error = exc
+        finally:
+            with self._budget.lock:
+                self._uploading -= 1
+            del data
+            self._budget.give(reserved)
+
+    def _upload_part(self, Number: int, Body: bytearray) -> Any:  # noqa: N803 - S3's names
+        if self._aborting:
+            raise UploadAborted(f"upload of {self.key} aborted")
+        return self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                                             PartNumber=Number, Body=Body)
+
+    def _wait(self) -> None:
+        """Until every part handed over has landed or failed."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def commit(self) -> None:
+        self._raise()
         if self.upload_id is None:  # small object: one PUT, atomic by nature
             self.store._call("upload", self.key, self.store.client.put_object, Bucket=self.store.bucket,
                              Key=self.key, Body=bytes(self.buffer), **self.store.extra_args())
         else:
             if self.buffer:
-                self._send_part(bytes(self.buffer))
+                self._hand_off()
+            self._wait()
+            self._raise()
+            parts = [{"PartNumber": n, "ETag": self.parts[n]} for n in range(1, self.sent + 1)]
             self.store._call("complete upload of", self.key, self.store.client.complete_multipart_upload,
                              Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                             MultipartUpload={"Parts": self.parts})
+                             MultipartUpload={"Parts": parts})
         self.buffer = bytearray()
         self.done = True
 
     def abort(self) -> None:
         self.buffer = bytearray()
+        self._aborting = True
+        self._wait()  # a part still in flight would otherwise land after the abort, and stay
         if self.upload_id is not None and not self.done:
             try:
                 self.store.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
@@ -259,3 +336,29 @@ class S3Upload(Upload):
                 log.warning("%s: could not abort upload of %s: %s", self.store.name, self.key,
                             self.store.error("abort", self.key, exc))
         self.done = True
+
+
+class UploadAborted(Exception):
+    """A part not sent because its upload is being aborted (never retried)."""
+
+
+class Budget:
+    """Bytes that may be held at once; take() waits for room (one oversized take is let through
+    when nothing else is held, so a part larger than the whole budget still goes, alone)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.held = 0
+        self.lock = threading.Lock()
+        self._room = threading.Condition(self.lock)
+
+    def take(self, n: int) -> None:
+        with self._room:
+            while self.held and self.held + n > self.size:
+                self._room.wait()
+            self.held += n
+
+    def give(self, n: int) -> None:
+        with self._room:
+            self.held -= n
+            self._room.notify_all()
