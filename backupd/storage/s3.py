@@ -223,7 +223,9 @@ class S3Upload(Upload):
     def __init__(self, store: S3Store, key: str) -> None:
         self.store = store
         self.key = key
-        self.buffer = bytearray()  # the part being filled
+        self.buffer = bytearray()  # the part being filled, allocated at its full size
+        self.filled = 0  # bytes of it written so far
+        self._spare: list[bytearray] = []  # buffers of parts that landed, filled again next
         self.parts: dict[int, str] = {}  # part number -> ETag, as parts complete
         self.upload_id: str | None = None
         self.done = False
@@ -250,16 +252,26 @@ class S3Upload(Upload):
         self._raise()
         view = memoryview(data)
         while view:
-            size = part_size_for(self.sent + 1, self.store.part_size)
             if not self._reserved:
-                self._budget.take(size)
-                self._reserved = size
+                self._next_buffer(part_size_for(self.sent + 1, self.store.part_size))
                 self._raise()  # a part failed while this one waited for room
-            take = min(len(view), size - len(self.buffer))
-            self.buffer += view[:take]
+            take = min(len(view), len(self.buffer) - self.filled)
+            self.buffer[self.filled:self.filled + take] = view[:take]
+            self.filled += take
             view = view[take:]
-            if len(self.buffer) == size:
+            if self.filled == len(self.buffer):
                 self._hand_off()
+
+    def _next_buffer(self, size: int) -> None:
+        """Wait for room for a part of `size` bytes; fill a spare buffer, or a new one.
+        Reusing the buffers of parts that landed keeps the process's memory flat: fresh
+        allocations of several MiB each, freed by other threads, fragment the heap."""
+        self._budget.take(size)
+        self._reserved = size
+        with self._budget.lock:
+            self._spare = [b for b in self._spare if len(b) == size]
+            self.buffer = self._spare.pop() if self._spare else bytearray(size)
+        self.filled = 0
 
     def _hand_off(self) -> None:
         """Give the full buffer (and its share of the budget) to an uploader thread."""
@@ -270,7 +282,9 @@ class S3Upload(Upload):
             raise BackupdError(f"destination '{self.store.name}': {self.key} needs more than "
                                f"{MAX_PARTS} parts; raise part_size_mb")
         data, reserved = self.buffer, self._reserved
-        self.buffer, self._reserved, self.sent = bytearray(), 0, number
+        if self.filled < len(data):  # the last part: shorter
+            del data[self.filled:]
+        self.buffer, self.filled, self._reserved, self.sent = bytearray(), 0, 0, number
         assert self._pool is not None
         self._pool.submit(self._send_part, number, [data], reserved)
 
@@ -292,6 +306,8 @@ class S3Upload(Upload):
         finally:
             with self._budget.lock:
                 self._uploading -= 1
+                if len(data) == reserved and not self._aborting:
+                    self._spare.append(data)  # S3 is done with it: the next part fills it
             del data
             self._budget.give(reserved)
 
@@ -311,9 +327,9 @@ class S3Upload(Upload):
         self._raise()
         if self.upload_id is None:  # small object: one PUT, atomic by nature
             self.store._call("upload", self.key, self.store.client.put_object, Bucket=self.store.bucket,
-                             Key=self.key, Body=bytes(self.buffer), **self.store.extra_args())
+                             Key=self.key, Body=bytes(self.buffer[:self.filled]), **self.store.extra_args())
         else:
-            if self.buffer:
+            if self.filled:
                 self._hand_off()
             self._wait()
             self._raise()
@@ -321,13 +337,14 @@ class S3Upload(Upload):
             self.store._call("complete upload of", self.key, self.store.client.complete_multipart_upload,
                              Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
                              MultipartUpload={"Parts": parts})
-        self.buffer = bytearray()
+        self.buffer, self.filled, self._spare = bytearray(), 0, []
         self.done = True
 
     def abort(self) -> None:
-        self.buffer = bytearray()
+        self.buffer, self.filled = bytearray(), 0
         self._aborting = True
         self._wait()  # a part still in flight would otherwise land after the abort, and stay
+        self._spare = []
         if self.upload_id is not None and not self.done:
             try:
                 self.store.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,

@@ -39,7 +39,7 @@ def test_multipart_upload_streams_parts_and_appears_only_on_commit(s3):
     data = os.urandom(12 * 1024 * 1024)
     for i in range(0, len(data), 1 << 20):
         up.write(data[i:i + (1 << 20)])
-    assert up.sent == 2 and len(up.buffer) < st.part_size  # two parts handed over, the third filling
+    assert up.sent == 2 and up.filled < st.part_size  # two parts handed over, the third filling
     assert st.stat("j/b/volume-x.tar.zst") is None
     up.commit()
     assert st.stat("j/b/volume-x.tar.zst").size == len(data)
@@ -369,3 +369,27 @@ def test_a_part_failing_while_others_fly_fails_the_commit_and_abort_waits_for_th
     assert client.running == 0  # abort returned only after every part in flight had ended
     assert s3.list_multipart_uploads(Bucket="bucket").get("Uploads", []) == []
     assert s3.list_objects_v2(Bucket="bucket").get("Contents", []) == []
+
+
+def test_the_buffers_of_parts_that_landed_are_filled_again(s3):
+    """Memory stays flat: no more part buffers than parts in flight, however many parts."""
+    bodies = set()
+
+    class Recording(Failing):
+        def __getattr__(self, name):
+            call = super().__getattr__(name)
+            if name != "upload_part":
+                return call
+
+            def upload_part(**kwargs):
+                bodies.add(id(kwargs["Body"]))
+                return call(**kwargs)
+            return upload_part
+
+    up = store(Recording(s3), concurrency=2).open_upload("j/b/x")
+    data = os.urandom(41 * 1024 * 1024)  # 8 full parts and a short one
+    for i in range(0, len(data), 1 << 20):
+        up.write(data[i:i + (1 << 20)])
+    up.commit()
+    assert up.sent == 9 and len(bodies) <= 3  # two buffers in turn, and the short last part
+    assert s3.get_object(Bucket="bucket", Key="pre/j/b/x")["Body"].read() == data
