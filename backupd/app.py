@@ -7,11 +7,12 @@ is handed the App as `Operations`, a typed interface, never loose callables.
 
 Start-up recovery (the first time a command needs the engine): runs a dead
 backupd left `running` are recorded failed, containers it left stopped are
-started, its helper containers are removed and, for the commands that write
-to destinations (`backup`, `run`), the leftovers of its interrupted uploads
-are removed. "Dead" is judged by the owner recorded in the catalog
-(backupd.identity), never by hostname, so it also works after Compose
-recreated the sidecar container.
+started, its helper containers are removed. "Dead" is judged by the owner
+recorded in the catalog (backupd.identity), never by hostname, so it also
+works after Compose recreated the sidecar container. The leftovers of its
+interrupted uploads are removed from each destination the first time this
+process backs up to it (with the run's own connection: a restore, or a job
+that does not use a destination, never waits on it).
 """
 
 from __future__ import annotations
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-# Commands that write to destinations also sweep them for leftovers at start-up; `restore`
-# and `verify` only read, and must not wait on a destination they do not use.
-SWEEPING_COMMANDS = frozenset({"backup", "run"})
 
 
 @dataclass
@@ -48,13 +46,11 @@ class Recovery:
     restarted: list[str] = field(default_factory=list)
     helpers_removed: int = 0
     owners_forgotten: int = 0
-    leftovers_removed: int = 0  # partial files and open multipart uploads
+    leftovers_removed: int = 0  # partial files and open multipart uploads, as destinations are first used
     leftover_bytes: int = 0
-    leftover_failures: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        if not (self.failed_runs or self.restarted or self.helpers_removed or self.leftovers_removed
-                or self.leftover_failures):
+        if not (self.failed_runs or self.restarted or self.helpers_removed or self.leftovers_removed):
             return "nothing left behind by an earlier backupd"
         parts = []
         if self.failed_runs:
@@ -67,8 +63,6 @@ class Recovery:
         if self.leftovers_removed:
             parts.append(f"removed {self.leftovers_removed} leftover(s) of interrupted uploads "
                          f"({human_bytes(self.leftover_bytes)})")
-        if self.leftover_failures:
-            parts.append(f"leftovers not checked or not removed: {'; '.join(self.leftover_failures)}")
         return "; ".join(parts)
 
 
@@ -120,7 +114,8 @@ class App:
         self.clock = clock
         self.catalog = Catalog(config.catalog)
         self.leases = Leases(self.catalog.session_factory, Liveness(identity or this_process(command)), clock)
-        self.sweeps = command in SWEEPING_COMMANDS
+        self._swept: set[str] = set()  # destinations whose leftovers this process removed
+        self._sweeping = threading.Lock()
         self._connect = connect
         self._host: Any = None
         self.recovery: Recovery | None = None
@@ -159,10 +154,6 @@ class App:
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
         report.helpers_removed = host.remove_stale_helpers(alive)
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
-        if self.sweeps:  # last: containers left stopped must not wait on a slow destination
-            swept = self.sweep_leftovers()
-            report.leftovers_removed, report.leftover_bytes = len(swept.removed), swept.removed_bytes
-            report.leftover_failures = swept.failures
         log.info("start-up recovery: %s", report)
         return report
 
@@ -177,6 +168,29 @@ class App:
         finally:
             for store in stores.values():
                 store.close()
+
+    def _first_use(self, stores: dict[str, Any]) -> None:
+        """Recovery's last step, per destination, the first time this process backs up to it:
+        remove the leftovers of interrupted uploads no live run owns (after recovery failed the
+        runs of dead processes), with the run's own stores."""
+        from backupd.leftovers import sweep_leftovers
+
+        with self._sweeping:
+            todo = {name: store for name, store in stores.items() if name not in self._swept}
+            self._swept.update(todo)
+        if not todo:
+            return
+        swept = sweep_leftovers(self.catalog, todo, self.leases.owner_alive)
+        if self.recovery is not None:
+            self.recovery.leftovers_removed += len(swept.removed)
+            self.recovery.leftover_bytes += swept.removed_bytes
+        if swept.removed:
+            log.info("start-up recovery: removed %d leftover(s) of interrupted uploads (%s) from %s",
+                     len(swept.removed), human_bytes(swept.removed_bytes),
+                     ", ".join(sorted({f.destination for f in swept.removed})))
+        for failure in swept.failures:
+            log.warning("start-up recovery: leftovers of interrupted uploads on %s (tried again at "
+                        "the next start, or by prune --orphans)", failure)
 
     def stores(self, destinations: Iterable[str] | None = None) -> dict[str, Any]:
         from backupd.storage import open_store
@@ -212,6 +226,7 @@ class App:
                       extra={"job": job, "backup_id": backup_id})
             return BackupOutcome(job, backup_id, FAILED, [str(exc)], planning_error=exc)
         try:
+            self._first_use(plan.stores)
             with self.leases.hold(resources_of(job, spec, plan.volumes, plan.stop), f"backup of job {job}",
                                   stop=stop, wait=wait, on_wait=_waiting_logger(job)):
                 result = run_backup(config, plan, self.catalog, host, cancel=cancel, on_start=on_start,

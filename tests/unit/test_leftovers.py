@@ -182,7 +182,7 @@ def config_for(tmp_path: Path) -> dict:
             "jobs": {"j": {"volumes": ["v"]}}}
 
 
-def test_start_up_recovery_of_a_backup_removes_a_killed_runs_partials_and_keeps_a_live_runs(
+def test_the_first_backup_to_a_destination_removes_a_killed_runs_partials_and_keeps_a_live_runs(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = parse_config(config_for(tmp_path), env={})
     app = App(config, "backup")
@@ -194,22 +194,22 @@ def test_start_up_recovery_of_a_backup_removes_a_killed_runs_partials_and_keeps_
         killed_upload(store, f"j/{killed}/volume-v.tar.zst", b"k" * 2048)
         killed_upload(store, f"j/{running}/volume-v.tar.zst")
     app._host = FakeHost()
+    app.recovery = app.recover()
+    assert app.recovery.failed_runs == [killed]
+    assert len(partials(tmp_path)) == 4  # recovery alone touches no destination (a restore needs none)
+
     with caplog.at_level("INFO", logger="backupd.app"):
-        report = app.recover()
-    assert report.failed_runs == [killed]
-    assert report.leftovers_removed == 2 and report.leftover_bytes == 4096
-    assert "removed 2 leftover(s) of interrupted uploads (4.0 KiB)" in caplog.text
+        app._first_use({"a": stores["a"]})  # what App.backup does with its plan's stores
+        app._first_use(stores)
+    assert app.recovery.leftovers_removed == 2 and app.recovery.leftover_bytes == 4096
+    assert "removed 1 leftover(s) of interrupted uploads (2.0 KiB) from a" in caplog.text
+    assert "removed 1 leftover(s) of interrupted uploads (2.0 KiB) from b" in caplog.text
     left = partials(tmp_path)
     assert len(left) == 2 and all(f"/{running}/" in p for p in left)
-    app.close()
 
-
-def test_recovery_of_a_restore_leaves_destinations_alone(tmp_path: Path) -> None:
-    app = App(parse_config(config_for(tmp_path), env={}), "restore")
-    killed = app.catalog.start_backup("j", owner="gone")
-    killed_upload(app.stores()["a"], f"j/{killed}/volume-v.tar.zst")
-    app._host = FakeHost()
-    assert app.recover().leftovers_removed == 0 and len(partials(tmp_path)) == 1
+    killed_upload(stores["a"], f"j/{killed}/volume-w.tar.zst")
+    app._first_use(stores)  # once per destination and process
+    assert len(partials(tmp_path)) == 3
     app.close()
 
 
