@@ -4,7 +4,8 @@ Run as root beside a Docker engine (see benchmarks/run). Builds a test volume,
 then measures on the same data: backupd backup/restore, the tutorial recipe
 (docker run ... tar czf / tar xzf), the limit (host tar | zstd -T0 -1, and a
 pure tar read), restic and borg. Prints a table and ratios, writes JSON.
-Also: backupd's peak memory at 1x and 5x the data, and catalog scale.
+Also: backupd's peak memory at 1x and 5x the data, catalog scale, and the
+off-site destinations (benchmarks/offsite.py; `--offsite-only` runs them alone).
 """
 
 from __future__ import annotations
