@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,9 +63,12 @@ def test_a_partial_file_on_the_sftp_server_is_removed_and_a_live_runs_is_kept(sf
         upload = stores["sftp"].open_upload(f"j/{backup_id}/volume-v.tar.zst")
         upload.write(b"p" * 100_000)
         upload.handle.flush()  # type: ignore[attr-defined]
-    report = sweep_leftovers(catalog, stores, lambda owner: owner == "alive")
-    assert [(f.leftover.key.split("/")[1], f.leftover.size) for f in report.removed] == [(dead, 100_000)]
-    assert [p.parent.name for p in root.rglob(".*.partial-*")] == [live]
+    try:
+        report = sweep_leftovers(catalog, stores, lambda owner: owner == "alive")
+        assert [(f.leftover.key.split("/")[1], f.leftover.size) for f in report.removed] == [(dead, 100_000)]
+        assert [p.parent.name for p in root.rglob(".*.partial-*")] == [live]
+    finally:
+        shutil.rmtree(root)  # the server is shared with other tests, which count partial files
 
 
 def test_backups_killed_mid_upload_leave_nothing_once_the_next_run_is_done(
