@@ -254,6 +254,7 @@ def _describe(b: BackupView) -> str:
         lines.append(f"deleted   {b.deleted_at.isoformat()}")
     if b.error:
         lines.append(f"error     {b.error}")
+    lines += [f"warning   {w}" for w in b.warnings]
     for a in b.artifacts:
         enc = f", {a.encryption}" if a.encryption else ""
         lines.append(f"  {a.kind} {a.name} ({a.source}): {a.status}, "

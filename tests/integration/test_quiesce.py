@@ -300,7 +300,11 @@ def test_hook_timeout_is_enforced_both_ways(
     proc = backupd(config, "backup", "j")
     assert time.monotonic() - started < 30
     assert "timed out after 2s" in proc.stderr
-    assert listing(config)[0]["status"] == expected_status
+    [backup] = listing(config)
+    assert backup["status"] == expected_status
     assert (proc.returncode == 0) == (expected_status == "succeeded")
+    if on_error == "continue":  # not thrown away: a warning on the run
+        assert len(backup["warnings"]) == 1 and "hooks.before[0]" in backup["warnings"][0]
+        assert "timed out after 2s" in backup["warnings"][0]
     ps = docker_client.containers.get(pg_data.name).exec_run(["sh", "-c", "ps -eo args 2>/dev/null || ls /proc"]).output
     assert b"sleep 60" not in ps, "the timed-out hook is still running"
