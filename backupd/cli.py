@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from backupd import __version__
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupSummary, BackupView, Catalog

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import socket
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from backupd.catalog.models import (
     SchemaVersion,
 )
 from backupd.errors import BackupdError, ConfigError, NotFoundError
+from backupd.identity import process_alive, process_token
 
 log = logging.getLogger(__name__)
 
@@ -629,29 +629,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-def _start_time(pid: int) -> str | None:
-    """Kernel start time of a process: tells a reused pid (pid 1 after a restart) apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def process_token() -> str:
-    pid = os.getpid()
-    return f"{pid}:{_start_time(pid) or ''}"
-
-
-def process_alive(token: str) -> bool:
-    """Is the process that wrote this token (on this host) still running?"""
-    pid_text, _, start = token.partition(":")
-    if not pid_text.isdigit():
-        return False
-    current = _start_time(int(pid_text))
-    return current is not None and current == start
 
 
 __all__ = [

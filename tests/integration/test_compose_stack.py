@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.integration.services import DB_IMAGE, PG_SCRIPT, require_image
-from tests.integration.test_sidecar import SOCKET, sidecar_image  # noqa: F401 - fixture
+from tests.integration.test_sidecar import SOCKET
 from tests.integration.test_volumes import REPO, mountpoint
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.integration.services import APP_COMMAND
-from tests.integration.test_sidecar import SOCKET, _fill, sidecar_image  # noqa: F401 - fixture
+from tests.integration.test_sidecar import SOCKET, _fill
 from tests.integration.test_volumes import REPO, backupd, listing, write_config
 
 pytestmark = pytest.mark.integration
@@ -85,6 +85,11 @@ def held_app(docker_client, helper_image, volume_factory):
     app.remove(force=True)
 
 
+def slow_job(volume: str, app) -> dict:
+    """Every minute, the app stopped while its volume is copied slowly."""
+    return {"schedule": "* * * * *", "volumes": [volume], "stop_containers": [app.name], "compression": SLOW}
+
+
 def status_of(container) -> str:
     container.reload()
     return container.status
@@ -97,9 +102,7 @@ def no_helpers_on(docker_client, volume: str) -> bool:
 def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daemon(
         docker_client, helper_image, held_app, daemons, tmp_path):
     app, vol = held_app
-    config = write_config(tmp_path, helper_image, {"slow": {
-        "schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name], "compression": SLOW}},
-        scheduler={"misfire_grace": "30s"})
+    config = write_config(tmp_path, helper_image, {"slow": slow_job(vol, app)}, scheduler={"misfire_grace": "30s"})
     first = daemons(config)
     wait_until(lambda: status_of(app) == "exited", "the scheduled run stopping the app", 90, first.text)
     time.sleep(1)
@@ -120,9 +123,7 @@ def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daem
 def test_a_cli_backup_of_a_job_the_daemon_is_running_waits_and_never_overlaps(
         docker_client, helper_image, held_app, daemons, tmp_path):
     app, vol = held_app
-    config = write_config(tmp_path, helper_image, {"slow": {
-        "schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name], "compression": SLOW}},
-        scheduler={"misfire_grace": "30s"})
+    config = write_config(tmp_path, helper_image, {"slow": slow_job(vol, app)}, scheduler={"misfire_grace": "30s"})
     daemon = daemons(config)
     wait_until(lambda: [b for b in listing(config) if b["status"] == "running"], "the daemon's run", 90, daemon.text)
     cli = backupd(config, "backup", "slow")
@@ -168,8 +169,7 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
     config = {"catalog": "sqlite:////var/lib/backupd/catalog.db", "helper_image": sidecar_image,
               "destinations": {"local": {"type": "local", "path": "/var/lib/backupd/backups"}},
               "scheduler": {"misfire_grace": "30s"},
-              "jobs": {"slow": {"schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name],
-                                "compression": SLOW}}}
+              "jobs": {"slow": slow_job(vol, app)}}
     first = sidecar_container(config, state)
     logs = lambda c=first: c.logs().decode(errors="replace")  # noqa: E731
     wait_until(lambda: status_of(app) == "exited", "the scheduled run stopping the app", 90, logs)
