@@ -127,11 +127,13 @@ class App:
             self.recovery = self.recover()
         return self._host
 
-    def recover(self) -> Recovery:
-        """Undo what dead backupd processes left behind; logs what it found."""
+    def recover(self, quiet: bool = False) -> Recovery:
+        """Undo what dead backupd processes left behind; logs what it found (when `quiet`, only
+        if it found something: the daemon repeats this every minute for CLI commands killed
+        while it runs)."""
         from backupd.quiesce.stop import recover_held_containers
 
-        host, alive = self._host, self.leases.owner_alive
+        host, alive = self.host, self.leases.owner_alive
         report = Recovery()
         report.failed_runs = self.catalog.fail_interrupted(alive)
         for backup_id in report.failed_runs:
@@ -140,7 +142,10 @@ class App:
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
         report.helpers_removed = host.remove_stale_helpers(alive)
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
-        log.info("start-up recovery: %s", report)
+        if not quiet:
+            log.info("start-up recovery: %s", report)
+        elif report.failed_runs or report.restarted or report.helpers_removed:
+            log.warning("recovery: %s", report)
         return report
 
     def stores(self, destinations: Iterable[str] | None = None) -> dict[str, Any]:

@@ -186,3 +186,22 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
                lambda: second.logs().decode(errors="replace"))
     wait_until(lambda: "start-up recovery: " in second.logs().decode(errors="replace"), "the recovery log line",
                10, lambda: second.logs().decode(errors="replace"))
+
+
+def test_a_container_held_by_a_killed_cli_backup_is_started_by_the_running_daemon(
+        docker_client, helper_image, held_app, daemons, tmp_path):
+    app, vol = held_app
+    job = {**slow_job(vol, app), "schedule": "0 0 1 1 *"}  # the daemon itself never runs it here
+    config = write_config(tmp_path, helper_image, {"slow": job})
+    daemon = daemons(config)
+    wait_until(lambda: "start-up recovery: " in daemon.text(), "the daemon's start", 30, daemon.text)
+    cli = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(config), "backup", "slow"],
+                           env={**os.environ, "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: status_of(app) == "exited", "the CLI backup stopping the app", 60)
+    cli.send_signal(signal.SIGKILL)
+    cli.wait(10)
+    assert status_of(app) == "exited"
+    wait_until(lambda: status_of(app) == "running", "the daemon's periodic recovery starting the app", 75,
+               daemon.text)
+    assert "recovery: " in daemon.text() and app.name in daemon.text()
