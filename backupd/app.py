@@ -140,7 +140,7 @@ class App:
             log.warning("backup %s was left running by a stopped backupd: recorded failed", backup_id,
                         extra={"backup_id": backup_id})
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
-        report.helpers_removed = host.remove_stale_helpers(alive)
+        report.helpers_removed = host.remove_stale_helpers(self.leases.owner_known_dead)
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
         if not quiet:
             log.info("start-up recovery: %s", report)
