@@ -190,7 +190,27 @@ class App:
             for store in plan.stores.values():
                 store.close()
             raise
-        return BackupOutcome(job, result.backup_id, result.status, result.errors, result.warnings)
+        warnings = list(result.warnings)
+        if result.status == SUCCEEDED:
+            suspicion = self.guard_shrinkage(config, job, result.backup_id)
+            if suspicion is not None:
+                warnings.append(f"suspicious: {suspicion}")
+        return BackupOutcome(job, result.backup_id, result.status, result.errors, warnings)
+
+    def guard_shrinkage(self, config: Config, job: str, backup_id: str) -> str | None:
+        """Flag a new backup that is much smaller than the job's recent ones (backupd.shrinkage)."""
+        from backupd.shrinkage import WINDOW, judge
+
+        retention = config.job_retention(job)
+        backup = self.catalog.get(backup_id)
+        earlier = self.catalog.recent_sizes(job, backup.started_at, WINDOW)
+        suspicion = judge(backup.size, earlier, retention.shrinkage if retention else 0.5)
+        if suspicion is not None:
+            self.catalog.set_suspicion(backup_id, suspicion)
+            log.warning("backup %s of job %s is suspicious: %s; retention of the job deletes nothing until "
+                        "it is accepted (backupd accept %s) or a later backup is normal", backup_id, job,
+                        suspicion, backup_id, extra={"job": job, "backup_id": backup_id})
+        return suspicion
 
     def prune(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None,
               dry_run: bool = False) -> Any:
