@@ -13,14 +13,16 @@ import fcntl
 import io
 import logging
 import os
-import select
-import tempfile
 import re
+import select
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from docker.types import LogConfig, Mount  # noqa: E402
 
 from backupd.config import VolumeSelector
 from backupd.errors import BackupdError, ConfigError, NotFoundError
+from backupd.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +165,10 @@ class DockerHost:
         """A directory both backupd and a helper see, for a named pipe between them.
 
         A pipe moves the archive at kernel speed; Docker's attach stream is several
-        times slower. On the host it is a private temp dir bind-mounted into the
-        helper; in a container it is the volume holding STATE_DIR. None (fall back
-        to attach) when there is no such mount or BACKUPD_TRANSFER=attach.
+        times slower. On the host it is a fresh private temp dir (removed at exit)
+        bind-mounted into the helper; in a container it is `.fifo` in the volume holding
+        STATE_DIR, which must be backupd's own, mode 0700 (UnsafePathError otherwise).
+        None (fall back to attach) when there is no such mount or BACKUPD_TRANSFER=attach.
         """
         if self._fifo_dir is None and os.environ.get("BACKUPD_TRANSFER") != "attach":
             self._fifo_dir = self._find_fifo_dir() or False  # type: ignore[assignment]
@@ -173,8 +177,10 @@ class DockerHost:
     def _find_fifo_dir(self) -> "FifoDir | None":
         me = self.own_container()
         if me is None:
-            local = Path(tempfile.gettempdir()) / f"backupd-fifo-{os.getuid()}"
-            local.mkdir(mode=0o700, exist_ok=True)
+            # A fresh private directory, never a predictable name in a shared /tmp: another
+            # user could have made that first (0777, or a link to a directory of theirs).
+            local = Path(tempfile.mkdtemp(prefix="backupd-fifo-"))
+            weakref.finalize(self, shutil.rmtree, local, True)
             shared = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind"), FIFO_POINT)
             # In a container the engine does not know (e.g. the engine runs inside it too),
             # a bind mount of our temp dir works only if the engine sees our filesystem.
@@ -187,8 +193,7 @@ class DockerHost:
             dest = m.get("Destination", "")
             if m.get("Type") in ("volume", "bind") and m.get("RW") and \
                     (STATE_DIR == dest or STATE_DIR.startswith(dest.rstrip("/") + "/")):
-                local = Path(STATE_DIR) / ".fifo"
-                local.mkdir(mode=0o700, exist_ok=True)
+                local = private_dir(Path(STATE_DIR) / ".fifo", "the named-pipe directory")
                 inside = FIFO_POINT + "/" + str(local.relative_to(dest))
                 source = m["Name"] if m["Type"] == "volume" else m["Source"]
                 return FifoDir(local, Mount(FIFO_POINT, source, type=m["Type"]), inside)

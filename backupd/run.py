@@ -55,6 +55,7 @@ def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
     volumes = host.resolve_volumes(job_name, list(job.volumes))
     if volumes:
         host.check_helper_image()
+        host.fifo_dir()  # an unsafe named-pipe directory fails the plan, not each volume
     dumps = [d for i, spec in enumerate(job.databases)
              for d in plan_dumps(spec, host, f"jobs.{job_name}.databases[{i}]")]
     check_unique(dumps, f"jobs.{job_name}.databases")

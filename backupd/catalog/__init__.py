@@ -35,6 +35,7 @@ from backupd.catalog.models import (
 )
 from backupd.errors import BackupdError, ConfigError, NotFoundError
 from backupd.identity import process_alive, process_token
+from backupd.private import create_private_file, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,9 @@ class Catalog:
         try:
             if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
                 path = url.removeprefix("sqlite:///")
-                if path:
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                if path:  # created private: run errors and names are nobody else's to read
+                    make_dirs(Path(path).parent)
+                    create_private_file(Path(path))
             self.engine = create_engine(url, future=True)
         except (ArgumentError, ImportError, OSError) as exc:
             raise ConfigError(f"catalog: cannot use '{self.url_for_humans}': {exc}") from None
