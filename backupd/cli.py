@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 from backupd.errors import BackupdError, ConfigError, IntegrityError, PartialError
 from backupd.gcpause import paused_gc
 from backupd.logs import setup_logging
+from backupd.redaction import redact
 from backupd.stream import human_bytes
 from backupd.table import format_table
 
@@ -81,7 +82,7 @@ def cmd_backup(ctx: Context) -> int:
     if result.status == SUCCEEDED:
         return 0
     for err in result.errors:
-        print(f"backupd: backup {result.backup_id} {result.status}: {err}", file=sys.stderr)
+        print(redact(f"backupd: backup {result.backup_id} {result.status}: {err}"), file=sys.stderr)
     return PartialError.exit_code if result.status == PARTIAL else EXIT_FAILED
 
 
@@ -202,7 +203,7 @@ def cmd_prune(ctx: Context) -> int:
             print(f"deleted {len(report.deleted)} backup(s)")
         failures += report.failures
     for failure in failures:
-        print(f"backupd: could not delete {failure}", file=sys.stderr)
+        print(redact(f"backupd: could not delete {failure}"), file=sys.stderr)
     return EXIT_FAILED if failures else 0
 
 
@@ -390,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(ctx)
     except BackupdError as exc:
-        print(f"backupd: error: {exc}", file=sys.stderr)
+        print(redact(f"backupd: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("backupd: interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Iterable, Iterator, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from backupd.errors import ConfigError
+from backupd.redaction import HOOK_VALUE_MIN, remember
 
 DEFAULT_CONFIG_PATH = "/etc/backupd/backupd.yml"
 DEFAULT_CATALOG = "sqlite:////var/lib/backupd/catalog.db"
@@ -74,11 +75,16 @@ class _Model(BaseModel):
 
 
 def read_secret_file(path: str | Path) -> SecretStr:
-    """Read a secret from a file (Docker/Compose secrets), without its trailing newline."""
+    """Read a secret from a file (Docker/Compose secrets), without its trailing newline.
+
+    The value is recorded for redaction: it never appears in logs, errors or records.
+    """
     try:
-        return SecretStr(Path(path).read_text(encoding="utf-8").rstrip("\r\n"))
+        value = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         raise ValueError(f"cannot read secret file '{path}': {exc.strerror}") from None
+    remember(value)
+    return SecretStr(value)
 
 
 def _secret_from_file(model: Any, field: str) -> Any:
@@ -433,12 +439,16 @@ class _KeyedError(ValueError):
 _ENV_RE = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 
 
-def interpolate(value: Any, env: dict[str, str], path: str = "") -> Any:
-    """Replace ${VAR} and ${VAR:-default} in every string; $$ is a literal $."""
+def interpolate(value: Any, env: dict[str, str], path: str = "",
+                expanded: list[tuple[str, str]] | None = None) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string; $$ is a literal $.
+
+    Each substitution is appended to `expanded` as (key path, value).
+    """
     if isinstance(value, dict):
-        return {k: interpolate(v, env, _join(path, str(k))) for k, v in value.items()}
+        return {k: interpolate(v, env, _join(path, str(k)), expanded) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [interpolate(v, env, f"{path}[{i}]", expanded) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -447,12 +457,51 @@ def interpolate(value: Any, env: dict[str, str], path: str = "") -> Any:
             return "$"
         name, default = match.group(2), match.group(3)
         if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{path}: environment variable '{name}' is not set")
+            result = env[name]
+        elif default is not None:
+            result = default
+        else:
+            raise ConfigError(f"{path}: environment variable '{name}' is not set")
+        if expanded is not None:
+            expanded.append((path, result))
+        return result
 
     return _ENV_RE.sub(substitute, value)
+
+
+_HOOK_COMMAND = re.compile(r"^jobs\..+\.hooks\.(before|after)\[\d+\]\.command(\[\d+\])?$")
+
+
+def _secret_values(node: Any) -> Iterator[str]:
+    """Every SecretStr value in a parsed config (password fields and their *_file twins)."""
+    if isinstance(node, SecretStr):
+        yield node.get_secret_value()
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            yield from _secret_values(getattr(node, name))
+    elif isinstance(node, dict):
+        for item in node.values():
+            yield from _secret_values(item)
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _secret_values(item)
+
+
+def remember_secrets(config: "Config", expanded: Iterable[tuple[str, str]] = ()) -> None:
+    """Record for redaction every secret the config resolved, and what ${VAR}s put into hook commands
+    (a hook is where an operator passes a token to curl or a password to a tool)."""
+    for value in _secret_values(config):
+        remember(value)
+    remember(config.notifications.webhook_url)  # its URL is its credential
+    try:
+        from sqlalchemy.engine import make_url
+
+        remember(make_url(config.catalog).password)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read is reported when it is opened
+        pass
+    for path, value in expanded:
+        if _HOOK_COMMAND.match(path) and len(value) >= HOOK_VALUE_MIN:
+            remember(value)
 
 
 def _join(path: str, key: str) -> str:
@@ -498,14 +547,17 @@ def parse_config(data: Any, source: str = "config", env: dict[str, str] | None =
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    expanded: list[tuple[str, str]] = []
     try:
-        data = interpolate(data, dict(os.environ) if env is None else env)
+        data = interpolate(data, dict(os.environ) if env is None else env, expanded=expanded)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_error(exc, data)}") from None
+    remember_secrets(config, expanded)
+    return config
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:

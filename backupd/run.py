@@ -23,6 +23,7 @@ from backupd.quiesce.stop import held, resolve_containers
 from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog, utcnow
 from backupd.config import Config
 from backupd.docker_host import DockerHost, VolumeSource
+from backupd.redaction import redact_all
 from backupd.storage import Store, open_store
 from backupd.storage.base import MANIFEST
 
@@ -156,7 +157,8 @@ def manifest_of(backup: "object") -> dict:
 
 def write_manifests(backup: "object", stores: dict[str, Store]) -> None:
     """Put a manifest beside the archives on each destination that holds any of them."""
-    data = json.dumps(manifest_of(backup), indent=2).encode()
+    # Plaintext beside archives that may be encrypted: masked like everything that leaves backupd.
+    data = json.dumps(redact_all(manifest_of(backup)), indent=2).encode()
     for dest, store in stores.items():
         keys = [c.key for a in backup.artifacts for c in a.copies  # type: ignore[attr-defined]
                 if c.destination == dest and c.status == STORED]
