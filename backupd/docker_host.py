@@ -125,6 +125,7 @@ class DockerHost:
         self.helper_memory = helper_memory
         self._fifo_dir: FifoDir | None = None
         self._engine_id: str | None = None
+        self._images_checked: set[str] = set()
 
     # ------------------------------------------------------------ helper image
 
@@ -215,13 +216,35 @@ class DockerHost:
             probe.unlink(missing_ok=True)
 
     def check_helper_image(self) -> None:
+        """The helper image is there and has GNU tar; asked once per image, by running `tar --version`.
+
+        A busybox or alpine image has a tar that lacks what backupd's archives need; without
+        this check every backup failed with a helper that "exited without writing".
+        """
+        image = self.helper_image
+        if image in self._images_checked:
+            return
         try:
-            self.client.images.get(self.helper_image)
+            self.client.images.get(image)
         except ImageNotFound:
             raise ConfigError(
-                f"helper_image: image '{self.helper_image}' is not present on the Docker engine "
+                f"helper_image: image '{image}' is not present on the Docker engine "
                 "(build or pull it first)"
             ) from None
+        try:
+            said = self.run_helper(["tar", "--version"], [], purpose=f"the GNU tar check of image '{image}'")
+            found = f"`tar --version` says: {said.strip().splitlines()[0] if said.strip() else 'nothing'}"
+        except HelperError as exc:
+            said, found = "", str(exc)
+        except APIError as exc:  # the engine cannot start it: most often no tar at all
+            said, found = "", f"`tar --version` cannot run: {exc.explanation or exc}"
+        if "GNU tar" not in said:
+            raise ConfigError(
+                f"helper_image: image '{image}' has no GNU tar ({found[:300]}); backups and restores need "
+                "GNU tar (--sparse, --numeric-owner, --format=posix), which busybox and alpine images lack. "
+                "Use backupd's own image, or build a minimal helper: a Dockerfile with the one line "
+                "`FROM debian:bookworm-slim` is enough (README: \"A minimal helper image\")")
+        self._images_checked.add(image)
 
     # ------------------------------------------------------------ resolve
 

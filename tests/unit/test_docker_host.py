@@ -142,3 +142,60 @@ def test_in_the_sidecar_the_pipe_directory_is_made_0700_in_the_state_volume(tmp_
         os.umask(old)
     assert fifo_dir.local == tmp_path / ".fifo" and fifo_dir.inside == "/backupd-fifo/.fifo"
     assert stat.S_IMODE(os.lstat(fifo_dir.local).st_mode) == 0o700
+
+
+# ------------------------------------------------------------------ the helper image's tar
+
+
+class _Images:
+    def get(self, name):
+        return name
+
+
+def _image_host(monkeypatch, says):
+    from types import SimpleNamespace
+
+    from backupd import docker_host
+
+    host = docker_host.DockerHost(SimpleNamespace(api=None, images=_Images()), "helper:x")
+    ran: list[list[str]] = []
+
+    def run_helper(command, mounts, purpose):
+        ran.append(command)
+        if isinstance(says, Exception):
+            raise says
+        return says
+
+    monkeypatch.setattr(host, "run_helper", run_helper)
+    return host, ran
+
+
+def test_the_helper_image_is_asked_for_gnu_tar_once_per_image(monkeypatch):
+    host, ran = _image_host(monkeypatch, "tar (GNU tar) 1.34\nCopyright ...\n")
+    host.check_helper_image()
+    host.check_helper_image()
+    assert ran == [["tar", "--version"]]
+
+
+def test_a_busybox_tar_is_a_config_error_naming_the_image_and_what_to_build(monkeypatch):
+    import pytest
+
+    from backupd.errors import ConfigError
+
+    host, _ = _image_host(monkeypatch, "tar (busybox) 1.35.0\n")
+    with pytest.raises(ConfigError) as refused:
+        host.check_helper_image()
+    message = str(refused.value)
+    assert message.startswith("helper_image: image 'helper:x' has no GNU tar (`tar --version` says: tar (busybox) 1.35.0)")
+    assert "FROM debian:bookworm-slim" in message and refused.value.exit_code == 2
+
+
+def test_an_image_without_tar_is_a_config_error_with_the_engines_reason(monkeypatch):
+    import pytest
+    from docker.errors import APIError
+
+    from backupd.errors import ConfigError
+
+    host, _ = _image_host(monkeypatch, APIError("400", explanation='exec: "tar": executable file not found in $PATH'))
+    with pytest.raises(ConfigError, match=r"has no GNU tar \(`tar --version` cannot run: exec: \"tar\": executable"):
+        host.check_helper_image()
