@@ -89,8 +89,10 @@ def cmd_backup(ctx: Context) -> int:
 def cmd_run(ctx: Context) -> int:
     from backupd.daemon import run_daemon
 
-    return run_daemon(ctx.args.config or default_config_path(), ctx.app,
-                      ctx.args.http or os.environ.get("BACKUPD_HTTP") or None)
+    from backupd.http import http_bind
+
+    bind = http_bind(ctx.args.http, os.environ.get("BACKUPD_HTTP"), ctx.config.http)
+    return run_daemon(ctx.args.config or default_config_path(), ctx.app, bind)
 
 
 def cmd_list(ctx: Context) -> int:

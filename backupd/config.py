@@ -352,6 +352,15 @@ class Http(_Model):
     enabled: bool = False
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
+    metrics_token: SecretStr | None = None  # /metrics then asks for `Authorization: Bearer <token>`
+    metrics_token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "Http":
+        return _secret_from_file(self, "metrics_token")
+
+    def token(self) -> str | None:
+        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
 
 class Notifications(_Model):

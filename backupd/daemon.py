@@ -85,7 +85,8 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
         bind = (config.http.host, config.http.port)
     sidecar.start()
     if bind is not None:
-        endpoint = HttpEndpoint(bind[0], bind[1], sidecar.health, metrics.render)
+        endpoint = HttpEndpoint(bind[0], bind[1], sidecar.health, metrics.render,
+                                lambda: sidecar.config.http.token())  # a reload may change the token
     grace = config.scheduler.stop_grace.total_seconds()
     log.info("backupd running: %d scheduled entr%s; SIGHUP reloads %s, SIGTERM stops "
              "(a stop may take up to %.0fs: give the container a longer stop grace period)",
