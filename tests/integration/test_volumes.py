@@ -365,12 +365,13 @@ def test_unknown_volume_is_an_error_before_anything_runs(helper_image, tmp_path)
 
 @pytest.fixture(scope="module")
 def broken_helper(docker_client, helper_image):
-    """A helper whose tar writes 12 MB of bytes and then dies with exit 2."""
-    tag = "backupd-helper-broken:test"
+    """A helper whose tar (GNU tar, to `tar --version`) writes 12 MB of bytes and then dies with exit 2."""
+    tag = f"backupd-helper-broken:test-{uuid.uuid4().hex[:8]}"  # the engine is shared: never a fixed tag
     dockerfile = (f"FROM {helper_image}\n"
                   "COPY tar /usr/local/bin/tar\n"
                   'ENV PATH=/usr/local/bin:/usr/bin:/bin\n')
-    script = b"#!/bin/sh\nhead -c 12000000 /dev/urandom\necho 'tar: read error: Input/output error' >&2\nexit 2\n"
+    script = (b"#!/bin/sh\n[ \"$1\" = --version ] && exec /bin/tar --version\n"
+              b"head -c 12000000 /dev/urandom\necho 'tar: read error: Input/output error' >&2\nexit 2\n")
     ctx = io.BytesIO()
     with tarfile.open(fileobj=ctx, mode="w") as tar:
         for name, data, mode in (("Dockerfile", dockerfile.encode(), 0o644), ("tar", script, 0o755)):
