@@ -219,6 +219,6 @@ def test_processes_racing_on_a_new_catalog_all_start_and_migrate_it_once(tmp_pat
     import sqlite3
 
     versions = sqlite3.connect(tmp_path / "new.db").execute("select version from backupd_schema").fetchall()
-    assert sorted(versions) == [(1,), (2,), (3,), (4,)]
+    assert sorted(versions) == [(1,), (2,), (3,), (4,), (5,)]
 
 

@@ -1,0 +1,243 @@
+"""Repository mode: volumes go into a deduplicated, encrypted restic repository per job
+and destination, driven through helper containers.
+
+restic reads each volume in a helper that mounts it read-only at the same path
+every run (/data/<artifact name>), with its cache on a volume backupd owns, so
+restic's change detection (path, size, mtime, ctime, inode against the parent
+snapshot) skips unchanged files across runs. The repository of job J on a
+destination lies at `_restic/J` under the destination's root (a local path is
+bind-mounted into the helper; S3 is reached over the network with credentials
+in the helper's environment). The repository password reaches restic through
+the helper's environment only: never argv, logs or the catalog.
+
+Every restic session backupd starts holds the job's lease (backup, prune,
+restore, verify), so no other live backupd process uses that repository at
+the same time: the locks a session finds there were left by a run that died
+(a SIGKILL of backupd, its helper removed by start-up recovery), and are
+removed before it starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+from docker.types import Mount
+
+from backupd.catalog import STORED, ArtifactView, Catalog
+from backupd.config import Config, LocalDestination, S3Destination
+from backupd.docker_host import DockerHost, HelperError, VolumeSource
+from backupd.errors import BackupdError, ConfigError
+from backupd.storage import Store
+
+log = logging.getLogger(__name__)
+
+FORMAT = "restic"  # the artifact's `compression` and `encryption` in the catalog: restic did both
+REPOSITORY_ROOT = "_restic"  # not a valid job name, so never mistaken for a job's archives
+SOURCE_ROOT = "/data"
+REPOSITORY_POINT = "/repository"
+CACHE_VOLUME = "backupd-restic-cache"
+CACHE_POINT = "/cache"
+SNAPSHOT_HOST = "backupd"  # restic's --host: snapshots do not depend on the helper's random hostname
+# Removes the locks a dead run left (see the module doc), then runs restic with the given arguments.
+SESSION = 'restic unlock --remove-all --quiet && exec restic "$@"'
+
+
+class RepositoryError(BackupdError):
+    """A restic command failed; the message carries its exit code and stderr."""
+
+
+def repository_key(job: str) -> str:
+    """Where job's repository lies under a destination's root."""
+    return f"{REPOSITORY_ROOT}/{job}"
+
+
+def source_path(name: str) -> str:
+    """The stable path a volume is read from (and restored to): restic records it."""
+    return f"{SOURCE_ROOT}/{name}"
+
+
+def is_snapshot(artifact: ArtifactView) -> bool:
+    return artifact.compression == FORMAT
+
+
+@dataclass(frozen=True)
+class Repository:
+    """One job's repository on one destination, as a helper reaches it."""
+
+    destination: str
+    key: str
+    location: str  # RESTIC_REPOSITORY inside the helper
+    mounts: tuple[Mount, ...] = ()
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # credentials: never logged
+    network: str | None = None
+    password: str = field(default="", repr=False)
+
+
+def open_repository(config: Config, host: DockerHost, job: str, destination: str) -> Repository:
+    """The repository of a job on a destination (not contacted yet)."""
+    spec = config.destinations[destination]
+    key = repository_key(job)
+    password = config.repository_password(job, destination).get_secret_value()
+    if isinstance(spec, LocalDestination):
+        local = Path(spec.path) / key
+        local.mkdir(parents=True, exist_ok=True)
+        mount = Mount(REPOSITORY_POINT, host.host_path(str(local)), type="bind")
+        return Repository(destination, key, REPOSITORY_POINT, (mount,), password=password)
+    if isinstance(spec, S3Destination):
+        endpoint = (spec.endpoint_url or "https://s3.amazonaws.com").rstrip("/")
+        prefix = spec.prefix.strip("/")
+        path = "/".join(p for p in (spec.bucket, prefix, key) if p)
+        env = {}
+        if spec.access_key_id:
+            env["AWS_ACCESS_KEY_ID"] = spec.access_key_id
+        if spec.secret_access_key is not None:
+            env["AWS_SECRET_ACCESS_KEY"] = spec.secret_access_key.get_secret_value()
+        if spec.region:
+            env["AWS_DEFAULT_REGION"] = spec.region
+        return Repository(destination, key, f"s3:{endpoint}/{path}", (), env, _network(host, endpoint),
+                          password)
+    raise ConfigError(f"destinations.{destination}: type {spec.type} cannot hold a repository yet")
+
+
+def _network(host: DockerHost, endpoint: str) -> str:
+    """A network from which the helper reaches what backupd reaches: backupd's own (in a
+    container), else the host's (a CLI on the host, e.g. an endpoint on 127.0.0.1)."""
+    own = host.own_container()
+    if own is not None:
+        return f"container:{own.id}"
+    hostname = urlparse(endpoint).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        loopback = hostname == "localhost"
+    return "host" if loopback else "bridge"
+
+
+class Restic:
+    """Runs restic in helper containers of the repository image."""
+
+    def __init__(self, host: DockerHost, config: Config) -> None:
+        self.host = host
+        self.image = config.repository_image or host.helper_image
+
+    def check_image(self) -> None:
+        try:
+            self.host.client.images.get(self.image)
+        except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound and transport errors alike
+            raise ConfigError(f"repository_image: image '{self.image}' is not present on the Docker engine "
+                              "(it needs restic and glibc)") from None
+
+    def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = ()) -> str:
+        """restic ARGS on the repository after removing dead runs' locks; stdout, or RepositoryError."""
+        env = {"RESTIC_REPOSITORY": repo.location, "RESTIC_PASSWORD": repo.password,
+               "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env}
+        cache = Mount(CACHE_POINT, CACHE_VOLUME, type="volume")
+        log.debug("restic %s on %s", shlex.join(args), repo.destination)
+        try:
+            return self.host.run_helper(["sh", "-c", SESSION, "sh", *args], [*repo.mounts, cache, *mounts],
+                                        purpose, image=self.image, environment=env, network=repo.network,
+                                        hostname=SNAPSHOT_HOST)
+        except HelperError as exc:
+            raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
+
+    def init_if_missing(self, repo: Repository, store: Store) -> None:
+        """`restic init` a repository whose config object does not exist yet."""
+        if store.stat(f"{repo.key}/config") is not None:
+            return
+        log.info("creating repository %s on %s", repo.key, repo.destination)
+        self.host.run_helper(["restic", "init", "--quiet"], [*repo.mounts], f"init of {repo.key}",
+                             image=self.image, environment={"RESTIC_REPOSITORY": repo.location,
+                                                            "RESTIC_PASSWORD": repo.password, **repo.env},
+                             network=repo.network, hostname=SNAPSHOT_HOST)
+
+    def backup(self, repo: Repository, source: VolumeSource, job: str, backup_id: str) -> dict[str, Any]:
+        """Snapshot one volume; restic's JSON summary (snapshot_id, data_added, total_bytes_processed)."""
+        out = self.run(repo, ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST,
+                              "--tag", f"backupd,job={job},backup={backup_id}", source_path(source.name)],
+                       f"backup of {source.kind} '{source.source}'",
+                       [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)])
+        for line in reversed(out.splitlines()):
+            if line.startswith("{"):
+                data = json.loads(line)
+                if data.get("message_type") == "summary" and data.get("snapshot_id"):
+                    return data
+        raise RepositoryError(f"repository {repo.key} on {repo.destination}: restic backup printed no "
+                              f"summary: {out[-300:]}")
+
+    def restore(self, repo: Repository, snapshot_id: str, name: str, volume: str) -> None:
+        """Restore a volume's snapshot into a volume mounted where it was read from."""
+        self.run(repo, ["restore", snapshot_id, "--target", "/"], f"restore into volume '{volume}'",
+                 [Mount(source_path(name), volume, type="volume")])
+
+    def forget(self, repo: Repository, snapshot_ids: list[str]) -> None:
+        self.run(repo, ["forget", "--quiet", *snapshot_ids], f"forget in {repo.key}")
+
+    def prune(self, repo: Repository, max_repack: str | None = None) -> str:
+        args = ["prune", "--max-unused", "10%"] + (["--max-repack-size", max_repack] if max_repack else [])
+        return self.run(repo, args, f"prune of {repo.key}")
+
+    def check(self, repo: Repository, read_data_subset: str | None = None) -> str:
+        args = ["check"] + ([f"--read-data-subset={read_data_subset}"] if read_data_subset else [])
+        return self.run(repo, args, f"check of {repo.key}")
+
+    def snapshots(self, repo: Repository) -> list[dict[str, Any]]:
+        return json.loads(self.run(repo, ["snapshots", "--json"], f"snapshots of {repo.key}") or "[]")
+
+
+class SnapshotWriter:
+    """One run's repositories: opened (and created) once, each volume snapshotted into each.
+
+    A destination whose repository cannot be opened fails its copies with that reason and is
+    not tried again in this run; the others carry on (the run is then partial).
+    """
+
+    def __init__(self, config: Config, host: DockerHost, job: str, stores: dict[str, Store]) -> None:
+        self.restic = Restic(host, config)
+        self.job = job
+        self.repos: dict[str, Repository] = {}
+        self.broken: dict[str, str] = {}
+        for dest, store in stores.items():
+            try:
+                repo = open_repository(config, host, job, dest)
+                self.restic.init_if_missing(repo, store)
+                self.repos[dest] = repo
+            except Exception as exc:  # noqa: BLE001 - one destination must not sink the others
+                self.broken[dest] = str(exc)
+                log.error("repository of job %s on %s is unusable: %s", job, dest, exc)
+
+    def snapshot(self, catalog: Catalog, backup_id: str, source: VolumeSource) -> str:
+        """Back up one volume into every repository; record one artifact, a copy per destination."""
+        keys = {d: repository_key(self.job) for d in [*self.repos, *self.broken]}
+        art_id = catalog.add_artifact(backup_id, "volume", source.name, f"{source.kind}:{source.source}",
+                                      FORMAT, FORMAT, keys)
+        snapshots: dict[str, tuple[str, int, int]] = {}
+        errors = dict(self.broken)
+        try:
+            for dest, repo in self.repos.items():
+                try:
+                    summary = self.restic.backup(repo, source, self.job, backup_id)
+                except BackupdError as exc:
+                    errors[dest] = str(exc)
+                    log.error("volume %s to %s failed: %s", source.name, dest, exc)
+                    continue
+                snapshots[dest] = (summary["snapshot_id"], int(summary.get("data_added", 0)),
+                                   int(summary.get("total_bytes_processed", 0)))
+                log.info("volume %s: snapshot %s on %s, %d bytes added of %d", source.name,
+                         summary["snapshot_id"], dest, snapshots[dest][1], snapshots[dest][2])
+        except BaseException as exc:
+            catalog.fail_artifact(art_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+            raise
+        return catalog.finish_snapshots(art_id, snapshots, errors)
+
+
+def stored_snapshots(artifact: ArtifactView) -> list[tuple[str, str, str]]:
+    """(destination, repository key, snapshot id) of each stored snapshot of an artifact."""
+    return [(c.destination, c.key, c.snapshot_id) for c in artifact.copies
+            if c.status == STORED and c.snapshot_id]
