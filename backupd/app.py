@@ -138,7 +138,9 @@ class App:
             log.warning("backup %s was left running by a stopped backupd: recorded failed", backup_id,
                         extra={"backup_id": backup_id})
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
-        report.helpers_removed = host.remove_stale_helpers(alive)
+        # Only helpers of owners this catalog knows to be dead: another backupd on the same
+        # engine with its own catalog keeps its running helpers.
+        report.helpers_removed = host.remove_stale_helpers(lambda o: not self.leases.owner_known_dead(o))
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
         log.info("start-up recovery: %s", report)
         return report

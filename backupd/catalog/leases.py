@@ -143,6 +143,17 @@ class Leases:
                 return False
             return self.liveness.alive(_identity(row), row.heartbeat_at, self.clock())
 
+    def owner_known_dead(self, owner_id: str | None) -> bool:
+        """Is this owner recorded in this catalog, and its process gone? An id of no owner of
+        ours (a backupd with another catalog on the same engine) is not ours to judge; a
+        missing id (helpers made before owners existed) is dead."""
+        if not owner_id:
+            return True
+        with self._session() as s:
+            if s.get(OwnerRow, owner_id) is None:
+                return False
+        return not self.owner_alive(owner_id)
+
     def describe_owner(self, owner_id: str) -> str:
         with self._session() as s:
             row = s.get(OwnerRow, owner_id)

@@ -161,6 +161,19 @@ def test_dead_owners_that_nothing_refers_to_are_forgotten(catalog: Catalog) -> N
         assert sorted(s.get(OwnerRow, i) is not None for i in ("gone0", "held0", me.id)) == [False, True, True]
 
 
+def test_only_owners_this_catalog_knows_to_be_dead_have_their_helpers_removed(catalog: Catalog) -> None:
+    """Another backupd on the same engine with its own catalog keeps its helpers running."""
+    me = this_process("test")
+    gone = Identity(id="gone1", hostname="h", pid_ns=me.pid_ns, pid=4_000_000, pid_start="1", command="run")
+    add_owner(catalog, gone, utcnow())
+    leases = leases_of(catalog, me)
+    leases.register()
+    assert leases.owner_known_dead("gone1")
+    assert leases.owner_known_dead(None)  # helpers from before owners: nobody's
+    assert not leases.owner_known_dead(me.id)
+    assert not leases.owner_known_dead("0123456789abcdef")  # another catalog's owner
+
+
 # ---------------------------------------------------------------- real processes
 
 HOLDER = textwrap.dedent("""
