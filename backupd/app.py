@@ -199,8 +199,14 @@ class App:
             return prune_job(config, self.catalog, job, self.clock(), {}, dry_run=True)
         with self.leases.hold([f"job:{job}"], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
+            forget = None
+            if config.jobs[job].format == "repository":
+                from backupd.repository import forget_doomed
+
+                def forget(doomed: list[Any]) -> list[str]:
+                    return forget_doomed(config, self.catalog, self.host, doomed)
             try:
-                return prune_job(config, self.catalog, job, self.clock(), stores)
+                return prune_job(config, self.catalog, job, self.clock(), stores, forget=forget)
             finally:
                 for store in stores.values():
                     store.close()

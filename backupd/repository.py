@@ -30,16 +30,16 @@ from urllib.parse import urlparse
 
 from docker.types import Mount
 
-from backupd.catalog import STORED, ArtifactView, Catalog
+from backupd.catalog import DELETED, STORED, ArtifactView, Catalog
 from backupd.config import Config, LocalDestination, S3Destination
 from backupd.docker_host import DockerHost, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
 from backupd.storage import Store
+from backupd.storage.base import REPOSITORY_ROOT
 
 log = logging.getLogger(__name__)
 
 FORMAT = "restic"  # the artifact's `compression` and `encryption` in the catalog: restic did both
-REPOSITORY_ROOT = "_restic"  # not a valid job name, so never mistaken for a job's archives
 SOURCE_ROOT = "/data"
 REPOSITORY_POINT = "/repository"
 CACHE_VOLUME = "backupd-restic-cache"
@@ -241,3 +241,84 @@ def stored_snapshots(artifact: ArtifactView) -> list[tuple[str, str, str]]:
     """(destination, repository key, snapshot id) of each stored snapshot of an artifact."""
     return [(c.destination, c.key, c.snapshot_id) for c in artifact.copies
             if c.status == STORED and c.snapshot_id]
+
+
+def restore_snapshot(*, config: Config, catalog: Catalog, host: DockerHost, backup_id: str,
+                     artifact: ArtifactView, target: str, force: bool) -> str:
+    """Restore a volume's snapshot into `target`, with the archive restore's safety rules:
+    a non-empty target only with force (its running containers stopped meanwhile), and a
+    failed restore into a new or empty volume leaves it as it was."""
+    from backupd.quiesce.stop import held
+    from backupd.restore import _into_empty, preference
+    from backupd.errors import RefusedError
+
+    backup = catalog.get(backup_id)
+    restic = Restic(host, config)
+    restic.check_image()
+    rank = {name: i for i, name in enumerate(preference(config, backup.job))}
+    snapshots = sorted(stored_snapshots(artifact), key=lambda s: rank.get(s[0], len(rank)))
+    if not snapshots:
+        raise BackupdError(f"backup {backup_id}: volume '{artifact.name}' has no stored snapshot")
+    exists = host.volume_exists(target)
+    empty = not exists or host.volume_is_empty(target)
+    problems: list[str] = []
+    for dest, _key, snapshot_id in snapshots:
+        if dest not in config.destinations:
+            problems.append(f"{dest}: not in the current config")
+            continue
+        try:
+            repo = open_repository(config, host, backup.job, dest)
+            log.info("restoring %s from backup %s (snapshot %s on %s) into volume %s",
+                     artifact.name, backup_id, snapshot_id, dest, target)
+            if empty:
+                _into_empty(host, target, exists, lambda: restic.restore(repo, snapshot_id, artifact.name, target))
+            else:
+                if not force:
+                    raise RefusedError(
+                        f"volume '{target}' is not empty; restore to a new volume with --to-volume NAME, "
+                        "or pass --force to replace its contents (its containers are stopped meanwhile)")
+                # The snapshot must be readable before anything is emptied for it.
+                restic.run(repo, ["cat", "snapshot", snapshot_id], f"snapshot {snapshot_id}")
+                with held(catalog, backup_id, host.running_containers_using(target)) as restart_problems:
+                    host.clear_volume(target)
+                    restic.restore(repo, snapshot_id, artifact.name, target)
+                if restart_problems:
+                    raise BackupdError("; ".join(restart_problems))
+            log.info("restored %s into volume %s", artifact.name, target)
+            return target
+        except RepositoryError as exc:
+            problems.append(str(exc))
+            log.warning("snapshot %s on %s unusable: %s", snapshot_id, dest, exc)
+            if not empty:
+                break  # the target was changed: do not try to pile another copy on top
+    raise BackupdError(f"backup {backup_id}: no usable snapshot of volume '{artifact.name}': "
+                       + "; ".join(problems))
+
+
+def forget_doomed(config: Config, catalog: Catalog, host: DockerHost, backups: list[Any]) -> list[str]:
+    """`restic forget` exactly the snapshots of the doomed backups, one command per repository;
+    each forgotten copy is marked deleted. Returns the failures (the copies stay, retried later)."""
+    by_repo: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for backup in backups:
+        for art in backup.artifacts:
+            for copy in art.copies:
+                if copy.snapshot_id and copy.status == STORED:
+                    by_repo.setdefault((copy.destination, backup.job), []).append(
+                        (backup.id, copy.key, copy.snapshot_id))
+    restic = Restic(host, config) if by_repo else None
+    failures = []
+    for (dest, job), doomed in sorted(by_repo.items()):
+        assert restic is not None
+        try:
+            if dest not in config.destinations:
+                raise BackupdError("destination not in config")
+            repo = open_repository(config, host, job, dest)
+            restic.forget(repo, [snapshot for _, _, snapshot in doomed])
+        except BackupdError as exc:
+            failures += [f"{b}: {dest} snapshot {s}: {exc}" for b, _, s in doomed]
+            continue
+        for backup_id, _key, snapshot_id in doomed:
+            catalog.set_snapshot_status(backup_id, dest, snapshot_id, DELETED)
+        log.info("forgot %d snapshot(s) of job %s on %s: %s", len(doomed), job, dest,
+                 " ".join(s for _, _, s in doomed))
+    return failures

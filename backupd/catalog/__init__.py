@@ -450,6 +450,18 @@ class Catalog:
             ).one()
             copy.status, copy.error = status, error
 
+    def set_snapshot_status(self, backup_id: str, destination: str, snapshot_id: str, status: str,
+                            error: str | None = None) -> None:
+        """Repository mode: the copy that is this snapshot (one repository holds every volume
+        of a run, so the key alone does not name it)."""
+        with self._session.begin() as s:
+            copy = s.scalars(
+                select(CopyRow).join(ArtifactRow)
+                .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination,
+                       CopyRow.snapshot_id == snapshot_id)
+            ).one()
+            copy.status, copy.error = status, error
+
     def mark_deleted(self, backup_id: str) -> None:
         with self._session.begin() as s:
             s.get_one(BackupRow, backup_id).deleted_at = utcnow()
