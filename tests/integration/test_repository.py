@@ -234,3 +234,31 @@ def test_an_unreachable_repository_makes_the_run_partial(
     copies = {c["destination"]: c for c in entry["artifacts"][0]["destinations"]}
     assert copies["local"]["status"] == "stored" and copies["local"]["snapshot_id"]
     assert copies["gone"]["status"] == "failed" and copies["gone"]["snapshot_id"] is None
+
+
+def test_an_s3_repository_on_a_real_store_backs_up_and_restores_byte_for_byte(
+        docker_client, helper_image, restic_image, volume_factory, tmp_path, s3_server, s3_bucket):
+    vol = volume_factory("repo-s3")
+    root = mountpoint(docker_client, vol)
+    fill(root, 2, big_mb=4, small=50)
+    expected = snapshot(root)
+    destinations = {"s3": {"type": "s3", "bucket": s3_bucket, "prefix": "host1", "region": "us-east-1",
+                           "endpoint_url": s3_server.endpoint_url, "access_key_id": s3_server.access_key,
+                           "secret_access_key": s3_server.secret_key}}
+    config, password = repo_config(tmp_path, helper_image, restic_image, {"j": {"volumes": [vol]}}, destinations)
+    runs = [backupd(config, "backup", "j"), backupd(config, "backup", "j")]
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-600:] for r in runs if r.returncode]
+    first, second = [snapshot_of(e) for e in reversed(listing(config))]
+    assert first["status"] == second["status"] == "stored"
+    assert second["bytes_added"] < 64 << 10
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert "host1/_restic/j/config" in keys
+    target = f"{vol}-from-s3"
+    try:
+        restored = backupd(config, "restore", listing(config)[0]["id"], "--volume", vol, "--to-volume", target)
+        assert restored.returncode == 0, restored.stderr
+        assert snapshot(mountpoint(docker_client, target)) == expected
+    finally:
+        docker_client.volumes.get(target).remove(force=True)
+    logs = "".join(r.stdout + r.stderr for r in [*runs, restored])
+    assert password not in logs and s3_server.secret_key not in logs
