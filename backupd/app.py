@@ -211,6 +211,22 @@ class App:
                 for store in stores.values():
                     store.close()
 
+    def compact(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None) -> list[str]:
+        """Repository mode: `restic prune` each of the job's repositories under the job's lease
+        (never during its backups); bounded by restic's --max-unused. One line per repository."""
+        from backupd.repository import compact_job
+
+        config = config or self.config
+        if config.jobs[job].format != "repository":
+            return []
+        with self.leases.hold([f"job:{job}"], f"compaction of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+            stores = self.stores(config.job_destinations(job))
+            try:
+                return compact_job(config, self.host, job, stores)
+            finally:
+                for store in stores.values():
+                    store.close()
+
     def verify_latest(self, job: str, *, config: Config | None = None,
                       stop: threading.Event | None = None) -> list[str]:
         """Check the newest successful backup of a job on every destination; return the problems."""

@@ -198,6 +198,11 @@ def cmd_prune(ctx: Context) -> int:
             print(summarize(report.decisions))
         if not args.dry_run:
             print(f"deleted {len(report.deleted)} backup(s)")
+        if args.compact and not args.dry_run:
+            for line in app.compact(job):
+                print(line)
+                if "prune failed" in line:
+                    failures.append(f"compaction of job {job}: {line}")
         failures += report.failures
     for failure in failures:
         print(f"backupd: could not delete {failure}", file=sys.stderr)
@@ -328,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orphans", action="store_true",
                    help="instead, list objects the catalog does not know and copies that vanished")
     p.add_argument("--delete", action="store_true", help="with --orphans: delete the orphaned objects")
+    p.add_argument("--compact", action="store_true",
+                   help="repository-mode jobs: then free the space of forgotten snapshots (restic prune, "
+                        "leaving up to 10%% unused so that little is repacked)")
 
     catalog_p = sub.add_parser("catalog", help="catalog maintenance")
     catalog_sub = catalog_p.add_subparsers(dest="catalog_command", required=True, metavar="SUBCOMMAND")

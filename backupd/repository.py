@@ -322,3 +322,23 @@ def forget_doomed(config: Config, catalog: Catalog, host: DockerHost, backups: l
         log.info("forgot %d snapshot(s) of job %s on %s: %s", len(doomed), job, dest,
                  " ".join(s for _, _, s in doomed))
     return failures
+
+
+def compact_job(config: Config, host: DockerHost, job: str, stores: dict[str, Store]) -> list[str]:
+    """`restic prune` the job's repository on each destination that has one; what each did."""
+    restic = Restic(host, config)
+    done = []
+    for dest, store in stores.items():
+        key = repository_key(job)
+        if store.stat(f"{key}/config") is None:
+            done.append(f"{dest}: no repository")
+            continue
+        try:
+            out = restic.prune(open_repository(config, host, job, dest))
+        except BackupdError as exc:
+            done.append(f"{dest}: prune failed: {exc}")
+            log.error("prune of repository %s on %s failed: %s", key, dest, exc)
+            continue
+        freed = [line.strip() for line in out.splitlines() if "this removes" in line or "remaining" in line]
+        done.append(f"{dest}: repository compacted" + (f" ({'; '.join(freed)})" if freed else ""))
+    return done

@@ -183,6 +183,14 @@ def test_retention_forgets_exactly_the_doomed_snapshots(
     assert gone["deleted_at"] is not None
     assert {c["status"] for a in gone["artifacts"] for c in a["destinations"]} == {"deleted"}
 
+    # Compaction frees the forgotten data under the job's lease; the kept snapshots stay whole.
+    compacted = backupd(config, "prune", "--job", "j", "--compact")
+    assert compacted.returncode == 0 and "local: repository compacted" in compacted.stdout, compacted.stderr
+    check = host_restic(tmp_path / "backups" / "_restic" / "j", tmp_path / "password", "check", "--read-data")
+    assert check.returncode == 0, check.stdout + check.stderr
+    listed = host_restic(tmp_path / "backups" / "_restic" / "j", tmp_path / "password", "snapshots", "--json")
+    assert {s["short_id"] for s in json.loads(listed.stdout)} == kept
+
 
 def test_sigkill_mid_backup_leaves_a_repository_restic_check_passes(
         docker_client, helper_image, restic_image, volume_factory, tmp_path):
