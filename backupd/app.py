@@ -238,7 +238,10 @@ class App:
             return [f"job {job} has no successful backup to verify"]
         with self.leases.hold([f"job:{job}"], f"verify of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
-            checks = verify_backup(config, self.catalog, stores, backups[0].id)
+            from backupd.repository import snapshot_checker
+
+            checks = verify_backup(config, self.catalog, stores, backups[0].id,
+                                   check_snapshot=snapshot_checker(config, lambda: self.host))
         return [f"{c.artifact} on {c.destination}: {c.detail}" for c in checks if not c.ok]
 
     def hold_for_restore(self, volume: str | None, container: str | None, wait: float | None = None,

@@ -160,7 +160,10 @@ def cmd_verify(ctx: Context) -> int:
     app, backup_id = ctx.app, ctx.args.backup_id
     job = app.catalog.get(backup_id).job
     with app.leases.hold([f"job:{job}"], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
-        results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity)
+        from backupd.repository import snapshot_checker
+
+        results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity,
+                                check_snapshot=snapshot_checker(ctx.config, lambda: app.host))
         for r in results:
             print(f"{'ok  ' if r.ok else 'FAIL'} {r.artifact} on {r.destination}: {r.detail}")
         bad = [r for r in results if not r.ok]

@@ -25,7 +25,7 @@ import logging
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
 from docker.types import Mount
@@ -342,3 +342,31 @@ def compact_job(config: Config, host: DockerHost, job: str, stores: dict[str, St
         freed = [line.strip() for line in out.splitlines() if "this removes" in line or "remaining" in line]
         done.append(f"{dest}: repository compacted" + (f" ({'; '.join(freed)})" if freed else ""))
     return done
+
+
+READ_DATA_SUBSET = "10%"  # what `verify` reads back of each repository's data, chosen at random by restic
+
+
+def snapshot_checker(config: Config, host: Callable[[], DockerHost]) -> Callable[[str, str, str], tuple[bool, str]]:
+    """For `verify`: check(job, destination, snapshot id) -> (ok, detail). Each repository is
+    checked once (`restic check --read-data-subset`), then each snapshot is looked up in it."""
+    found: dict[tuple[str, str], tuple[str | None, set[str]]] = {}
+
+    def check(job: str, destination: str, snapshot_id: str) -> tuple[bool, str]:
+        if (job, destination) not in found:
+            try:
+                restic = Restic(host(), config)
+                repo = open_repository(config, restic.host, job, destination)
+                restic.check(repo, READ_DATA_SUBSET)
+                ids = {i for s in restic.snapshots(repo) for i in (s["id"], s["short_id"])}
+                found[(job, destination)] = (None, ids)
+            except BackupdError as exc:
+                found[(job, destination)] = (str(exc), set())
+        error, ids = found[(job, destination)]
+        if error is not None:
+            return False, f"restic check failed: {error}"
+        if snapshot_id not in ids:
+            return False, f"snapshot {snapshot_id} is not in the repository"
+        return True, f"snapshot {snapshot_id} present; restic check passed, {READ_DATA_SUBSET} of the data read back"
+
+    return check

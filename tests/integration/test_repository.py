@@ -133,6 +133,11 @@ def test_unchanged_backup_adds_almost_nothing_and_every_snapshot_restores_byte_f
         finally:
             docker_client.volumes.get(target).remove(force=True)
 
+    # verify: restic check of the repository, the snapshot looked up, and a restore drill.
+    verified = backupd(config, "verify", entries[2]["id"], "--restore")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "restic check passed" in verified.stdout and "restored into a scratch volume" in verified.stdout
+
     # The original is not empty: refused without --force, replaced with it.
     refused = backupd(config, "restore", entries[0]["id"], "--volume", vol)
     assert refused.returncode != 0 and "not empty" in refused.stderr
@@ -142,7 +147,7 @@ def test_unchanged_backup_adds_almost_nothing_and_every_snapshot_restores_byte_f
     assert snapshot(root)["entries"] == first["entries"]
 
     # The password is in no log line and no catalog row.
-    logs = "".join(r.stdout + r.stderr for r in [*runs, refused, forced])
+    logs = "".join(r.stdout + r.stderr for r in [*runs, verified, refused, forced])
     assert password not in logs
     assert password.encode() not in (tmp_path / "catalog.db").read_bytes()
     assert password not in backupd(config, "show", entries[0]["id"], "--json").stdout

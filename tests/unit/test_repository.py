@@ -153,3 +153,22 @@ def test_orphan_search_leaves_repositories_alone(tmp_path: Path):
     report = find_orphans(Catalog(f"sqlite:///{tmp_path}/c.db"), {"local": store}, delete=True)
     assert report.orphans == [("local", "j/20260101T000000Z-abcdef/x")]
     assert (tmp_path / "_restic/j/config").exists()
+
+
+def test_verify_hands_snapshots_to_the_restic_checker_and_leaves_their_status_alone(tmp_path: Path):
+    from backupd.verify import verify_backup
+
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    bid = snapshot_backup(catalog, NOW, volumes=("a",), failing={"far": "unreachable"})
+    asked = []
+
+    def check(job, dest, snapshot_id):
+        asked.append((job, dest, snapshot_id))
+        return True, "fine"
+
+    results = verify_backup(parse_config({}, env={}), catalog, {}, bid, check_snapshot=check)
+    assert [(r.destination, r.ok) for r in results] == [("local", True), ("far", False)]
+    assert asked == [("j", "local", f"{bid[-6:]}alocal")]
+    without = verify_backup(parse_config({}, env={}), catalog, {}, bid)
+    assert not any(r.ok for r in without)
+    assert {c.status for c in catalog.get(bid).artifacts[0].copies} == {"stored", "failed"}
