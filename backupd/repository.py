@@ -47,6 +47,9 @@ CACHE_POINT = "/cache"
 SNAPSHOT_HOST = "backupd"  # restic's --host: snapshots do not depend on the helper's random hostname
 # Removes the locks a dead run left (see the module doc), then runs restic with the given arguments.
 SESSION = 'restic unlock --remove-all --quiet && exec restic "$@"'
+# A backup into a local repository creates it first when its config is missing (looked at from
+# inside the helper: restic makes its files readable by root only, and backupd's sidecar is not root).
+CREATE_LOCAL = 'test -e "$RESTIC_REPOSITORY/config" || restic init --quiet || exit 1; '
 
 
 class RepositoryError(BackupdError):
@@ -134,22 +137,35 @@ class Restic:
             raise ConfigError(f"repository_image: image '{self.image}' is not present on the Docker engine "
                               "(it needs restic and glibc)") from None
 
-    def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = ()) -> str:
-        """restic ARGS on the repository after removing dead runs' locks; stdout, or RepositoryError."""
+    def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = (),
+            create: bool = False) -> str:
+        """restic ARGS on the repository after removing dead runs' locks; stdout, or RepositoryError.
+        With `create`, a local repository that does not exist yet is initialised first."""
+        session = (CREATE_LOCAL if create and repo.mounts else "") + SESSION
         env = {"RESTIC_REPOSITORY": repo.location, "RESTIC_PASSWORD": repo.password,
                "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env}
         cache = Mount(CACHE_POINT, CACHE_VOLUME, type="volume")
         log.debug("restic %s on %s", shlex.join(args), repo.destination)
         try:
-            return self.host.run_helper(["sh", "-c", SESSION, "sh", *args], [*repo.mounts, cache, *mounts],
+            return self.host.run_helper(["sh", "-c", session, "sh", *args], [*repo.mounts, cache, *mounts],
                                         purpose, image=self.image, environment=env, network=repo.network,
                                         hostname=SNAPSHOT_HOST)
         except HelperError as exc:
             raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
 
+    def exists(self, repo: Repository, store: Store) -> bool:
+        """Does the repository's config object exist? A local one is looked at by a helper
+        (see CREATE_LOCAL)."""
+        if not repo.mounts:
+            return store.stat(f"{repo.key}/config") is not None
+        out = self.host.run_helper(["sh", "-c", f'test -e "{REPOSITORY_POINT}/config" && echo yes || echo no'],
+                                   [*repo.mounts], f"repository {repo.key}", image=self.image)
+        return out.strip() == "yes"
+
     def init_if_missing(self, repo: Repository, store: Store) -> None:
-        """`restic init` a repository whose config object does not exist yet."""
-        if store.stat(f"{repo.key}/config") is not None:
+        """`restic init` a remote repository whose config object does not exist yet (a local one
+        is created by its first backup's helper, which saves a helper start per run)."""
+        if repo.mounts or store.stat(f"{repo.key}/config") is not None:
             return
         log.info("creating repository %s on %s", repo.key, repo.destination)
         self.host.run_helper(["restic", "init", "--quiet"], [*repo.mounts], f"init of {repo.key}",
@@ -162,7 +178,8 @@ class Restic:
         out = self.run(repo, ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST,
                               "--tag", f"backupd,job={job},backup={backup_id}", source_path(source.name)],
                        f"backup of {source.kind} '{source.source}'",
-                       [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)])
+                       [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)],
+                       create=True)
         for line in reversed(out.splitlines()):
             if line.startswith("{"):
                 data = json.loads(line)
@@ -330,11 +347,12 @@ def compact_job(config: Config, host: DockerHost, job: str, stores: dict[str, St
     done = []
     for dest, store in stores.items():
         key = repository_key(job)
-        if store.stat(f"{key}/config") is None:
-            done.append(f"{dest}: no repository")
-            continue
         try:
-            out = restic.prune(open_repository(config, host, job, dest))
+            repo = open_repository(config, host, job, dest)
+            if not restic.exists(repo, store):
+                done.append(f"{dest}: no repository")
+                continue
+            out = restic.prune(repo)
         except BackupdError as exc:
             done.append(f"{dest}: prune failed: {exc}")
             log.error("prune of repository %s on %s failed: %s", key, dest, exc)
