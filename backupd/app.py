@@ -127,22 +127,25 @@ class App:
             self.recovery = self.recover()
         return self._host
 
-    def recover(self) -> Recovery:
-        """Undo what dead backupd processes left behind; logs what it found."""
+    def recover(self, quiet: bool = False) -> Recovery:
+        """Undo what dead backupd processes left behind; logs what it found (when `quiet`, only
+        if it found something: the daemon repeats this every minute for CLI commands killed
+        while it runs)."""
         from backupd.quiesce.stop import recover_held_containers
 
-        host, alive = self._host, self.leases.owner_alive
+        host, alive = self.host, self.leases.owner_alive
         report = Recovery()
         report.failed_runs = self.catalog.fail_interrupted(alive)
         for backup_id in report.failed_runs:
             log.warning("backup %s was left running by a stopped backupd: recorded failed", backup_id,
                         extra={"backup_id": backup_id})
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
-        # Only helpers of owners this catalog knows to be dead: another backupd on the same
-        # engine with its own catalog keeps its running helpers.
-        report.helpers_removed = host.remove_stale_helpers(lambda o: not self.leases.owner_known_dead(o))
+        report.helpers_removed = host.remove_stale_helpers(self.leases.owner_known_dead)
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
-        log.info("start-up recovery: %s", report)
+        if not quiet:
+            log.info("start-up recovery: %s", report)
+        elif report.failed_runs or report.restarted or report.helpers_removed:
+            log.warning("recovery: %s", report)
         return report
 
     def stores(self, destinations: Iterable[str] | None = None) -> dict[str, Any]:
@@ -187,7 +190,27 @@ class App:
             for store in plan.stores.values():
                 store.close()
             raise
-        return BackupOutcome(job, result.backup_id, result.status, result.errors, result.warnings)
+        warnings = list(result.warnings)
+        if result.status == SUCCEEDED:
+            suspicion = self.guard_shrinkage(config, job, result.backup_id)
+            if suspicion is not None:
+                warnings.append(f"suspicious: {suspicion}")
+        return BackupOutcome(job, result.backup_id, result.status, result.errors, warnings)
+
+    def guard_shrinkage(self, config: Config, job: str, backup_id: str) -> str | None:
+        """Flag a new backup that is much smaller than the job's recent ones (backupd.shrinkage)."""
+        from backupd.shrinkage import WINDOW, judge
+
+        retention = config.job_retention(job)
+        backup = self.catalog.get(backup_id)
+        earlier = self.catalog.recent_sizes(job, backup.started_at, WINDOW)
+        suspicion = judge(backup.size, earlier, retention.shrinkage if retention else 0.5)
+        if suspicion is not None:
+            self.catalog.set_suspicion(backup_id, suspicion)
+            log.warning("backup %s of job %s is suspicious: %s; retention of the job deletes nothing until "
+                        "it is accepted (backupd accept %s) or a later backup is normal", backup_id, job,
+                        suspicion, backup_id, extra={"job": job, "backup_id": backup_id})
+        return suspicion
 
     def prune(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None,
               dry_run: bool = False) -> Any:

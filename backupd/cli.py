@@ -76,6 +76,8 @@ def cmd_backup(ctx: Context) -> int:
     if result.planning_error is not None:
         raise result.planning_error  # recorded failed in the catalog as result.backup_id
     print(result.backup_id)
+    for warning in result.warnings:
+        print(f"backupd: backup {result.backup_id} warning: {warning}", file=sys.stderr)
     if result.status == SUCCEEDED:
         return 0
     for err in result.errors:
@@ -223,6 +225,21 @@ def cmd_catalog_rebuild(ctx: Context) -> int:
     return 0
 
 
+def cmd_accept(ctx: Context) -> int:
+    """Trust a backup the shrinkage guard flagged: it counts as succeeded again."""
+    catalog, backup_id = ctx.catalog, ctx.args.backup_id
+    backup = catalog.get(backup_id)
+    if backup.suspicion is None:
+        print(f"backup {backup_id} is not suspicious; nothing to accept")
+        return 0
+    catalog.set_suspicion(backup_id, None)
+    catalog.add_warnings(backup_id, [f"accepted by an operator despite: {backup.suspicion}"])
+    log.info("backup %s accepted; retention of job %s runs again", backup_id, backup.job,
+             extra={"backup_id": backup_id, "job": backup.job})
+    print(f"accepted backup {backup_id}")
+    return 0
+
+
 def cmd_config_check(ctx: Context) -> int:
     config = ctx.config
     path = ctx.args.config or default_config_path()
@@ -262,6 +279,8 @@ def _describe(b: BackupView) -> str:
         lines.append(f"deleted   {b.deleted_at.isoformat()}")
     if b.error:
         lines.append(f"error     {b.error}")
+    if b.suspicion:
+        lines.append(f"suspicious {b.suspicion} (backupd accept {b.id} to trust it)")
     lines += [f"warning   {w}" for w in b.warnings]
     for a in b.artifacts:
         enc = f", {a.encryption}" if a.encryption else ""
@@ -339,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true",
                    help="repository-mode jobs: then free the space of forgotten snapshots (restic prune, "
                         "leaving up to 10%% unused so that little is repacked)")
+
+    p = add("accept", cmd_accept, "trust a backup the shrinkage guard flagged as suspicious, so that "
+            "retention of its job runs again")
+    p.add_argument("backup_id")
 
     catalog_p = sub.add_parser("catalog", help="catalog maintenance")
     catalog_sub = catalog_p.add_subparsers(dest="catalog_command", required=True, metavar="SUBCOMMAND")

@@ -294,6 +294,9 @@ class Retention(_Model):
     keep_within: Duration | None = None
     keep_failed: Duration | None = None
     schedule: str | None = None
+    # A backup more than this share smaller than the median of the job's last few successes is
+    # suspicious, and retention deletes nothing while it is the newest (0: no guard).
+    shrinkage: float = Field(default=0.5, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _keeps_something(self) -> "Retention":

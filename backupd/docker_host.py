@@ -339,13 +339,14 @@ class DockerHost:
         except APIError as exc:
             log.warning("could not remove helper container %s: %s", cid[:12], exc)
 
-    def remove_stale_helpers(self, owner_alive: Callable[[str | None], bool]) -> int:
+    def remove_stale_helpers(self, owner_dead: Callable[[str | None], bool]) -> int:
         """Helpers left by a killed backupd hold volumes busy: remove those whose owner is dead.
 
-        Helpers of live processes (another backupd on this engine) are left alone.
+        Helpers of live processes, and of backupd installations with another catalog on the
+        same engine, are left alone.
         """
         stale = [c for c in self.api.containers(all=True, filters={"label": HELPER_LABEL})
-                 if not owner_alive((c.get("Labels") or {}).get(OWNER_LABEL) or None)]
+                 if owner_dead((c.get("Labels") or {}).get(OWNER_LABEL) or None)]
         for c in stale:
             self._remove(c["Id"])
         return len(stale)

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Callable
 from zoneinfo import ZoneInfo
 
-from backupd.catalog import DELETED, MISSING, RUNNING, STORED, BackupView, Catalog
+from backupd.catalog import DELETED, MISSING, RUNNING, STORED, SUCCEEDED, SUSPICIOUS, BackupView, Catalog
 from backupd.config import Config
 from backupd.errors import ConfigError, RefusedError
 from backupd.gcpause import paused_gc
@@ -74,6 +74,7 @@ def prune_job(
     if dry_run:
         return report
     check_clock(job, records, now)
+    check_shrinkage(catalog, job, records)
     if forget is not None:
         doomed = [catalog.get(d.id) for d in report.decisions if not d.keep]
         report.failures += forget(doomed) if doomed else []
@@ -97,6 +98,18 @@ def check_clock(job: str, records: list[BackupRecord], now: datetime) -> None:
             f"{newest.started_at:%Y-%m-%d %H:%M:%S}Z, {ahead} ahead of this clock ({now:%Y-%m-%d %H:%M:%S}Z); "
             f"it would outrank every new backup. Fix the clock; once it has passed that time, or that "
             f"backup is deleted by hand, retention runs again")
+
+
+def check_shrinkage(catalog: Catalog, job: str, records: list[BackupRecord]) -> None:
+    """Refuse to delete anything while the job's newest completed backup is suspicious."""
+    from backupd.shrinkage import SuspiciousShrinkError
+
+    newest = next((r for r in records if r.status in (SUCCEEDED, SUSPICIOUS)), None)  # newest first
+    if newest is not None and newest.status == SUSPICIOUS:
+        raise SuspiciousShrinkError(
+            f"retention of job {job} refused: its newest backup {newest.id} is suspicious "
+            f"({catalog.get(newest.id).suspicion}); if that is right, run `backupd accept {newest.id}`; "
+            f"a later backup of normal size lifts this too")
 
 
 def delete_backup(catalog: Catalog, backup: BackupView, stores: dict[str, Store], report: PruneReport) -> None:

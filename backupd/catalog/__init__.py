@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-from sqlalchemy import Connection, create_engine, event, func, insert, inspect, select, text, update
+from sqlalchemy import Connection, case, create_engine, event, func, insert, inspect, select, text, update
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -38,10 +38,9 @@ from backupd.identity import process_alive, process_token
 
 log = logging.getLogger(__name__)
 
-# Backup statuses.
-RUNNING, SUCCEEDED, PARTIAL, FAILED = "running", "succeeded", "partial", "failed"
-# Copy statuses.
-PENDING, STORED, COPY_FAILED, DELETED, MISSING = "pending", "stored", "failed", "deleted", "missing"
+from backupd.status import (  # noqa: E402 - re-exported: callers import statuses from the catalog
+    COPY_FAILED, DELETED, FAILED, MISSING, PARTIAL, PENDING, RUNNING, STORED, SUCCEEDED, SUSPICIOUS,
+)
 
 
 def utcnow() -> datetime:
@@ -116,6 +115,7 @@ class BackupView:
     host: str
     artifacts: tuple[ArtifactView, ...]
     warnings: tuple[str, ...] = ()
+    suspicion: str | None = None
 
     @property
     def size(self) -> int:
@@ -132,6 +132,7 @@ class BackupView:
             "error": self.error,
             "host": self.host,
             "warnings": list(self.warnings),
+            "suspicion": self.suspicion,
             "size": self.size,
             "artifacts": [a.to_json() for a in self.artifacts],
         }
@@ -163,6 +164,7 @@ def _view(row: BackupRow) -> BackupView:
         error=row.error,
         host=row.host,
         warnings=tuple(json.loads(row.warnings)) if row.warnings else (),
+        suspicion=row.suspicion,
         artifacts=tuple(
             ArtifactView(
                 id=a.id,
@@ -233,11 +235,19 @@ def _v4(conn: Connection) -> None:
 
 
 def _v5(conn: Connection) -> None:
+    """backups.suspicion (the shrinkage guard), in the index that covers listing."""
+    _add_missing_columns(conn, "backups", (BackupRow.suspicion,), None)
+    index = next(i for i in BackupRow.__table__.indexes if i.name == "ix_backups_list")  # type: ignore[attr-defined]
+    index.drop(conn, checkfirst=True)
+    index.create(conn)
+
+
+def _v6(conn: Connection) -> None:
     """Repository mode: each copy may be a restic snapshot, with the bytes it added and covered."""
     _add_missing_columns(conn, "copies", (CopyRow.snapshot_id, CopyRow.bytes_added, CopyRow.bytes_covered), None)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 MIGRATION_LOCK = 0x6261636B757064  # "backupd": PostgreSQL advisory lock key
 
 
@@ -396,7 +406,8 @@ class Catalog:
     def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int, int]],
                          copy_errors: dict[str, str]) -> str:
         """Repository mode: record each destination's snapshot (id, bytes added, bytes covered)
-        or its error. The artifact's size is the bytes its first snapshot added."""
+        or its error. The artifact's size is the bytes its first snapshot holds (what the
+        shrinkage guard compares: an unchanged volume adds almost nothing, yet is whole)."""
         with self._session.begin() as s:
             art = s.get_one(ArtifactRow, artifact_id)
             for copy in art.copies:
@@ -407,7 +418,7 @@ class Catalog:
                     copy.status = COPY_FAILED
                     copy.error = copy_errors.get(copy.destination, "no snapshot was made")
             stored = [c for c in art.copies if c.status == STORED]
-            art.size = stored[0].bytes_added if stored else 0
+            art.size = stored[0].bytes_covered if stored else 0
             s.execute(update(BackupRow).where(BackupRow.id == art.backup_id)
                       .values(total_size=BackupRow.total_size + art.size))
             art.status = SUCCEEDED if len(stored) == len(art.copies) else (PARTIAL if stored else FAILED)
@@ -605,7 +616,7 @@ class Catalog:
 
         query = (
             # started_at raw: SQLAlchemy's per-row datetime processing costs more than the query.
-            select(BackupRow.id, BackupRow.job, BackupRow.status, type_coerce(BackupRow.started_at, String),
+            select(BackupRow.id, BackupRow.job, _shown_status(), type_coerce(BackupRow.started_at, String),
                    BackupRow.total_size, BackupRow.artifact_count)
             .where(*_listed(job))
             .order_by(BackupRow.started_at.desc(), BackupRow.id.desc())
@@ -622,7 +633,7 @@ class Catalog:
         """Lengths of the longest id, job and status summaries(job) yields: the widths of a
         table that is printed as the rows stream by."""
         query = select(func.max(func.length(BackupRow.id)), func.max(func.length(BackupRow.job)),
-                       func.max(func.length(BackupRow.status))).where(*_listed(job))
+                       func.max(func.length(_shown_status()))).where(*_listed(job))
         with self.engine.connect() as conn:
             row = conn.execute(query).one()
         return (row[0] or 0, row[1] or 0, row[2] or 0)
@@ -630,7 +641,7 @@ class Catalog:
     def last_runs(self, job: str) -> tuple[BackupSummary | None, datetime | None]:
         """(the job's newest finished run, when its newest success finished): two index lookups,
         the same cost at 100k backups as at ten (for /healthz)."""
-        newest = (select(BackupRow.id, BackupRow.job, BackupRow.status, BackupRow.started_at,
+        newest = (select(BackupRow.id, BackupRow.job, _shown_status(), BackupRow.started_at,
                          BackupRow.total_size, BackupRow.artifact_count, BackupRow.finished_at)
                   .where(*_listed(job)).order_by(BackupRow.started_at.desc(), BackupRow.id.desc()).limit(1))
         with self._session() as s:
@@ -639,6 +650,21 @@ class Catalog:
         summary = None if last is None else BackupSummary(last[0], last[1], last[2], _stored_text(last[3]),
                                                           last[4], last[5])
         return summary, (None if ok is None else ok[6])
+
+    def recent_sizes(self, job: str, before: datetime, count: int) -> list[int]:
+        """Sizes of the job's `count` newest trusted successes started before `before` (newest
+        first): what the shrinkage guard compares a new backup with."""
+        query = (select(BackupRow.total_size)
+                 .where(*_listed(job), BackupRow.status == SUCCEEDED, BackupRow.suspicion.is_(None),
+                        BackupRow.started_at < before)
+                 .order_by(BackupRow.started_at.desc()).limit(count))
+        with self.engine.connect() as conn:
+            return [size for (size,) in conn.execute(query)]
+
+    def set_suspicion(self, backup_id: str, reason: str | None) -> None:
+        """Flag a backup as suspicious (with why), or clear the flag (`backupd accept`)."""
+        with self._session.begin() as s:
+            s.get_one(BackupRow, backup_id).suspicion = reason
 
     def finished_at(self, backup_id: str) -> datetime | None:
         with self._session() as s:
@@ -654,6 +680,12 @@ class Catalog:
     def session(self) -> Session:
         """For modules (retention, rebuild) that need a query of their own."""
         return self._session()
+
+
+def _shown_status() -> Any:
+    """A backup's status as tables and retention see it: a succeeded backup the shrinkage guard
+    flagged counts as `suspicious` (kept like a failed one, never as a good one) until accepted."""
+    return case((BackupRow.suspicion.is_not(None), SUSPICIOUS), else_=BackupRow.status)
 
 
 def _listed(job: str | None) -> list[Any]:
@@ -679,6 +711,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 __all__ = [
     "Catalog", "BackupSummary", "BackupView", "ArtifactView", "CopyView", "SQLAlchemyError",
-    "RUNNING", "SUCCEEDED", "PARTIAL", "FAILED",
+    "RUNNING", "SUCCEEDED", "PARTIAL", "FAILED", "SUSPICIOUS",
     "PENDING", "STORED", "COPY_FAILED", "DELETED", "MISSING", "utcnow",
 ]

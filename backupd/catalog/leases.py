@@ -144,15 +144,16 @@ class Leases:
             return self.liveness.alive(_identity(row), row.heartbeat_at, self.clock())
 
     def owner_known_dead(self, owner_id: str | None) -> bool:
-        """Is this owner recorded in this catalog, and its process gone? An id of no owner of
-        ours (a backupd with another catalog on the same engine) is not ours to judge; a
-        missing id (helpers made before owners existed) is dead."""
-        if not owner_id:
-            return True
+        """Is this one of our catalog's owners, and dead? Things labelled with an owner this
+        catalog does not know (helpers of another backupd on the same engine, with a catalog
+        of its own) are not ours to judge."""
+        if not owner_id or owner_id == self.me.id:
+            return False
         with self._session() as s:
-            if s.get(OwnerRow, owner_id) is None:
+            row = s.get(OwnerRow, owner_id)
+            if row is None:
                 return False
-        return not self.owner_alive(owner_id)
+            return not self.liveness.alive(_identity(row), row.heartbeat_at, self.clock())
 
     def describe_owner(self, owner_id: str) -> str:
         with self._session() as s:

@@ -47,6 +47,8 @@ class BackupRow(Base):
     process: Mapped[str] = mapped_column(String(64), default="")  # "pid:start time" (before v4)
     owner: Mapped[str | None] = mapped_column(String(32), nullable=True)  # OwnerRow.id (v4)
     warnings: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list (v4)
+    # Why a succeeded backup looks too small to trust (v5); cleared by `backupd accept`.
+    suspicion: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Kept by the catalog as artifacts are added and finished (schema v3), so listing
     # 100k backups reads one index instead of joining and grouping their artifacts.
     total_size: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -58,7 +60,7 @@ class BackupRow(Base):
         Index("ix_backups_job_started", "job", "started_at"),
         # Covers `list --job`: the rows come out of the index in order, no table lookups.
         Index("ix_backups_list", "job", "started_at", "id", "status", "total_size", "artifact_count",
-              "deleted_at"),
+              "deleted_at", "suspicion"),
     )
 
 
@@ -101,7 +103,7 @@ class CopyRow(Base):
     key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))  # pending/stored/failed/deleted/missing
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # Repository mode (v5): the copy is a restic snapshot in the repository at `key`.
+    # Repository mode (v6): the copy is a restic snapshot in the repository at `key`.
     snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     bytes_added: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # new data it stored
     bytes_covered: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # what it holds

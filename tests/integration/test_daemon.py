@@ -114,8 +114,9 @@ def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daem
     wait_until(lambda: status_of(app) == "running", "the app started again", 10, second.text)
     assert time.monotonic() - killed_at < 10
     wait_until(lambda: no_helpers_on(docker_client, vol), "the dead daemon's helper removed", 10, second.text)
-    recovered = [json.loads(line) for line in second.text().splitlines() if "start-up recovery" in line]
-    assert recovered and f"started container(s) left stopped: {app.name}" in recovered[0]["message"]
+    recovered = wait_until(lambda: [json.loads(line) for line in second.text().splitlines()
+                                    if "start-up recovery" in line], "the recovery log line", 10, second.text)
+    assert f"started container(s) left stopped: {app.name}" in recovered[0]["message"]
     [interrupted] = [b for b in listing(config) if b["status"] != "running"]
     assert interrupted["status"] == "failed" and "interrupted" in interrupted["error"]
 
@@ -186,3 +187,37 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
                lambda: second.logs().decode(errors="replace"))
     wait_until(lambda: "start-up recovery: " in second.logs().decode(errors="replace"), "the recovery log line",
                10, lambda: second.logs().decode(errors="replace"))
+
+
+def test_a_container_held_by_a_killed_cli_backup_is_started_by_the_running_daemon(
+        docker_client, helper_image, held_app, daemons, tmp_path):
+    app, vol = held_app
+    job = {**slow_job(vol, app), "schedule": "0 0 1 1 *"}  # the daemon itself never runs it here
+    config = write_config(tmp_path, helper_image, {"slow": job})
+    daemon = daemons(config)
+    wait_until(lambda: "start-up recovery: " in daemon.text(), "the daemon's start", 30, daemon.text)
+    cli = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(config), "backup", "slow"],
+                           env={**os.environ, "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: status_of(app) == "exited", "the CLI backup stopping the app", 60)
+    cli.send_signal(signal.SIGKILL)
+    cli.wait(10)
+    assert status_of(app) == "exited"
+    wait_until(lambda: status_of(app) == "running", "the daemon's periodic recovery starting the app", 75,
+               daemon.text)
+    assert "recovery: " in daemon.text() and app.name in daemon.text()
+
+
+def test_recovery_leaves_alone_the_helpers_of_a_backupd_with_another_catalog(
+        docker_client, helper_image, volume_factory, tmp_path):
+    """Two installations on one engine (two stacks, or a CLI with its own config): neither may
+    remove the other's running helpers as stale."""
+    foreign = docker_client.containers.run(helper_image, APP_COMMAND, detach=True,
+                                           labels={"backupd.helper": "backup", "backupd.owner": uuid.uuid4().hex})
+    try:
+        vol = volume_factory("quick")
+        config = write_config(tmp_path, helper_image, {"quick": {"volumes": [vol]}})
+        backupd(config, "backup", "quick", check=True)
+        assert status_of(foreign) == "running"
+    finally:
+        foreign.remove(force=True)

@@ -230,7 +230,8 @@ def test_a_name_no_tool_can_take_is_refused_naming_the_key_path(helper_image, po
     proc = backupd(config, "backup", "j")
     assert proc.returncode == 2
     assert "jobs.j.databases[0].database[1]: database 'bad\\x00name'" in proc.stderr and "NUL" in proc.stderr
-    assert listing(config) == []
+    [failed] = listing(config)  # recorded failed with its cause; nothing was dumped
+    assert failed["status"] == "failed" and failed["artifacts"] == [] and "NUL" in failed["error"]
 
 
 def maria_ident(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from backupd.catalog import Catalog, utcnow
+from backupd.catalog import MIGRATIONS, Catalog, utcnow
 from backupd.catalog.leases import LeaseBusy, Leases, Stopping
 from backupd.catalog.models import OwnerRow
 from backupd.identity import LEASE_TTL, Identity, Liveness, this_process
@@ -161,19 +161,6 @@ def test_dead_owners_that_nothing_refers_to_are_forgotten(catalog: Catalog) -> N
         assert sorted(s.get(OwnerRow, i) is not None for i in ("gone0", "held0", me.id)) == [False, True, True]
 
 
-def test_only_owners_this_catalog_knows_to_be_dead_have_their_helpers_removed(catalog: Catalog) -> None:
-    """Another backupd on the same engine with its own catalog keeps its helpers running."""
-    me = this_process("test")
-    gone = Identity(id="gone1", hostname="h", pid_ns=me.pid_ns, pid=4_000_000, pid_start="1", command="run")
-    add_owner(catalog, gone, utcnow())
-    leases = leases_of(catalog, me)
-    leases.register()
-    assert leases.owner_known_dead("gone1")
-    assert leases.owner_known_dead(None)  # helpers from before owners: nobody's
-    assert not leases.owner_known_dead(me.id)
-    assert not leases.owner_known_dead("0123456789abcdef")  # another catalog's owner
-
-
 # ---------------------------------------------------------------- real processes
 
 HOLDER = textwrap.dedent("""
@@ -232,6 +219,18 @@ def test_processes_racing_on_a_new_catalog_all_start_and_migrate_it_once(tmp_pat
     import sqlite3
 
     versions = sqlite3.connect(tmp_path / "new.db").execute("select version from backupd_schema").fetchall()
-    assert sorted(versions) == [(1,), (2,), (3,), (4,), (5,)]
+    assert sorted(versions) == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
 
 
+
+
+def test_only_owners_this_catalog_knows_can_be_judged_dead(catalog: Catalog) -> None:
+    """A helper labelled by another backupd with a catalog of its own is not ours to remove."""
+    me = this_process("test")
+    dead = Identity(id="dead1", hostname="h", pid_ns=me.pid_ns, pid=4_000_000, pid_start="1", command="run")
+    add_owner(catalog, dead, utcnow())
+    leases = leases_of(catalog, me)
+    assert leases.owner_known_dead("dead1") is True
+    assert leases.owner_known_dead("not-in-this-catalog") is False
+    assert leases.owner_known_dead(None) is False and leases.owner_known_dead(me.id) is False
+    assert leases.owner_alive("not-in-this-catalog") is False  # what our own rows may refer to

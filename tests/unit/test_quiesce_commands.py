@@ -211,3 +211,12 @@ def test_dependents_stop_before_what_they_depend_on():
 
 def test_unrelated_containers_stop_in_name_order():
     assert [c.name for c in stop_order([FakeContainer("b"), FakeContainer("a")])] == ["a", "b"]
+
+
+def test_a_container_sharing_anothers_network_stops_first_and_starts_after_it():
+    """network_mode: service:vpn (the engine says container:<id>) depends on vpn like depends_on."""
+    vpn = FakeContainer("vpn")
+    client = FakeContainer("z-client")  # by name alone it would stop last
+    client.attrs = {"HostConfig": {"NetworkMode": f"container:{vpn.id}"}}  # type: ignore[attr-defined]
+    assert [c.name for c in stop_order([vpn, client])] == ["z-client", "vpn"]
+    assert [c.name for c in stop_order([client, vpn])] == ["z-client", "vpn"]

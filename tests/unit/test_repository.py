@@ -61,13 +61,13 @@ def test_repository_config_errors_name_the_key(job, top, message):
     assert message in str(err.value)
 
 
-def test_a_v4_catalog_gains_the_snapshot_columns(tmp_path: Path):
+def test_a_v5_catalog_gains_the_snapshot_columns(tmp_path: Path):
     url = f"sqlite:///{tmp_path}/c.db"
     Catalog(url).close()
     db = sqlite3.connect(tmp_path / "c.db")
     for column in ("snapshot_id", "bytes_added", "bytes_covered"):
         db.execute(f"ALTER TABLE copies DROP COLUMN {column}")
-    db.execute("DELETE FROM backupd_schema WHERE version = 5")
+    db.execute("DELETE FROM backupd_schema WHERE version = 6")
     db.commit()
     db.close()
     catalog = Catalog(url)
