@@ -222,8 +222,30 @@ class App:
             return prune_job(config, self.catalog, job, self.clock(), {}, dry_run=True)
         with self.leases.hold([f"job:{job}"], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
+            forget = None
+            if config.jobs[job].format == "repository":
+                from backupd.repository import forget_doomed
+
+                def forget(doomed: list[Any]) -> list[str]:
+                    return forget_doomed(config, self.catalog, self.host, doomed)
             try:
-                return prune_job(config, self.catalog, job, self.clock(), stores)
+                return prune_job(config, self.catalog, job, self.clock(), stores, forget=forget)
+            finally:
+                for store in stores.values():
+                    store.close()
+
+    def compact(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None) -> list[str]:
+        """Repository mode: `restic prune` each of the job's repositories under the job's lease
+        (never during its backups); bounded by restic's --max-unused. One line per repository."""
+        from backupd.repository import compact_job
+
+        config = config or self.config
+        if config.jobs[job].format != "repository":
+            return []
+        with self.leases.hold([f"job:{job}"], f"compaction of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+            stores = self.stores(config.job_destinations(job))
+            try:
+                return compact_job(config, self.host, job, stores)
             finally:
                 for store in stores.values():
                     store.close()
@@ -239,7 +261,10 @@ class App:
             return [f"job {job} has no successful backup to verify"]
         with self.leases.hold([f"job:{job}"], f"verify of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
-            checks = verify_backup(config, self.catalog, stores, backups[0].id)
+            from backupd.repository import snapshot_checker
+
+            checks = verify_backup(config, self.catalog, stores, backups[0].id,
+                                   check_snapshot=snapshot_checker(config, lambda: self.host))
         return [f"{c.artifact} on {c.destination}: {c.detail}" for c in checks if not c.ok]
 
     def hold_for_restore(self, volume: str | None, container: str | None, wait: float | None = None,

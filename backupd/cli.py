@@ -165,7 +165,10 @@ def cmd_verify(ctx: Context) -> int:
     app, backup_id = ctx.app, ctx.args.backup_id
     job = app.catalog.get(backup_id).job
     with app.leases.hold([f"job:{job}"], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
-        results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity)
+        from backupd.repository import snapshot_checker
+
+        results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity,
+                                check_snapshot=snapshot_checker(ctx.config, lambda: app.host))
         for r in results:
             print(f"{'ok  ' if r.ok else 'FAIL'} {r.artifact} on {r.destination}: {r.detail}")
         bad = [r for r in results if not r.ok]
@@ -203,6 +206,11 @@ def cmd_prune(ctx: Context) -> int:
             print(summarize(report.decisions))
         if not args.dry_run:
             print(f"deleted {len(report.deleted)} backup(s)")
+        if args.compact and not args.dry_run:
+            for line in app.compact(job):
+                print(line)
+                if "prune failed" in line:
+                    failures.append(f"compaction of job {job}: {line}")
         failures += report.failures
     for failure in failures:
         print(redact(f"backupd: could not delete {failure}"), file=sys.stderr)
@@ -350,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orphans", action="store_true",
                    help="instead, list objects the catalog does not know and copies that vanished")
     p.add_argument("--delete", action="store_true", help="with --orphans: delete the orphaned objects")
+    p.add_argument("--compact", action="store_true",
+                   help="repository-mode jobs: then free the space of forgotten snapshots (restic prune, "
+                        "leaving up to 10%% unused so that little is repacked)")
 
     p = add("accept", cmd_accept, "trust a backup the shrinkage guard flagged as suspicious, so that "
             "retention of its job runs again")

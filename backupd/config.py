@@ -101,12 +101,23 @@ def _secret_from_file(model: Any, field: str) -> Any:
 # ---------------------------------------------------------------- destinations
 
 
-class LocalDestination(_Model):
+class _RepositoryPassword(_Model):
+    """The password of the restic repositories a destination (or job) holds (repository mode)."""
+
+    repository_password: SecretStr | None = None
+    repository_password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _repository_password(self) -> Any:
+        return _secret_from_file(self, "repository_password")
+
+
+class LocalDestination(_RepositoryPassword):
     type: Literal["local"]
     path: Path = Path(DEFAULT_LOCAL_PATH)
 
 
-class S3Destination(_Model):
+class S3Destination(_RepositoryPassword):
     type: Literal["s3"]
     bucket: str
     prefix: str = ""
@@ -125,7 +136,7 @@ class S3Destination(_Model):
         return _secret_from_file(self, "secret_access_key")
 
 
-class SftpDestination(_Model):
+class SftpDestination(_RepositoryPassword):
     type: Literal["sftp"]
     host: str
     port: int = Field(default=22, ge=1, le=65535)
@@ -303,8 +314,11 @@ class Retention(_Model):
         return self
 
 
-class Job(_Model):
+class Job(_RepositoryPassword):
     schedule: str | None = None
+    # archive: a compressed (and optionally age-encrypted) tar per volume and run;
+    # repository: a restic snapshot per volume and run in a deduplicated repository.
+    format: Literal["archive", "repository"] = "archive"
     timezone: str = "UTC"
     jitter: Duration | None = None
     volumes: list[VolumeSelector] = []
@@ -381,6 +395,8 @@ class Config(_Model):
     helper_image: str | None = None  # None: backupd's own image when it runs in a container
     # Memory limit of helper containers; their page cache counts too (see config/backupd.example.yml).
     helper_memory: Annotated[ByteSize | None, AfterValidator(_helper_memory)] = 256 * MiB
+    # Image that runs restic for repository-mode jobs (needs restic and glibc); None: helper_image.
+    repository_image: str | None = None
     destinations: dict[str, Destination] = Field(
         default_factory=lambda: {"local": LocalDestination(type="local")}
     )
@@ -407,6 +423,8 @@ class Config(_Model):
                     )
             if not job.volumes and not job.databases:
                 raise _KeyedError(f"jobs.{job_name}", "job backs up nothing: add volumes or databases")
+            if job.format == "repository":
+                _check_repository_job(self, job_name, job)
             names = [d.name for d in job.databases]
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
@@ -432,6 +450,38 @@ class Config(_Model):
 
     def job_retention(self, job_name: str) -> Retention | None:
         return self.jobs[job_name].retention or self.retention
+
+    def repository_password(self, job_name: str, destination: str) -> SecretStr:
+        """The job's own password, else the destination's (checked to exist when loaded)."""
+        own = self.jobs[job_name].repository_password
+        found = own if own is not None else self.destinations[destination].repository_password
+        if found is None:
+            raise ConfigError(f"jobs.{job_name}.repository_password: not set (nor on destination {destination})")
+        return found
+
+
+REPOSITORY_DESTINATIONS = ("local", "s3")
+
+
+def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
+    """What repository mode needs: a password for every destination, restic's own encryption
+    instead of age, and destinations restic is driven on."""
+    where = f"jobs.{job_name}"
+    if job.encryption is not None:
+        raise _KeyedError(f"{where}.encryption", "a repository is encrypted by restic with its password: "
+                                                 "age encryption applies to format: archive only")
+    if job.databases:
+        raise _KeyedError(f"{where}.databases", "database dumps are not supported with format: repository yet")
+    for name in job.destinations or list(config.destinations):
+        dest = config.destinations[name]
+        if dest.type not in REPOSITORY_DESTINATIONS:
+            raise _KeyedError(f"{where}.destinations",
+                              f"destination '{name}' is {dest.type}: format: repository supports "
+                              f"{', '.join(REPOSITORY_DESTINATIONS)}")
+        if job.repository_password is None and dest.repository_password is None:
+            raise _KeyedError(f"{where}.repository_password",
+                              f"format: repository needs a password: set repository_password_file here "
+                              f"or on destination '{name}'")
 
 
 class _KeyedError(ValueError):

@@ -320,12 +320,13 @@ class DockerHost:
     # ------------------------------------------------------------ helper containers
 
     def _create_helper(self, command: list[str], mounts: list[Mount], stdin: bool = False,
-                       purpose: str = "") -> str:
+                       purpose: str = "", image: str | None = None, environment: dict[str, str] | None = None,
+                       network: str | None = None, hostname: str | None = None) -> str:
         # Named up front: if we are interrupted while the engine creates it, we can still remove it.
         name = f"backupd-helper-{uuid.uuid4().hex[:12]}"
         try:
             created = self.api.create_container(
-                self.helper_image,
+                image or self.helper_image,
                 # The helper may be backupd's own image, whose ENTRYPOINT is backupd: override it.
                 entrypoint=command[:1],
                 command=command[1:],
@@ -333,7 +334,9 @@ class DockerHost:
                 name=name,
                 stdin_open=stdin,  # with detach=False this also sets StdinOnce
                 detach=not stdin,
-                network_disabled=True,
+                network_disabled=network is None,  # only a helper that reaches a destination gets one
+                environment=environment,
+                hostname=hostname,
                 labels={HELPER_LABEL: purpose or "1", OWNER_LABEL: self.owner},
                 # No log driver: the archive must not be copied into the engine's logs on disk
                 # (json-file would stage every byte and cut throughput tenfold).
@@ -342,10 +345,11 @@ class DockerHost:
                 # go instead of all at once when the engine removes the container (cgroup exit
                 # flushes its dirty pages: about 1 s per 2 GiB restored, measured).
                 host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none"),
-                                                        mem_limit=self.helper_memory),
+                                                        mem_limit=self.helper_memory, network_mode=network),
             )
         except ImageNotFound:
-            raise ConfigError(f"helper_image: image '{self.helper_image}' is not present on the Docker engine") from None
+            key = "repository_image" if image else "helper_image"
+            raise ConfigError(f"{key}: image '{image or self.helper_image}' is not present on the Docker engine") from None
         except APIError as exc:
             raise HelperError(f"cannot create helper container for {purpose}: {exc.explanation}") from None
         except BaseException:
@@ -389,9 +393,12 @@ class DockerHost:
             return None
         return bool(state.get("Running")), str(state.get("StartedAt") or "")
 
-    def run_helper(self, command: list[str], mounts: list[Mount], purpose: str) -> str:
-        """Run a short helper command to completion; return its stdout, raise on failure."""
-        cid = self._create_helper(command, mounts, purpose=purpose)
+    def run_helper(self, command: list[str], mounts: list[Mount], purpose: str, **options: Any) -> str:
+        """Run a short helper command to completion; return its stdout, raise on failure.
+
+        `options` go to the helper's creation: image, environment, network, hostname.
+        """
+        cid = self._create_helper(command, mounts, purpose=purpose, **options)
         try:
             sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
             self.api.start(cid)
@@ -600,6 +607,22 @@ class DockerHost:
         self.run_helper(["find", MOUNT_POINT, "-mindepth", "1", "-maxdepth", "1", "-exec", "rm", "-rf", "{}", "+"],
                         [Mount(MOUNT_POINT, name, type="volume", read_only=False)],
                         purpose=f"volume '{name}'")
+
+    def host_path(self, path: str) -> str:
+        """Where a path of backupd's own file system lies on the Docker host (for a bind mount):
+        itself outside a container, else found through the mount of ours that holds it."""
+        own = self.own_container()
+        if own is None:
+            return path
+        best: tuple[str, str] | None = None
+        for m in own.attrs.get("Mounts", []):
+            dest = m.get("Destination", "").rstrip("/")
+            if (path == dest or path.startswith(dest + "/")) and (best is None or len(dest) > len(best[0])):
+                best = (dest, m.get("Source", ""))
+        if best is None or not best[1]:
+            raise ConfigError(f"path '{path}' is not on a volume or bind mount of the backupd container: "
+                              "a helper container cannot reach it")
+        return best[1] + path[len(best[0]):]
 
     def running_containers_using(self, volume: str) -> list[Any]:
         return [c for c in self.client.containers.list(filters={"volume": volume})

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Callable
 from zoneinfo import ZoneInfo
 
 from backupd.catalog import DELETED, MISSING, RUNNING, STORED, SUCCEEDED, SUSPICIOUS, BackupView, Catalog
@@ -22,7 +23,7 @@ from backupd.errors import ConfigError, RefusedError
 from backupd.gcpause import paused_gc
 from backupd.retention import BackupRecord, Decision, Policy, decide
 from backupd.storage import Store
-from backupd.storage.base import MANIFEST
+from backupd.storage.base import MANIFEST, REPOSITORY_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,13 @@ def prune_job(
     now: datetime,
     stores: dict[str, Store],
     dry_run: bool = False,
+    forget: Callable[[list[BackupView]], list[str]] | None = None,
 ) -> PruneReport:
-    """Decide from the catalog, then delete the doomed backups everywhere (unless dry_run)."""
+    """Decide from the catalog, then delete the doomed backups everywhere (unless dry_run).
+
+    `forget` (repository mode) removes the doomed backups' snapshots from their repositories
+    first and returns its failures; their copies are then deleted already.
+    """
     policy = job_policy(config, job)
     tz = ZoneInfo(config.jobs[job].timezone) if job in config.jobs else ZoneInfo("UTC")
     with paused_gc():
@@ -69,6 +75,9 @@ def prune_job(
         return report
     check_clock(job, records, now)
     check_shrinkage(catalog, job, records)
+    if forget is not None:
+        doomed = [catalog.get(d.id) for d in report.decisions if not d.keep]
+        report.failures += forget(doomed) if doomed else []
     for decision in report.decisions:
         if not decision.keep:
             delete_backup(catalog, catalog.get(decision.id), stores, report)
@@ -110,6 +119,9 @@ def delete_backup(catalog: Catalog, backup: BackupView, stores: dict[str, Store]
     for art in backup.artifacts:
         for copy in art.copies:
             if copy.status == DELETED:
+                continue
+            if copy.snapshot_id:  # a snapshot still in its repository: only `forget` removes it
+                remaining += 1
                 continue
             store = stores.get(copy.destination)
             if store is None:
@@ -160,7 +172,7 @@ def find_orphans(catalog: Catalog, stores: dict[str, Store], delete: bool = Fals
         present = set()
         for obj in store.list():
             parts = obj.key.split("/")
-            if len(parts) != 3:
+            if len(parts) != 3 or parts[0] == REPOSITORY_ROOT:
                 continue  # not backupd's <job>/<backup id>/<file> layout: not ours to judge
             job, backup_id, name = parts
             present.add(obj.key)

@@ -106,6 +106,11 @@ def restore_volume(
     target = to_volume or (source if kind == "volume" else None)
     if target is None:
         raise ConfigError(f"'{volume}' was backed up from host path {source}; pass --to-volume NAME")
+    from backupd.repository import is_snapshot, restore_snapshot
+
+    if is_snapshot(artifact):
+        return restore_snapshot(config=config, catalog=catalog, host=host, backup_id=backup_id,
+                                artifact=artifact, target=target, force=force)
     host.check_helper_image()
     # Decide about the target first: refusing is cheap, verifying a copy is not.
     exists = host.volume_exists(target)

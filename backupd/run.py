@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -61,6 +62,10 @@ def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
              for d in plan_dumps(spec, host, f"jobs.{job_name}.databases[{i}]")]
     check_unique(dumps, f"jobs.{job_name}.databases")
     stop = resolve_containers(host, job_name, list(job.stop_containers))
+    if job.format == "repository" and volumes:
+        from backupd.repository import Restic
+
+        Restic(host, config).check_image()
     stores = {name: open_store(name, spec) for name, spec in config.job_destinations(job_name).items()}
     return Plan(job_name, volumes, stores, dumps, stop)
 
@@ -90,6 +95,7 @@ def run_backup(
     encryption = config.job_encryption(job_name)
     hooks = config.jobs[job_name].hooks
     where = f"jobs.{job_name}"
+    repository = config.jobs[job_name].format == "repository"
 
     def store(kind: str, name: str, source: str, opener: Any) -> None:
         try:
@@ -109,12 +115,23 @@ def run_backup(
         logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
         for dump in plan.dumps:
             store("database", dump.artifact, dump.source, dump.open)
+        snapshots = None
+        if repository and plan.volumes:  # repositories opened (and created) before anything stops
+            from backupd.repository import SnapshotWriter
+
+            snapshots = SnapshotWriter(config, host, job_name, plan.stores)
         logger.info("step 3/6: stop containers (%s)", ", ".join(c.name for c in plan.stop) or "none")
+        stopped_at = time.monotonic()
         with held(catalog, backup_id, plan.stop, owner, host.engine_id() if plan.stop else None) as restart_problems:
-            logger.info("step 4/6: archive volumes (%d)", len(plan.volumes))
+            logger.info("step 4/6: %s volumes (%d)", "snapshot" if repository else "archive", len(plan.volumes))
             for src in plan.volumes:
-                store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
+                if snapshots is not None:
+                    snapshots.snapshot(catalog, backup_id, src)
+                else:
+                    store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
             logger.info("step 5/6: start containers")
+        if plan.stop:
+            logger.info("containers were stopped for %.1f s", time.monotonic() - stopped_at)
         errors += restart_problems
     except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
         errors.append(str(exc) or type(exc).__name__)
@@ -128,7 +145,7 @@ def run_backup(
     run_error = "; ".join(errors) or None
     status = catalog.finish_backup(backup_id, run_error)
     backup = catalog.get(backup_id)
-    if status != FAILED:
+    if status != FAILED and not repository:  # a repository's snapshots describe themselves
         write_manifests(backup, plan.stores)
     for opened in plan.stores.values():
         opened.close()

@@ -18,7 +18,7 @@ import io
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from backupd.artifact import read_copy, stored_chunks
 from backupd.catalog import COPY_FAILED, MISSING, STORED, ArtifactView, Catalog, CopyView
@@ -106,12 +106,23 @@ def verify_backup(
     stores: dict[str, Store],
     backup_id: str,
     identity: str | None = None,
+    check_snapshot: Callable[[str, str, str], tuple[bool, str]] | None = None,
 ) -> list[CopyCheck]:
+    """Check every copy; `check_snapshot(job, destination, snapshot id)` checks repository-mode copies."""
     backup = catalog.get(backup_id)
     results = []
     for art in backup.artifacts:
         label = f"{art.kind} {art.name}"
         for copy in art.copies:
+            if copy.snapshot_id:  # checked by restic; the catalog's status is left as it is
+                if copy.status != STORED:
+                    results.append(CopyCheck(label, copy.destination, copy.key, False, f"not stored ({copy.status})"))
+                    continue
+                ok, detail = (False, "a snapshot in a repository: no restic checker given") \
+                    if check_snapshot is None else check_snapshot(backup.job, copy.destination, copy.snapshot_id)
+                (log.info if ok else log.error)("verify %s on %s: %s", label, copy.destination, detail)
+                results.append(CopyCheck(label, copy.destination, copy.key, ok, detail))
+                continue
             if not _checkable(copy):
                 results.append(CopyCheck(label, copy.destination, copy.key, False,
                                          f"not stored ({copy.status}{': ' + copy.error if copy.error else ''})"))

@@ -56,9 +56,12 @@ def new_backup_id(now: datetime) -> str:
 @dataclass(frozen=True)
 class CopyView:
     destination: str
-    key: str
+    key: str  # the object; in repository mode, the repository's path within the destination
     status: str
     error: str | None
+    snapshot_id: str | None = None  # repository mode: the restic snapshot
+    bytes_added: int | None = None
+    bytes_covered: int | None = None
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,8 @@ def _view(row: BackupRow) -> BackupView:
                 size=a.size,
                 sha256=a.sha256,
                 error=a.error,
-                copies=tuple(CopyView(c.destination, c.key, c.status, c.error) for c in a.copies),
+                copies=tuple(CopyView(c.destination, c.key, c.status, c.error, c.snapshot_id, c.bytes_added,
+                                      c.bytes_covered) for c in a.copies),
             )
             for a in row.artifacts
         ),
@@ -239,7 +243,12 @@ def _v5(conn: Connection) -> None:
     index.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(conn: Connection) -> None:
+    """Repository mode: each copy may be a restic snapshot, with the bytes it added and covered."""
+    _add_missing_columns(conn, "copies", (CopyRow.snapshot_id, CopyRow.bytes_added, CopyRow.bytes_covered), None)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 MIGRATION_LOCK = 0x6261636B757064  # "backupd": PostgreSQL advisory lock key
 
 
@@ -396,6 +405,30 @@ class Catalog:
                 art.error = "; ".join(f"{d}: {e}" for d, e in copy_errors.items())
             return art.status
 
+    def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int, int]],
+                         copy_errors: dict[str, str]) -> str:
+        """Repository mode: record each destination's snapshot (id, bytes added, bytes covered)
+        or its error. The artifact's size is the bytes its first snapshot holds (what the
+        shrinkage guard compares: an unchanged volume adds almost nothing, yet is whole)."""
+        with self._session.begin() as s:
+            art = s.get_one(ArtifactRow, artifact_id)
+            for copy in art.copies:
+                if copy.destination in snapshots:
+                    copy.snapshot_id, copy.bytes_added, copy.bytes_covered = snapshots[copy.destination]
+                    copy.status = STORED
+                else:
+                    copy.status = COPY_FAILED
+                    copy.error = copy_errors.get(copy.destination, "no snapshot was made")
+            stored = [c for c in art.copies if c.status == STORED]
+            art.size = stored[0].bytes_covered if stored else 0
+            s.execute(update(BackupRow).where(BackupRow.id == art.backup_id)
+                      .values(total_size=BackupRow.total_size + art.size))
+            art.status = SUCCEEDED if len(stored) == len(art.copies) else (PARTIAL if stored else FAILED)
+            errors = {c.destination: c.error for c in art.copies if c.status == COPY_FAILED}
+            if errors:
+                art.error = "; ".join(f"{d}: {e}" for d, e in errors.items())
+            return art.status
+
     def fail_artifact(self, artifact_id: int, error: str) -> None:
         with self._session.begin() as s:
             art = s.get_one(ArtifactRow, artifact_id)
@@ -427,6 +460,18 @@ class Catalog:
                 select(CopyRow).join(ArtifactRow)
                 .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination,
                        CopyRow.key == key)
+            ).one()
+            copy.status, copy.error = status, error
+
+    def set_snapshot_status(self, backup_id: str, destination: str, snapshot_id: str, status: str,
+                            error: str | None = None) -> None:
+        """Repository mode: the copy that is this snapshot (one repository holds every volume
+        of a run, so the key alone does not name it)."""
+        with self._session.begin() as s:
+            copy = s.scalars(
+                select(CopyRow).join(ArtifactRow)
+                .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination,
+                       CopyRow.snapshot_id == snapshot_id)
             ).one()
             copy.status, copy.error = status, error
 
@@ -488,7 +533,9 @@ class Catalog:
                     status=art["status"], size=art.get("size"), sha256=art.get("sha256"),
                     error=art.get("error"),
                     copies=[CopyRow(destination=c["destination"], key=c["key"], status=c["status"],
-                                    error=c.get("error")) for c in art.get("destinations", [])]))
+                                    error=c.get("error"), snapshot_id=c.get("snapshot_id"),
+                                    bytes_added=c.get("bytes_added"), bytes_covered=c.get("bytes_covered"))
+                            for c in art.get("destinations", [])]))
             s.add(row)
             return True
 

@@ -116,6 +116,10 @@ class CopyRow(Base):
     key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))  # pending/stored/failed/deleted/missing
     error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
+    # Repository mode (v6): the copy is a restic snapshot in the repository at `key`.
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bytes_added: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # new data it stored
+    bytes_covered: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # what it holds
     artifact: Mapped[ArtifactRow] = relationship(back_populates="copies")
     # Metrics count stored copies per destination from this index alone (v4).
     __table_args__ = (Index("ix_copies_status_destination", "status", "destination"),)
