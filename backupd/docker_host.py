@@ -58,6 +58,22 @@ TAR_EXTRACT = ["tar", "--extract", "--file=-", "--directory", MOUNT_POINT, "--nu
                "--same-owner", "--same-permissions", "--blocking-factor=2048", "--read-full-records"]
 
 
+# Least privilege, a second wall behind the tar guard: a helper runs as root (uid 0 owns
+# nothing in a volume) but with every capability dropped except those its command needs,
+# no network, and no-new-privileges (a setuid file in a volume gains it nothing).
+# Reading: DAC_READ_SEARCH reads every file and directory whatever its mode and owner.
+READ_CAPS = ("DAC_READ_SEARCH",)
+# Restoring as GNU tar does with --same-owner --same-permissions: CHOWN sets owners;
+# FOWNER sets modes, times, ACLs and xattrs of files it now does not own; FSETID keeps
+# setuid/setgid bits through chown and sets setgid on files of other groups; DAC_OVERRIDE
+# writes into directories the archive (or an emptied volume) made another user's;
+# MKNOD restores device nodes (the engine's device cgroup still forbids opening them);
+# SETFCAP restores file capabilities (security.capability).
+RESTORE_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD", "SETFCAP")
+# Emptying a volume: delete entries of any directory, sticky ones included.
+CLEAR_CAPS = ("DAC_OVERRIDE", "FOWNER")
+HELPER_SECURITY_OPT = ["no-new-privileges"]
+
 STATE_DIR = "/var/lib/backupd"  # in the image: the catalog's volume, shared with helpers for pipes
 FIFO_POINT = "/backupd-fifo"
 PIPE_CHUNK = 1 << 20
@@ -175,7 +191,7 @@ class DockerHost:
         if me is None:
             local = Path(tempfile.gettempdir()) / f"backupd-fifo-{os.getuid()}"
             local.mkdir(mode=0o700, exist_ok=True)
-            shared = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind"), FIFO_POINT)
+            shared = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind", read_only=True), FIFO_POINT)
             # In a container the engine does not know (e.g. the engine runs inside it too),
             # a bind mount of our temp dir works only if the engine sees our filesystem.
             if not in_container() or self._sees_our_files(shared):
@@ -191,7 +207,9 @@ class DockerHost:
                 local.mkdir(mode=0o700, exist_ok=True)
                 inside = FIFO_POINT + "/" + str(local.relative_to(dest))
                 source = m["Name"] if m["Type"] == "volume" else m["Source"]
-                return FifoDir(local, Mount(FIFO_POINT, source, type=m["Type"]), inside)
+                # Read-only: a helper opens the pipe (a FIFO takes writes on a read-only mount)
+                # and can change nothing else there, such as the catalog beside it.
+                return FifoDir(local, Mount(FIFO_POINT, source, type=m["Type"], read_only=True), inside)
         log.info("no volume is mounted at %s: archives travel over the slower attach stream", STATE_DIR)
         return None
 
@@ -202,7 +220,7 @@ class DockerHost:
         try:
             # tar only: the one tool every helper image is required to have.
             self.run_helper(["tar", "--create", "--file=/dev/null", "--directory", fifo_dir.inside, probe.name],
-                            [fifo_dir.mount], purpose="the named-pipe probe")
+                            [fifo_dir.mount], purpose="the named-pipe probe", caps=READ_CAPS)
             return True
         except HelperError:
             return False
@@ -292,7 +310,8 @@ class DockerHost:
     # ------------------------------------------------------------ helper containers
 
     def _create_helper(self, command: list[str], mounts: list[Mount], stdin: bool = False,
-                       purpose: str = "") -> str:
+                       purpose: str = "", caps: Iterable[str] = ()) -> str:
+        """A helper container (not started) with only the capabilities `caps`."""
         # Named up front: if we are interrupted while the engine creates it, we can still remove it.
         name = f"backupd-helper-{uuid.uuid4().hex[:12]}"
         try:
@@ -314,7 +333,9 @@ class DockerHost:
                 # go instead of all at once when the engine removes the container (cgroup exit
                 # flushes its dirty pages: about 1 s per 2 GiB restored, measured).
                 host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none"),
-                                                        mem_limit=self.helper_memory),
+                                                        mem_limit=self.helper_memory, cap_drop=["ALL"],
+                                                        cap_add=list(caps) or None,
+                                                        security_opt=HELPER_SECURITY_OPT),
             )
         except ImageNotFound:
             raise ConfigError(f"helper_image: image '{self.helper_image}' is not present on the Docker engine") from None
@@ -361,9 +382,9 @@ class DockerHost:
             return None
         return bool(state.get("Running")), str(state.get("StartedAt") or "")
 
-    def run_helper(self, command: list[str], mounts: list[Mount], purpose: str) -> str:
+    def run_helper(self, command: list[str], mounts: list[Mount], purpose: str, caps: Iterable[str] = ()) -> str:
         """Run a short helper command to completion; return its stdout, raise on failure."""
-        cid = self._create_helper(command, mounts, purpose=purpose)
+        cid = self._create_helper(command, mounts, purpose=purpose, caps=caps)
         try:
             sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
             self.api.start(cid)
@@ -388,7 +409,7 @@ class DockerHost:
         purpose = f"{source.kind} '{source.source}'"
         fifo_dir = self.fifo_dir()
         if fifo_dir is None:
-            cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose)
+            cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose, caps=READ_CAPS)
             raw = None
             try:
                 sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
@@ -403,9 +424,10 @@ class DockerHost:
                     _hang_up(raw)
                 self._remove(cid)
             return
-        with _fifo(fifo_dir) as (local, inside):
+        with _fifo(fifo_dir, helper_writes=True) as (local, inside):
             command = [f"--file={inside}" if a == "--file=-" else a for a in TAR_CREATE]
-            cid = self._create_helper(command, [source.mount(read_only=True), fifo_dir.mount], purpose=purpose)
+            cid = self._create_helper(command, [source.mount(read_only=True), fifo_dir.mount], purpose=purpose,
+                                      caps=READ_CAPS)
             fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK)  # before start: tar's open never blocks
             _widen(fd)
             try:
@@ -457,7 +479,7 @@ class DockerHost:
             return
         with _fifo(fifo_dir) as (local, inside):
             command = [f"--file={inside}" if a == "--file=-" else a for a in TAR_EXTRACT]
-            cid = self._create_helper(command, [mount, fifo_dir.mount], purpose=purpose)
+            cid = self._create_helper(command, [mount, fifo_dir.mount], purpose=purpose, caps=RESTORE_CAPS)
             try:
                 output = _Output(self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1}))
                 self.api.start(cid)
@@ -483,7 +505,7 @@ class DockerHost:
                 self._remove(cid)
 
     def _extract_over_attach(self, mount: Mount, chunks: Iterable[bytes], purpose: str) -> None:
-        cid = self._create_helper(TAR_EXTRACT, [mount], stdin=True, purpose=purpose)
+        cid = self._create_helper(TAR_EXTRACT, [mount], stdin=True, purpose=purpose, caps=RESTORE_CAPS)
         try:
             sock = self.api.attach_socket(
                 cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -565,13 +587,13 @@ class DockerHost:
     def volume_is_empty(self, name: str) -> bool:
         out = self.run_helper(["find", MOUNT_POINT, "-mindepth", "1", "-maxdepth", "1"],
                               [Mount(MOUNT_POINT, name, type="volume", read_only=True)],
-                              purpose=f"volume '{name}'")
+                              purpose=f"volume '{name}'", caps=READ_CAPS)
         return not out.strip()
 
     def clear_volume(self, name: str) -> None:
         self.run_helper(["find", MOUNT_POINT, "-mindepth", "1", "-maxdepth", "1", "-exec", "rm", "-rf", "{}", "+"],
                         [Mount(MOUNT_POINT, name, type="volume", read_only=False)],
-                        purpose=f"volume '{name}'")
+                        purpose=f"volume '{name}'", caps=CLEAR_CAPS)
 
     def running_containers_using(self, volume: str) -> list[Any]:
         return [c for c in self.client.containers.list(filters={"volume": volume})
@@ -658,11 +680,18 @@ class ExecStream:
 
 
 @contextmanager
-def _fifo(fifo_dir: FifoDir) -> Iterator[tuple[Path, str]]:
-    """A fresh named pipe (local path, path inside the helper), removed afterwards."""
+def _fifo(fifo_dir: FifoDir, helper_writes: bool = False) -> Iterator[tuple[Path, str]]:
+    """A fresh named pipe (local path, path inside the helper), removed afterwards.
+
+    A backup helper has no DAC_OVERRIDE, so when backupd is not root (the image runs as
+    uid 10001) the pipe it writes must allow others to write; the 0700 directory it lies
+    in keeps everyone else out.
+    """
     name = f"{uuid.uuid4().hex}.tar"
     local = fifo_dir.local / name
     os.mkfifo(local, 0o600)
+    if helper_writes:
+        os.chmod(local, 0o622)
     try:
         yield local, f"{fifo_dir.inside}/{name}"
     finally:
