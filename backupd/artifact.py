@@ -20,6 +20,7 @@ from backupd.config import Compression, Encryption
 from backupd.errors import BackupdError, IntegrityError
 from backupd.names import encode_name
 from backupd.storage.base import Store
+from backupd.tarsafety import TarGuard
 from backupd.stream import (
     BLOCK,
     CHUNK,
@@ -65,8 +66,14 @@ def store_artifact(
     compression: Compression,
     encryption: Encryption | None = None,
     cancel: threading.Event | None = None,
+    check_tar: bool = False,
 ) -> str:
-    """Stream one artifact to every store; return its status (succeeded/partial/failed)."""
+    """Stream one artifact to every store; return its status (succeeded/partial/failed).
+
+    With check_tar (volumes), the tar stream is also judged by the tar guard as it passes,
+    as restore will judge it: an archive restore would refuse is not stored, and the
+    artifact fails with the guard's reason, naming the member.
+    """
     encrypter = None
     if encryption is not None:
         from backupd.crypto import age_encrypter
@@ -93,16 +100,35 @@ def store_artifact(
                           compression.threads, encrypter)
     progress = Progress(f"{kind} {name}")
     logger.info("archiving %s %s to %s", kind, name, ", ".join(uploads))
+    # The guard judges the stream in a thread of its own, alongside compression and uploads.
+    watch = ThreadedSink(TarGuard()) if check_tar else None
+    refused: IntegrityError | None = None
     try:
         with open_source() as chunks:
             for chunk in chunks:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"{kind} '{name}': backup cancelled")
+                if watch is not None and refused is None:
+                    try:
+                        watch.write(chunk)
+                    except IntegrityError as exc:
+                        refused = exc
+                if refused is not None:
+                    continue  # the rest is only read: a helper that failed says so first, at the end
                 pipe.write(chunk)
                 progress.update(len(chunk))
+        if watch is not None and refused is None:
+            try:
+                watch.close()  # the guard's verdict on the whole stream, before any copy is committed
+            except IntegrityError as exc:
+                refused = exc
+        if refused is not None:
+            raise type(refused)(f"{kind} '{name}' would not restore, so it is not stored: {refused}")
         pipe.close()  # flushes and commits each upload: copies appear only now
     except AllOutputsFailed as exc:
         sink.stop()
+        if watch is not None:
+            watch.stop()
         progress.done()
         result = fan.result()
         catalog.finish_artifact(art_id, result.size, result.sha256, {**open_errors, **exc.errors})
@@ -110,6 +136,8 @@ def store_artifact(
         return "failed"
     except BaseException as exc:
         sink.stop()
+        if watch is not None:
+            watch.stop()
         progress.done()
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
         if not fan.closed:

@@ -93,7 +93,8 @@ def run_backup(
         try:
             store_artifact(catalog=catalog, backup_id=backup_id, job=job_name, kind=kind, name=name,
                            source=source, open_source=opener, stores=plan.stores,
-                           compression=compression, encryption=encryption, cancel=cancel)
+                           compression=compression, encryption=encryption, cancel=cancel,
+                           check_tar=kind == "volume")  # judged now as restore will judge it
         except Cancelled:
             raise
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
