@@ -67,7 +67,7 @@ EXTENDED = (PAX, PAX_GLOBAL, SOLARIS_PAX, LONG_NAME, LONG_LINK)
 # PAX keys that only carry metadata: tar does not lay out or name members by them.
 _METADATA_KEYS = frozenset({"atime", "ctime", "mtime", "uid", "gid", "uname", "gname", "charset", "comment",
                             "hdrcharset", "SCHILY.dev", "SCHILY.ino", "SCHILY.nlink", "SCHILY.devmajor",
-                            "SCHILY.devminor"})
+                            "SCHILY.devminor", "RHT.security.selinux"})
 _METADATA_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.", "SCHILY.acl.")
 _MEMBER_KEYS = frozenset({"path", "linkpath", "size", "GNU.sparse.name", "GNU.sparse.major",
                           "GNU.sparse.minor", "GNU.sparse.realsize"})

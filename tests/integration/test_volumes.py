@@ -13,6 +13,7 @@ import json
 import os
 import re
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -210,6 +211,65 @@ def test_round_trip_brings_back_every_byte_owner_mode_link_hole_and_timestamp(
         assert after["entries"][name] == attrs, name
     sparse = os.stat(mountpoint(docker_client, vol) / "sparse.img")
     assert sparse.st_blocks * 512 < 1 << 20, "sparse file came back fully allocated"
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """The kernel's form of a POSIX ACL (what setfacl writes): (tag, permissions, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, qualifier)
+                                            for tag, perm, qualifier in sorted(entries))
+
+
+USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER, NO_ID = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0xFFFFFFFF
+ACCESS_ACL = posix_acl((USER_OBJ, 6, NO_ID), (USER, 4, 1234), (GROUP_OBJ, 4, NO_ID), (GROUP, 6, 4321),
+                       (MASK, 6, NO_ID), (OTHER, 0, NO_ID))
+DEFAULT_ACL = posix_acl((USER_OBJ, 7, NO_ID), (USER, 5, 1234), (GROUP_OBJ, 5, NO_ID), (MASK, 5, NO_ID),
+                        (OTHER, 0, NO_ID))
+# cap_net_bind_service+ep, as setcap writes it (VFS_CAP_REVISION_2, effective)
+NET_BIND_SERVICE = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+KEPT_ATTRIBUTES = ("user.", "system.posix_acl_", "security.capability")
+
+
+def attributes(root: Path) -> dict[str, dict[str, bytes]]:
+    """The extended attributes (ACLs and capabilities included) of every entry under root."""
+    found = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        names = os.listxattr(path, follow_symlinks=False)
+        found[str(path.relative_to(root))] = {
+            name: os.getxattr(path, name, follow_symlinks=False)
+            for name in sorted(names) if name.startswith(KEPT_ATTRIBUTES)}
+    return found
+
+
+def test_xattrs_acls_and_file_capabilities_round_trip(docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("xattrs")
+    root = mountpoint(docker_client, vol)
+    (root / "shared").mkdir()
+    (root / "shared" / "report.txt").write_text("read by 1234, written by group 4321")
+    tool = root / "server"
+    tool.write_bytes(b"#!/bin/sh\n")
+    tool.chmod(0o755)
+    try:
+        os.setxattr(root / "shared" / "report.txt", "user.origin", b"scanner 7; \x00\xffbinary too")
+        os.setxattr(root / "shared", "user.empty", b"")
+        os.setxattr(root / "shared" / "report.txt", "system.posix_acl_access", ACCESS_ACL)
+        os.setxattr(root / "shared", "system.posix_acl_default", DEFAULT_ACL)
+        os.setxattr(tool, "security.capability", NET_BIND_SERVICE)
+    except OSError as exc:
+        pytest.skip(f"the filesystem of {root} keeps no user xattrs, POSIX ACLs or file capabilities: {exc}")
+    os.chown(root / "shared" / "report.txt", 1000, 1000)
+    before = attributes(root)
+    assert before["server"] == {"security.capability": NET_BIND_SERVICE}  # chown would have cleared it
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    target = f"{vol}-restored"
+    try:
+        backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", target, check=True)
+        after = attributes(mountpoint(docker_client, target))
+        assert after == before
+        assert snapshot(mountpoint(docker_client, target))["entries"] == snapshot(root)["entries"]
+    finally:
+        docker_client.volumes.get(target).remove(force=True)
+    assert "tar members well-formed and safe" in backupd(config, "verify", backup_id, check=True).stdout
 
 
 def populate_real_world_links(root: Path) -> None:
