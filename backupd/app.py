@@ -76,6 +76,14 @@ class Operations(Protocol):
     def prune(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None,
               dry_run: bool = False) -> Any: ...
 
+    def _snapshot_forgetter(self, config: Config, job: str) -> Callable[[list[Any]], list[str]] | None:
+        """For a repository job: how prune forgets the doomed backups' snapshots."""
+        if config.jobs[job].format != "repository":
+            return None
+        from backupd.repository import forget_doomed
+
+        return lambda doomed: forget_doomed(config, self.catalog, self.host, doomed)
+
     def verify_latest(self, job: str, *, config: Config | None = None,
                       stop: threading.Event | None = None) -> list[str]: ...
 
@@ -222,12 +230,7 @@ class App:
             return prune_job(config, self.catalog, job, self.clock(), {}, dry_run=True)
         with self.leases.hold([f"job:{job}"], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
-            forget = None
-            if config.jobs[job].format == "repository":
-                from backupd.repository import forget_doomed
-
-                def forget(doomed: list[Any]) -> list[str]:
-                    return forget_doomed(config, self.catalog, self.host, doomed)
+            forget = self._snapshot_forgetter(config, job)
             try:
                 return prune_job(config, self.catalog, job, self.clock(), stores, forget=forget)
             finally:

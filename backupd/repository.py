@@ -32,12 +32,17 @@ from docker.types import Mount
 
 from backupd.catalog import DELETED, STORED, ArtifactView, Catalog
 from backupd.config import Config, LocalDestination, S3Destination
-from backupd.docker_host import DockerHost, HelperError, VolumeSource
+from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
 from backupd.storage import Store
 from backupd.storage.base import REPOSITORY_ROOT
 
 log = logging.getLogger(__name__)
+
+# restic reads volumes (backup), restores owners and modes (restore) and writes the repository
+# into a destination directory backupd's own user owns (the sidecar runs as uid 10001): one
+# set for every restic helper, still without network unless the repository is remote.
+REPOSITORY_CAPS = tuple(sorted({*READ_CAPS, *RESTORE_CAPS}))
 
 FORMAT = "restic"  # the artifact's `compression` and `encryption` in the catalog: restic did both
 SOURCE_ROOT = "/data"
@@ -148,8 +153,8 @@ class Restic:
         log.debug("restic %s on %s", shlex.join(args), repo.destination)
         try:
             return self.host.run_helper(["sh", "-c", session, "sh", *args], [*repo.mounts, cache, *mounts],
-                                        purpose, image=self.image, environment=env, network=repo.network,
-                                        hostname=SNAPSHOT_HOST)
+                                        purpose, caps=REPOSITORY_CAPS, image=self.image, environment=env,
+                                        network=repo.network, hostname=SNAPSHOT_HOST)
         except HelperError as exc:
             raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
 
@@ -159,7 +164,8 @@ class Restic:
         if not repo.mounts:
             return store.stat(f"{repo.key}/config") is not None
         out = self.host.run_helper(["sh", "-c", f'test -e "{REPOSITORY_POINT}/config" && echo yes || echo no'],
-                                   [*repo.mounts], f"repository {repo.key}", image=self.image)
+                                   [*repo.mounts], f"repository {repo.key}", caps=REPOSITORY_CAPS,
+                                   image=self.image)
         return out.strip() == "yes"
 
     def init_if_missing(self, repo: Repository, store: Store) -> None:
@@ -169,7 +175,7 @@ class Restic:
             return
         log.info("creating repository %s on %s", repo.key, repo.destination)
         self.host.run_helper(["restic", "init", "--quiet"], [*repo.mounts], f"init of {repo.key}",
-                             image=self.image, environment={"RESTIC_REPOSITORY": repo.location,
+                             caps=REPOSITORY_CAPS, image=self.image, environment={"RESTIC_REPOSITORY": repo.location,
                                                             "RESTIC_PASSWORD": repo.password, **repo.env},
                              network=repo.network, hostname=SNAPSHOT_HOST)
 

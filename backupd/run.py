@@ -15,18 +15,18 @@ import threading
 import time
 from datetime import datetime
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from backupd.artifact import Cancelled, store_artifact
 from backupd.quiesce.databases import Dump, check_unique, plan_dumps
 from backupd.quiesce.hooks import run_hooks
 from backupd.quiesce.stop import held, resolve_containers
-from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog, utcnow
+from backupd.catalog import FAILED, STORED, SUCCEEDED, BackupView, Catalog, utcnow
 from backupd.config import Config
 from backupd.docker_host import DockerHost, VolumeSource
 from backupd.redaction import redact_all
 from backupd.storage import Store, open_store
-from backupd.storage.base import MANIFEST
+from backupd.manifest import manifest_key, manifest_of
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def run_backup(
         try:
             store_artifact(catalog=catalog, backup_id=backup_id, job=job_name, kind=kind, name=name,
                            source=source, open_source=opener, stores=plan.stores,
-                           compression=compression, encryption=encryption, cancel=cancel)
+                           compression=compression, encryption=encryption, cancel=cancel,
+                           check_tar=kind == "volume")  # judged now as restore will judge it
         except Cancelled:
             raise
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
@@ -146,7 +147,8 @@ def run_backup(
     status = catalog.finish_backup(backup_id, run_error)
     backup = catalog.get(backup_id)
     if status != FAILED and not repository:  # a repository's snapshots describe themselves
-        write_manifests(backup, plan.stores)
+        write_manifests(backup, plan.stores,
+                        {a.id: known for a in backup.artifacts if (known := catalog.blocks(a.id)) is not None})
     for opened in plan.stores.values():
         opened.close()
     errors = [backup.error] if backup.error else []
@@ -165,23 +167,16 @@ def _after_hooks(hooks: list, host: DockerHost, where: str, errors: list[str], w
         errors.append(str(exc))
 
 
-def manifest_of(backup: "object") -> dict:
-    """What a destination needs to rebuild this backup's catalog rows."""
-    data = backup.to_json()  # type: ignore[attr-defined]
-    data["format"] = 1
-    return data
-
-
-def write_manifests(backup: "object", stores: dict[str, Store]) -> None:
-    """Put a manifest beside the archives on each destination that holds any of them."""
+def write_manifests(backup: BackupView, stores: dict[str, Store],
+                    blocks: Mapping[int, tuple[int, bytes]] | None = None) -> None:
+    """Put a manifest beside the archives on each destination that holds any of them,
+    with the block digests in `blocks` (by artifact id)."""
     # Plaintext beside archives that may be encrypted: masked like everything that leaves backupd.
-    data = json.dumps(redact_all(manifest_of(backup)), indent=2).encode()
+    data = json.dumps(redact_all(manifest_of(backup, blocks)), indent=2).encode()
+    key = manifest_key(backup.job, backup.id)
     for dest, store in stores.items():
-        keys = [c.key for a in backup.artifacts for c in a.copies  # type: ignore[attr-defined]
-                if c.destination == dest and c.status == STORED]
-        if not keys:
+        if not any(c.destination == dest and c.status == STORED for a in backup.artifacts for c in a.copies):
             continue
-        key = keys[0].rsplit("/", 1)[0] + "/" + MANIFEST
         try:
             upload = store.open_upload(key)
             upload.write(data)

@@ -513,8 +513,9 @@ class Catalog:
                 HeldContainerRow.owner == owner_id, HeldContainerRow.restarted_at.is_(None)))
         return bool(running or holding)
 
-    def import_backup(self, data: dict[str, Any]) -> bool:
-        """Insert a backup from its JSON form (a manifest); False if the id is already known."""
+    def import_backup(self, data: dict[str, Any], blocks: Iterable[tuple[int, bytes] | None] = ()) -> bool:
+        """Insert a backup from its JSON form (a manifest), with each artifact's (block size,
+        block digests) in `blocks`, in order, where known; False if the id is already known."""
         with self._session.begin() as s:
             if s.get(BackupRow, data["id"]) is not None:
                 return False
@@ -537,7 +538,28 @@ class Catalog:
                                     bytes_added=c.get("bytes_added"), bytes_covered=c.get("bytes_covered"))
                             for c in art.get("destinations", [])]))
             s.add(row)
+            s.flush()
+            for art_row, known in zip(row.artifacts, blocks):
+                if known is not None:
+                    s.add(ArtifactBlocksRow(artifact_id=art_row.id, block_size=known[0], digests=known[1]))
             return True
+
+    def add_copies(self, backup_id: str, copies: Iterable[tuple[str, str, str, str, str, str | None]]) -> int:
+        """Record more copies of a known backup's artifacts: (kind, name, destination, key,
+        status, error) each. Copies already recorded (same destination and key) are left as
+        they are. Returns how many were added."""
+        added = 0
+        with self._session.begin() as s:
+            artifacts = {(a.kind, a.name): a for a in s.scalars(
+                select(ArtifactRow).where(ArtifactRow.backup_id == backup_id)
+                .options(selectinload(ArtifactRow.copies)))}
+            for kind, name, destination, key, status, error in copies:
+                art = artifacts[(kind, name)]
+                if any((c.destination, c.key) == (destination, key) for c in art.copies):
+                    continue
+                art.copies.append(CopyRow(destination=destination, key=key, status=status, error=error))
+                added += 1
+        return added
 
     # ------------------------------------------------------------ held containers
 
