@@ -76,14 +76,6 @@ class Operations(Protocol):
     def prune(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None,
               dry_run: bool = False) -> Any: ...
 
-    def _snapshot_forgetter(self, config: Config, job: str) -> Callable[[list[Any]], list[str]] | None:
-        """For a repository job: how prune forgets the doomed backups' snapshots."""
-        if config.jobs[job].format != "repository":
-            return None
-        from backupd.repository import forget_doomed
-
-        return lambda doomed: forget_doomed(config, self.catalog, self.host, doomed)
-
     def verify_latest(self, job: str, *, config: Config | None = None,
                       stop: threading.Event | None = None) -> list[str]: ...
 
@@ -252,6 +244,14 @@ class App:
             finally:
                 for store in stores.values():
                     store.close()
+
+    def _snapshot_forgetter(self, config: Config, job: str) -> Callable[[list[Any]], list[str]] | None:
+        """For a repository job: how prune forgets the doomed backups' snapshots."""
+        if config.jobs[job].format != "repository":
+            return None
+        from backupd.repository import forget_doomed
+
+        return lambda doomed: forget_doomed(config, self.catalog, self.host, doomed)
 
     def verify_latest(self, job: str, *, config: Config | None = None,
                       stop: threading.Event | None = None) -> list[str]:
