@@ -141,20 +141,28 @@ class App:
             self.recovery = self.recover()
         return self._host
 
-    def recover(self) -> Recovery:
-        """Undo what dead backupd processes left behind; logs what it found."""
+    def recover(self, quiet: bool = False) -> Recovery:
+        """Undo what dead backupd processes left behind; logs what it found (when `quiet`, only
+        if it found something: the daemon repeats this every minute for CLI commands killed
+        while it runs)."""
         from backupd.quiesce.stop import recover_held_containers
 
-        host, alive = self._host, self.leases.owner_alive
+        host, alive = self.host, self.leases.owner_alive
         report = Recovery()
         report.failed_runs = self.catalog.fail_interrupted(alive)
         for backup_id in report.failed_runs:
             log.warning("backup %s was left running by a stopped backupd: recorded failed", backup_id,
                         extra={"backup_id": backup_id})
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
-        report.helpers_removed = host.remove_stale_helpers(alive)
+        report.helpers_removed = host.remove_stale_helpers(self.leases.owner_known_dead)
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
-        log.info("start-up recovery: %s", report)
+        if report.failed_runs:  # their uploads may have left leftovers: sweep again at next use
+            with self._sweeping:
+                self._swept.clear()
+        if not quiet:
+            log.info("start-up recovery: %s", report)
+        elif report.failed_runs or report.restarted or report.helpers_removed:
+            log.warning("recovery: %s", report)
         return report
 
     def sweep_leftovers(self, dry_run: bool = False) -> LeftoverReport:
@@ -170,9 +178,9 @@ class App:
                 store.close()
 
     def _first_use(self, stores: dict[str, Any]) -> None:
-        """Recovery's last step, per destination, the first time this process backs up to it:
-        remove the leftovers of interrupted uploads no live run owns (after recovery failed the
-        runs of dead processes), with the run's own stores."""
+        """Recovery's last step, per destination, the first time this process backs up to it
+        (and again after a recovery found runs a dead process left): remove the leftovers of
+        interrupted uploads no live run owns, with the run's own stores."""
         from backupd.leftovers import sweep_leftovers
 
         with self._sweeping:
@@ -235,7 +243,27 @@ class App:
             for store in plan.stores.values():
                 store.close()
             raise
-        return BackupOutcome(job, result.backup_id, result.status, result.errors, result.warnings)
+        warnings = list(result.warnings)
+        if result.status == SUCCEEDED:
+            suspicion = self.guard_shrinkage(config, job, result.backup_id)
+            if suspicion is not None:
+                warnings.append(f"suspicious: {suspicion}")
+        return BackupOutcome(job, result.backup_id, result.status, result.errors, warnings)
+
+    def guard_shrinkage(self, config: Config, job: str, backup_id: str) -> str | None:
+        """Flag a new backup that is much smaller than the job's recent ones (backupd.shrinkage)."""
+        from backupd.shrinkage import WINDOW, judge
+
+        retention = config.job_retention(job)
+        backup = self.catalog.get(backup_id)
+        earlier = self.catalog.recent_sizes(job, backup.started_at, WINDOW)
+        suspicion = judge(backup.size, earlier, retention.shrinkage if retention else 0.5)
+        if suspicion is not None:
+            self.catalog.set_suspicion(backup_id, suspicion)
+            log.warning("backup %s of job %s is suspicious: %s; retention of the job deletes nothing until "
+                        "it is accepted (backupd accept %s) or a later backup is normal", backup_id, job,
+                        suspicion, backup_id, extra={"job": job, "backup_id": backup_id})
+        return suspicion
 
     def prune(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None,
               dry_run: bool = False) -> Any:
@@ -247,11 +275,36 @@ class App:
             return prune_job(config, self.catalog, job, self.clock(), {}, dry_run=True)
         with self.leases.hold([f"job:{job}"], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
+            forget = self._snapshot_forgetter(config, job)
             try:
-                return prune_job(config, self.catalog, job, self.clock(), stores)
+                return prune_job(config, self.catalog, job, self.clock(), stores, forget=forget)
             finally:
                 for store in stores.values():
                     store.close()
+
+    def compact(self, job: str, *, config: Config | None = None, stop: threading.Event | None = None) -> list[str]:
+        """Repository mode: `restic prune` each of the job's repositories under the job's lease
+        (never during its backups); bounded by restic's --max-unused. One line per repository."""
+        from backupd.repository import compact_job
+
+        config = config or self.config
+        if config.jobs[job].format != "repository":
+            return []
+        with self.leases.hold([f"job:{job}"], f"compaction of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+            stores = self.stores(config.job_destinations(job))
+            try:
+                return compact_job(config, self.host, job, stores)
+            finally:
+                for store in stores.values():
+                    store.close()
+
+    def _snapshot_forgetter(self, config: Config, job: str) -> Callable[[list[Any]], list[str]] | None:
+        """For a repository job: how prune forgets the doomed backups' snapshots."""
+        if config.jobs[job].format != "repository":
+            return None
+        from backupd.repository import forget_doomed
+
+        return lambda doomed: forget_doomed(config, self.catalog, self.host, doomed)
 
     def verify_latest(self, job: str, *, config: Config | None = None,
                       stop: threading.Event | None = None) -> list[str]:
@@ -264,7 +317,10 @@ class App:
             return [f"job {job} has no successful backup to verify"]
         with self.leases.hold([f"job:{job}"], f"verify of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
-            checks = verify_backup(config, self.catalog, stores, backups[0].id)
+            from backupd.repository import snapshot_checker
+
+            checks = verify_backup(config, self.catalog, stores, backups[0].id,
+                                   check_snapshot=snapshot_checker(config, lambda: self.host))
         return [f"{c.artifact} on {c.destination}: {c.detail}" for c in checks if not c.ok]
 
     def hold_for_restore(self, volume: str | None, container: str | None, wait: float | None = None,

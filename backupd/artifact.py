@@ -20,10 +20,12 @@ from backupd.config import Compression, Encryption
 from backupd.errors import BackupdError, IntegrityError
 from backupd.names import encode_name
 from backupd.storage.base import Store
+from backupd.tarsafety import TarGuard
 from backupd.stream import (
     BLOCK,
     CHUNK,
     AllOutputsFailed,
+    BlockDigests,
     Digest,
     FanOut,
     Progress,
@@ -64,8 +66,14 @@ def store_artifact(
     compression: Compression,
     encryption: Encryption | None = None,
     cancel: threading.Event | None = None,
+    check_tar: bool = False,
 ) -> str:
-    """Stream one artifact to every store; return its status (succeeded/partial/failed)."""
+    """Stream one artifact to every store; return its status (succeeded/partial/failed).
+
+    With check_tar (volumes), the tar stream is also judged by the tar guard as it passes,
+    as restore will judge it: an archive restore would refuse is not stored, and the
+    artifact fails with the guard's reason, naming the member.
+    """
     encrypter = None
     if encryption is not None:
         from backupd.crypto import age_encrypter
@@ -92,16 +100,35 @@ def store_artifact(
                           compression.threads, encrypter)
     progress = Progress(f"{kind} {name}")
     logger.info("archiving %s %s to %s", kind, name, ", ".join(uploads))
+    # The guard judges the stream in a thread of its own, alongside compression and uploads.
+    watch = ThreadedSink(TarGuard()) if check_tar else None
+    refused: IntegrityError | None = None
     try:
         with open_source() as chunks:
             for chunk in chunks:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"{kind} '{name}': backup cancelled")
+                if watch is not None and refused is None:
+                    try:
+                        watch.write(chunk)
+                    except IntegrityError as exc:
+                        refused = exc
+                if refused is not None:
+                    continue  # the rest is only read: a helper that failed says so first, at the end
                 pipe.write(chunk)
                 progress.update(len(chunk))
+        if watch is not None and refused is None:
+            try:
+                watch.close()  # the guard's verdict on the whole stream, before any copy is committed
+            except IntegrityError as exc:
+                refused = exc
+        if refused is not None:
+            raise type(refused)(f"{kind} '{name}' would not restore, so it is not stored: {refused}")
         pipe.close()  # flushes and commits each upload: copies appear only now
     except AllOutputsFailed as exc:
         sink.stop()
+        if watch is not None:
+            watch.stop()
         progress.done()
         result = fan.result()
         catalog.finish_artifact(art_id, result.size, result.sha256, {**open_errors, **exc.errors})
@@ -109,6 +136,8 @@ def store_artifact(
         return "failed"
     except BaseException as exc:
         sink.stop()
+        if watch is not None:
+            watch.stop()
         progress.done()
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
         if not fan.closed:
@@ -136,43 +165,57 @@ def _where(copy: CopyView) -> str:
     return f"copy on '{copy.destination}' ({copy.key})"
 
 
-def stored_chunks(store: Store, copy: CopyView, artifact: ArtifactView,
-                  blocks: tuple[int, bytes] | None = None) -> Iterator[bytes]:
-    """The copy's bytes as stored.
+def prove_copy(store: Store, copy: CopyView, artifact: ArtifactView) -> tuple[int, bytes]:
+    """Read a whole copy once, check it against the catalog's size and SHA-256, and
+    return its (block size, block digests), computed on the way.
 
-    Without `blocks`, raises IntegrityError after the last chunk if they do not match
-    the catalog's size and SHA-256 (so consume to the end before trusting). With the
-    artifact's (block size, digests), every chunk is proven before it is yielded.
+    For copies the catalog holds no block digests for (stored before them, or imported
+    without them): a second read can then prove each block before it is used. Nothing
+    read here is handed on, and reading stops as soon as the copy is longer than it should be.
     """
-    if blocks is not None:
-        with store.open_read(copy.key) as fileobj:
-            yield from checked_blocks(read_chunks(fileobj, CHUNK), blocks[1], blocks[0], _where(copy))
-        return
-    digest = Digest()
+    digest, blocks = Digest(), BlockDigests(BLOCK)
+    expected = artifact.size if artifact.size is not None else -1
     with store.open_read(copy.key) as fileobj:
         for chunk in read_chunks(fileobj, CHUNK):
             digest.update(chunk)
-            yield chunk
-    if digest.size != artifact.size or digest.sha256 != artifact.sha256:
+            if digest.size > expected:
+                break
+            blocks.update(chunk)
+    if digest.size != expected or digest.sha256 != artifact.sha256:
         raise IntegrityError(
             f"{_where(copy)} does not match the catalog: "
-            f"size {digest.size} vs {artifact.size}, sha256 {digest.sha256[:16]}… vs "
-            f"{(artifact.sha256 or '')[:16]}…"
+            f"size {digest.size}{'+' if digest.size > expected else ''} vs {artifact.size}, "
+            f"sha256 {digest.sha256[:16]}… vs {(artifact.sha256 or '')[:16]}…"
         )
+    return BLOCK, blocks.digests()
+
+
+def proven_blocks(store: Store, copy: CopyView, artifact: ArtifactView,
+                  known: tuple[int, bytes] | None) -> tuple[int, bytes]:
+    """The block digests to prove a read of this copy against: the catalog's, or,
+    when it has none, those of a first read that proved the whole copy."""
+    return known if known is not None else prove_copy(store, copy, artifact)
+
+
+def stored_chunks(store: Store, copy: CopyView, blocks: tuple[int, bytes]) -> Iterator[bytes]:
+    """The copy's bytes as stored, each block handed on only after its SHA-256 matched
+    `blocks` (block size, digests); IntegrityError at the first block that does not."""
+    with store.open_read(copy.key) as fileobj:
+        yield from checked_blocks(read_chunks(fileobj, CHUNK), blocks[1], blocks[0], _where(copy))
 
 
 def read_copy(
     store: Store,
     copy: CopyView,
     artifact: ArtifactView,
-    identity: str | None = None,
-    blocks: tuple[int, bytes] | None = None,
+    identity: str | None,
+    blocks: tuple[int, bytes],
 ) -> Iterator[bytes]:
-    """Plain (decrypted, decompressed) bytes of a copy, checked against the catalog
-    at the end, or block by block before use when `blocks` is given."""
+    """Plain (decrypted, decompressed) bytes of a copy. Every block is proven against
+    `blocks` (see proven_blocks) before it reaches the decrypter or decompressor."""
     where = _where(copy)
     # Reading and hashing overlap with decryption, decompression and unpacking.
-    raw: Iterable[bytes] = prefetched(stored_chunks(store, copy, artifact, blocks))
+    raw: Iterable[bytes] = prefetched(stored_chunks(store, copy, blocks))
     if artifact.encryption:
         from backupd.crypto import age_decrypt
 

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from backupd import __version__
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupSummary, BackupView, Catalog
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 from backupd.errors import BackupdError, ConfigError, IntegrityError, PartialError
 from backupd.gcpause import paused_gc
 from backupd.logs import setup_logging
+from backupd.redaction import redact
 from backupd.stream import human_bytes
 from backupd.table import format_table
 
@@ -76,18 +77,22 @@ def cmd_backup(ctx: Context) -> int:
     if result.planning_error is not None:
         raise result.planning_error  # recorded failed in the catalog as result.backup_id
     print(result.backup_id)
+    for warning in result.warnings:
+        print(f"backupd: backup {result.backup_id} warning: {warning}", file=sys.stderr)
     if result.status == SUCCEEDED:
         return 0
     for err in result.errors:
-        print(f"backupd: backup {result.backup_id} {result.status}: {err}", file=sys.stderr)
+        print(redact(f"backupd: backup {result.backup_id} {result.status}: {err}"), file=sys.stderr)
     return PartialError.exit_code if result.status == PARTIAL else EXIT_FAILED
 
 
 def cmd_run(ctx: Context) -> int:
     from backupd.daemon import run_daemon
 
-    return run_daemon(ctx.args.config or default_config_path(), ctx.app,
-                      ctx.args.http or os.environ.get("BACKUPD_HTTP") or None)
+    from backupd.http import http_bind
+
+    bind = http_bind(ctx.args.http, os.environ.get("BACKUPD_HTTP"), ctx.config.http)
+    return run_daemon(ctx.args.config or default_config_path(), ctx.app, bind)
 
 
 def cmd_list(ctx: Context) -> int:
@@ -160,7 +165,10 @@ def cmd_verify(ctx: Context) -> int:
     app, backup_id = ctx.app, ctx.args.backup_id
     job = app.catalog.get(backup_id).job
     with app.leases.hold([f"job:{job}"], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
-        results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity)
+        from backupd.repository import snapshot_checker
+
+        results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity,
+                                check_snapshot=snapshot_checker(ctx.config, lambda: app.host))
         for r in results:
             print(f"{'ok  ' if r.ok else 'FAIL'} {r.artifact} on {r.destination}: {r.detail}")
         bad = [r for r in results if not r.ok]
@@ -190,9 +198,14 @@ def cmd_prune(ctx: Context) -> int:
             print(summarize(report.decisions))
         if not args.dry_run:
             print(f"deleted {len(report.deleted)} backup(s)")
+        if args.compact and not args.dry_run:
+            for line in app.compact(job):
+                print(line)
+                if "prune failed" in line:
+                    failures.append(f"compaction of job {job}: {line}")
         failures += report.failures
     for failure in failures:
-        print(f"backupd: could not delete {failure}", file=sys.stderr)
+        print(redact(f"backupd: could not delete {failure}"), file=sys.stderr)
     return EXIT_FAILED if failures else 0
 
 
@@ -218,7 +231,7 @@ def _prune_orphans(app: App, dry_run: bool, delete: bool) -> int:
     if not swept.found and not report.orphans and not report.missing:
         print("no leftovers, no orphans, no missing copies")
     for failure in swept.failures:
-        print(f"backupd: leftovers on {failure}", file=sys.stderr)
+        print(redact(f"backupd: leftovers on {failure}"), file=sys.stderr)
     return EXIT_FAILED if swept.failures else 0
 
 
@@ -230,6 +243,21 @@ def cmd_catalog_rebuild(ctx: Context) -> int:
         raise ConfigError(f"--destination: '{dest}' is not defined (defined: {', '.join(ctx.config.destinations)})")
     imported, skipped = rebuild_catalog(ctx.catalog, dest, ctx.app.stores([dest])[dest])
     print(f"imported {len(imported)} backup(s) from {dest}; {len(skipped)} already in the catalog")
+    return 0
+
+
+def cmd_accept(ctx: Context) -> int:
+    """Trust a backup the shrinkage guard flagged: it counts as succeeded again."""
+    catalog, backup_id = ctx.catalog, ctx.args.backup_id
+    backup = catalog.get(backup_id)
+    if backup.suspicion is None:
+        print(f"backup {backup_id} is not suspicious; nothing to accept")
+        return 0
+    catalog.set_suspicion(backup_id, None)
+    catalog.add_warnings(backup_id, [f"accepted by an operator despite: {backup.suspicion}"])
+    log.info("backup %s accepted; retention of job %s runs again", backup_id, backup.job,
+             extra={"backup_id": backup_id, "job": backup.job})
+    print(f"accepted backup {backup_id}")
     return 0
 
 
@@ -272,6 +300,9 @@ def _describe(b: BackupView) -> str:
         lines.append(f"deleted   {b.deleted_at.isoformat()}")
     if b.error:
         lines.append(f"error     {b.error}")
+    if b.suspicion:
+        lines.append(f"suspicious {b.suspicion} (backupd accept {b.id} to trust it)")
+    lines += [f"warning   {w}" for w in b.warnings]
     for a in b.artifacts:
         enc = f", {a.encryption}" if a.encryption else ""
         lines.append(f"  {a.kind} {a.name} ({a.source}): {a.status}, "
@@ -349,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "not know, and mark copies that vanished as missing")
     p.add_argument("--delete", action="store_true",
                    help="with --orphans: also delete the objects the catalog does not know")
+    p.add_argument("--compact", action="store_true",
+                   help="repository-mode jobs: then free the space of forgotten snapshots (restic prune, "
+                        "leaving up to 10%% unused so that little is repacked)")
+
+    p = add("accept", cmd_accept, "trust a backup the shrinkage guard flagged as suspicious, so that "
+            "retention of its job runs again")
+    p.add_argument("backup_id")
 
     catalog_p = sub.add_parser("catalog", help="catalog maintenance")
     catalog_sub = catalog_p.add_subparsers(dest="catalog_command", required=True, metavar="SUBCOMMAND")
@@ -388,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(ctx)
     except BackupdError as exc:
-        print(f"backupd: error: {exc}", file=sys.stderr)
+        print(redact(f"backupd: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("backupd: interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Iterable, Iterator, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from backupd.errors import ConfigError
+from backupd.redaction import HOOK_VALUE_MIN, remember
 
 DEFAULT_CONFIG_PATH = "/etc/backupd/backupd.yml"
 DEFAULT_CATALOG = "sqlite:////var/lib/backupd/catalog.db"
@@ -74,11 +75,16 @@ class _Model(BaseModel):
 
 
 def read_secret_file(path: str | Path) -> SecretStr:
-    """Read a secret from a file (Docker/Compose secrets), without its trailing newline."""
+    """Read a secret from a file (Docker/Compose secrets), without its trailing newline.
+
+    The value is recorded for redaction: it never appears in logs, errors or records.
+    """
     try:
-        return SecretStr(Path(path).read_text(encoding="utf-8").rstrip("\r\n"))
+        value = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         raise ValueError(f"cannot read secret file '{path}': {exc.strerror}") from None
+    remember(value)
+    return SecretStr(value)
 
 
 def _secret_from_file(model: Any, field: str) -> Any:
@@ -95,12 +101,23 @@ def _secret_from_file(model: Any, field: str) -> Any:
 # ---------------------------------------------------------------- destinations
 
 
-class LocalDestination(_Model):
+class _RepositoryPassword(_Model):
+    """The password of the restic repositories a destination (or job) holds (repository mode)."""
+
+    repository_password: SecretStr | None = None
+    repository_password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _repository_password(self) -> Any:
+        return _secret_from_file(self, "repository_password")
+
+
+class LocalDestination(_RepositoryPassword):
     type: Literal["local"]
     path: Path = Path(DEFAULT_LOCAL_PATH)
 
 
-class S3Destination(_Model):
+class S3Destination(_RepositoryPassword):
     type: Literal["s3"]
     bucket: str
     prefix: str = ""
@@ -120,7 +137,7 @@ class S3Destination(_Model):
         return _secret_from_file(self, "secret_access_key")
 
 
-class SftpDestination(_Model):
+class SftpDestination(_RepositoryPassword):
     type: Literal["sftp"]
     host: str
     port: int = Field(default=22, ge=1, le=65535)
@@ -284,6 +301,9 @@ class Retention(_Model):
     keep_within: Duration | None = None
     keep_failed: Duration | None = None
     schedule: str | None = None
+    # A backup more than this share smaller than the median of the job's last few successes is
+    # suspicious, and retention deletes nothing while it is the newest (0: no guard).
+    shrinkage: float = Field(default=0.5, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _keeps_something(self) -> "Retention":
@@ -295,8 +315,11 @@ class Retention(_Model):
         return self
 
 
-class Job(_Model):
+class Job(_RepositoryPassword):
     schedule: str | None = None
+    # archive: a compressed (and optionally age-encrypted) tar per volume and run;
+    # repository: a restic snapshot per volume and run in a deduplicated repository.
+    format: Literal["archive", "repository"] = "archive"
     timezone: str = "UTC"
     jitter: Duration | None = None
     volumes: list[VolumeSelector] = []
@@ -344,6 +367,15 @@ class Http(_Model):
     enabled: bool = False
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
+    metrics_token: SecretStr | None = None  # /metrics then asks for `Authorization: Bearer <token>`
+    metrics_token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "Http":
+        return _secret_from_file(self, "metrics_token")
+
+    def token(self) -> str | None:
+        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
 
 class Notifications(_Model):
@@ -364,6 +396,8 @@ class Config(_Model):
     helper_image: str | None = None  # None: backupd's own image when it runs in a container
     # Memory limit of helper containers; their page cache counts too (see config/backupd.example.yml).
     helper_memory: Annotated[ByteSize | None, AfterValidator(_helper_memory)] = 256 * MiB
+    # Image that runs restic for repository-mode jobs (needs restic and glibc); None: helper_image.
+    repository_image: str | None = None
     destinations: dict[str, Destination] = Field(
         default_factory=lambda: {"local": LocalDestination(type="local")}
     )
@@ -390,6 +424,8 @@ class Config(_Model):
                     )
             if not job.volumes and not job.databases:
                 raise _KeyedError(f"jobs.{job_name}", "job backs up nothing: add volumes or databases")
+            if job.format == "repository":
+                _check_repository_job(self, job_name, job)
             names = [d.name for d in job.databases]
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
@@ -416,6 +452,38 @@ class Config(_Model):
     def job_retention(self, job_name: str) -> Retention | None:
         return self.jobs[job_name].retention or self.retention
 
+    def repository_password(self, job_name: str, destination: str) -> SecretStr:
+        """The job's own password, else the destination's (checked to exist when loaded)."""
+        own = self.jobs[job_name].repository_password
+        found = own if own is not None else self.destinations[destination].repository_password
+        if found is None:
+            raise ConfigError(f"jobs.{job_name}.repository_password: not set (nor on destination {destination})")
+        return found
+
+
+REPOSITORY_DESTINATIONS = ("local", "s3")
+
+
+def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
+    """What repository mode needs: a password for every destination, restic's own encryption
+    instead of age, and destinations restic is driven on."""
+    where = f"jobs.{job_name}"
+    if job.encryption is not None:
+        raise _KeyedError(f"{where}.encryption", "a repository is encrypted by restic with its password: "
+                                                 "age encryption applies to format: archive only")
+    if job.databases:
+        raise _KeyedError(f"{where}.databases", "database dumps are not supported with format: repository yet")
+    for name in job.destinations or list(config.destinations):
+        dest = config.destinations[name]
+        if dest.type not in REPOSITORY_DESTINATIONS:
+            raise _KeyedError(f"{where}.destinations",
+                              f"destination '{name}' is {dest.type}: format: repository supports "
+                              f"{', '.join(REPOSITORY_DESTINATIONS)}")
+        if job.repository_password is None and dest.repository_password is None:
+            raise _KeyedError(f"{where}.repository_password",
+                              f"format: repository needs a password: set repository_password_file here "
+                              f"or on destination '{name}'")
+
 
 class _KeyedError(ValueError):
     """A cross-reference error that knows its own key path."""
@@ -431,12 +499,16 @@ class _KeyedError(ValueError):
 _ENV_RE = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 
 
-def interpolate(value: Any, env: dict[str, str], path: str = "") -> Any:
-    """Replace ${VAR} and ${VAR:-default} in every string; $$ is a literal $."""
+def interpolate(value: Any, env: dict[str, str], path: str = "",
+                expanded: list[tuple[str, str]] | None = None) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string; $$ is a literal $.
+
+    Each substitution is appended to `expanded` as (key path, value).
+    """
     if isinstance(value, dict):
-        return {k: interpolate(v, env, _join(path, str(k))) for k, v in value.items()}
+        return {k: interpolate(v, env, _join(path, str(k)), expanded) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [interpolate(v, env, f"{path}[{i}]", expanded) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -445,12 +517,51 @@ def interpolate(value: Any, env: dict[str, str], path: str = "") -> Any:
             return "$"
         name, default = match.group(2), match.group(3)
         if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{path}: environment variable '{name}' is not set")
+            result = env[name]
+        elif default is not None:
+            result = default
+        else:
+            raise ConfigError(f"{path}: environment variable '{name}' is not set")
+        if expanded is not None:
+            expanded.append((path, result))
+        return result
 
     return _ENV_RE.sub(substitute, value)
+
+
+_HOOK_COMMAND = re.compile(r"^jobs\..+\.hooks\.(before|after)\[\d+\]\.command(\[\d+\])?$")
+
+
+def _secret_values(node: Any) -> Iterator[str]:
+    """Every SecretStr value in a parsed config (password fields and their *_file twins)."""
+    if isinstance(node, SecretStr):
+        yield node.get_secret_value()
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            yield from _secret_values(getattr(node, name))
+    elif isinstance(node, dict):
+        for item in node.values():
+            yield from _secret_values(item)
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _secret_values(item)
+
+
+def remember_secrets(config: "Config", expanded: Iterable[tuple[str, str]] = ()) -> None:
+    """Record for redaction every secret the config resolved, and what ${VAR}s put into hook commands
+    (a hook is where an operator passes a token to curl or a password to a tool)."""
+    for value in _secret_values(config):
+        remember(value)
+    remember(config.notifications.webhook_url)  # its URL is its credential
+    try:
+        from sqlalchemy.engine import make_url
+
+        remember(make_url(config.catalog).password)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read is reported when it is opened
+        pass
+    for path, value in expanded:
+        if _HOOK_COMMAND.match(path) and len(value) >= HOOK_VALUE_MIN:
+            remember(value)
 
 
 def _join(path: str, key: str) -> str:
@@ -496,14 +607,17 @@ def parse_config(data: Any, source: str = "config", env: dict[str, str] | None =
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    expanded: list[tuple[str, str]] = []
     try:
-        data = interpolate(data, dict(os.environ) if env is None else env)
+        data = interpolate(data, dict(os.environ) if env is None else env, expanded=expanded)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_error(exc, data)}") from None
+    remember_secrets(config, expanded)
+    return config
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 from backupd.app import App
@@ -56,6 +57,17 @@ def reload_config(sidecar: Sidecar, path: str, load: Callable[[str], Config] = l
         return False
 
 
+RECOVER_EVERY = 60.0  # seconds: a CLI command killed while the daemon runs is undone this soon
+
+
+def recover_quietly(app: App) -> None:
+    """Recovery again, for what a CLI command killed while the daemon runs left behind."""
+    try:
+        app.recover(quiet=True)
+    except Exception as exc:  # noqa: BLE001 - the engine or catalog may be back next minute
+        log.warning("recovery failed: %s: %s", type(exc).__name__, exc)
+
+
 def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signals | None = None) -> int:
     """Serve schedules until SIGTERM/SIGINT; returns the exit code (0 after a clean stop)."""
     signals = signals or Signals()
@@ -73,16 +85,21 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
         bind = (config.http.host, config.http.port)
     sidecar.start()
     if bind is not None:
-        endpoint = HttpEndpoint(bind[0], bind[1], sidecar.health, metrics.render)
+        endpoint = HttpEndpoint(bind[0], bind[1], sidecar.health, metrics.render,
+                                lambda: sidecar.config.http.token())  # a reload may change the token
     grace = config.scheduler.stop_grace.total_seconds()
     log.info("backupd running: %d scheduled entr%s; SIGHUP reloads %s, SIGTERM stops "
              "(a stop may take up to %.0fs: give the container a longer stop grace period)",
              len(sidecar.entries()), "y" if len(sidecar.entries()) == 1 else "ies", config_path,
              grace + CANCEL_WAIT)
+    next_recovery = time.monotonic() + RECOVER_EVERY
     try:
         while not signals.stop:
             signals.wake.wait(timeout=5)
             signals.wake.clear()
+            if time.monotonic() >= next_recovery and not signals.stop:
+                next_recovery = time.monotonic() + RECOVER_EVERY
+                recover_quietly(app)
             if signals.reload and not signals.stop:
                 signals.reload = False
                 log.info("SIGHUP: reloading %s", config_path)

@@ -13,14 +13,16 @@ import fcntl
 import io
 import logging
 import os
-import select
-import tempfile
 import re
+import select
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from docker.types import LogConfig, Mount  # noqa: E402
 
 from backupd.config import VolumeSelector
 from backupd.errors import BackupdError, ConfigError, NotFoundError
+from backupd.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +51,37 @@ HELPER_LABEL = "backupd.helper"
 OWNER_LABEL = "backupd.owner"  # hostname/process token of the backupd that made the helper
 STDERR_KEEP = 16 * 1024
 # GNU tar flags that keep what a volume holds: numeric owners (the helper has no
-# /etc/passwd to map names), sparse files, sub-second mtimes (POSIX format).
+# /etc/passwd to map names), sparse files, sub-second mtimes (POSIX format), extended
+# attributes, POSIX ACLs and SELinux labels (PAX records; nothing where the filesystem has none).
+METADATA = ["--xattrs", "--acls", "--selinux"]
 TAR_CREATE = ["tar", "--create", "--file=-", "--directory", MOUNT_POINT, "--numeric-owner",
-              "--sparse", "--format=posix", "--blocking-factor=2048", "."]
+              "--sparse", "--format=posix", *METADATA, "--blocking-factor=2048", "."]
 # 1 MiB records: tar writes file contents in 1 MiB writes instead of 64 KiB ones (a 2 GiB
 # unpack took 3.8 s instead of 4.2-4.8 s, measured); --read-full-records takes the
 # pipe's short reads and an archive whose last record is short.
+# Of the extended attributes tar would set only user.* by default; file capabilities are
+# asked for too. ACLs are set by --acls and labels by --selinux, each from its own record
+# (not from the system.* and security.selinux attributes tar also stores).
 TAR_EXTRACT = ["tar", "--extract", "--file=-", "--directory", MOUNT_POINT, "--numeric-owner",
-               "--same-owner", "--same-permissions", "--blocking-factor=2048", "--read-full-records"]
+               "--same-owner", "--same-permissions", *METADATA, "--xattrs-include=user.*",
+               "--xattrs-include=security.capability", "--blocking-factor=2048", "--read-full-records"]
 
+
+# Least privilege, a second wall behind the tar guard: a helper runs as root (uid 0 owns
+# nothing in a volume) but with every capability dropped except those its command needs,
+# no network, and no-new-privileges (a setuid file in a volume gains it nothing).
+# Reading: DAC_READ_SEARCH reads every file and directory whatever its mode and owner.
+READ_CAPS = ("DAC_READ_SEARCH",)
+# Restoring as GNU tar does with --same-owner --same-permissions: CHOWN sets owners;
+# FOWNER sets modes, times, ACLs and xattrs of files it now does not own; FSETID keeps
+# setuid/setgid bits through chown and sets setgid on files of other groups; DAC_OVERRIDE
+# writes into directories the archive (or an emptied volume) made another user's;
+# MKNOD restores device nodes (the engine's device cgroup still forbids opening them);
+# SETFCAP restores file capabilities (security.capability).
+RESTORE_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD", "SETFCAP")
+# Emptying a volume: delete entries of any directory, sticky ones included.
+CLEAR_CAPS = ("DAC_OVERRIDE", "FOWNER")
+HELPER_SECURITY_OPT = ["no-new-privileges"]
 
 STATE_DIR = "/var/lib/backupd"  # in the image: the catalog's volume, shared with helpers for pipes
 FIFO_POINT = "/backupd-fifo"
@@ -122,6 +147,7 @@ class DockerHost:
         self.helper_memory = helper_memory
         self._fifo_dir: FifoDir | None = None
         self._engine_id: str | None = None
+        self._images_checked: set[str] = set()
 
     # ------------------------------------------------------------ helper image
 
@@ -162,9 +188,10 @@ class DockerHost:
         """A directory both backupd and a helper see, for a named pipe between them.
 
         A pipe moves the archive at kernel speed; Docker's attach stream is several
-        times slower. On the host it is a private temp dir bind-mounted into the
-        helper; in a container it is the volume holding STATE_DIR. None (fall back
-        to attach) when there is no such mount or BACKUPD_TRANSFER=attach.
+        times slower. On the host it is a fresh private temp dir (removed at exit)
+        bind-mounted into the helper; in a container it is `.fifo` in the volume holding
+        STATE_DIR, which must be backupd's own, mode 0700 (UnsafePathError otherwise).
+        None (fall back to attach) when there is no such mount or BACKUPD_TRANSFER=attach.
         """
         if self._fifo_dir is None and os.environ.get("BACKUPD_TRANSFER") != "attach":
             self._fifo_dir = self._find_fifo_dir() or False  # type: ignore[assignment]
@@ -173,9 +200,11 @@ class DockerHost:
     def _find_fifo_dir(self) -> "FifoDir | None":
         me = self.own_container()
         if me is None:
-            local = Path(tempfile.gettempdir()) / f"backupd-fifo-{os.getuid()}"
-            local.mkdir(mode=0o700, exist_ok=True)
-            shared = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind"), FIFO_POINT)
+            # A fresh private directory, never a predictable name in a shared /tmp: another
+            # user could have made that first (0777, or a link to a directory of theirs).
+            local = Path(tempfile.mkdtemp(prefix="backupd-fifo-"))
+            weakref.finalize(self, shutil.rmtree, local, True)
+            shared = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind", read_only=True), FIFO_POINT)
             # In a container the engine does not know (e.g. the engine runs inside it too),
             # a bind mount of our temp dir works only if the engine sees our filesystem.
             if not in_container() or self._sees_our_files(shared):
@@ -187,11 +216,12 @@ class DockerHost:
             dest = m.get("Destination", "")
             if m.get("Type") in ("volume", "bind") and m.get("RW") and \
                     (STATE_DIR == dest or STATE_DIR.startswith(dest.rstrip("/") + "/")):
-                local = Path(STATE_DIR) / ".fifo"
-                local.mkdir(mode=0o700, exist_ok=True)
+                local = private_dir(Path(STATE_DIR) / ".fifo", "the named-pipe directory")
                 inside = FIFO_POINT + "/" + str(local.relative_to(dest))
                 source = m["Name"] if m["Type"] == "volume" else m["Source"]
-                return FifoDir(local, Mount(FIFO_POINT, source, type=m["Type"]), inside)
+                # Read-only: a helper opens the pipe (a FIFO takes writes on a read-only mount)
+                # and can change nothing else there, such as the catalog beside it.
+                return FifoDir(local, Mount(FIFO_POINT, source, type=m["Type"], read_only=True), inside)
         log.info("no volume is mounted at %s: archives travel over the slower attach stream", STATE_DIR)
         return None
 
@@ -202,7 +232,7 @@ class DockerHost:
         try:
             # tar only: the one tool every helper image is required to have.
             self.run_helper(["tar", "--create", "--file=/dev/null", "--directory", fifo_dir.inside, probe.name],
-                            [fifo_dir.mount], purpose="the named-pipe probe")
+                            [fifo_dir.mount], purpose="the named-pipe probe", caps=READ_CAPS)
             return True
         except HelperError:
             return False
@@ -210,13 +240,35 @@ class DockerHost:
             probe.unlink(missing_ok=True)
 
     def check_helper_image(self) -> None:
+        """The helper image is there and has GNU tar; asked once per image, by running `tar --version`.
+
+        A busybox or alpine image has a tar that lacks what backupd's archives need; without
+        this check every backup failed with a helper that "exited without writing".
+        """
+        image = self.helper_image
+        if image in self._images_checked:
+            return
         try:
-            self.client.images.get(self.helper_image)
+            self.client.images.get(image)
         except ImageNotFound:
             raise ConfigError(
-                f"helper_image: image '{self.helper_image}' is not present on the Docker engine "
+                f"helper_image: image '{image}' is not present on the Docker engine "
                 "(build or pull it first)"
             ) from None
+        try:
+            said = self.run_helper(["tar", "--version"], [], purpose=f"the GNU tar check of image '{image}'")
+            found = f"`tar --version` says: {said.strip().splitlines()[0] if said.strip() else 'nothing'}"
+        except HelperError as exc:
+            said, found = "", str(exc)
+        except APIError as exc:  # the engine cannot start it: most often no tar at all
+            said, found = "", f"`tar --version` cannot run: {exc.explanation or exc}"
+        if "GNU tar" not in said:
+            raise ConfigError(
+                f"helper_image: image '{image}' has no GNU tar ({found[:300]}); backups and restores need "
+                "GNU tar (--sparse, --numeric-owner, --format=posix), which busybox and alpine images lack. "
+                "Use backupd's own image, or build a minimal helper: a Dockerfile with the one line "
+                "`FROM debian:bookworm-slim` is enough (README: \"A minimal helper image\")")
+        self._images_checked.add(image)
 
     # ------------------------------------------------------------ resolve
 
@@ -292,12 +344,15 @@ class DockerHost:
     # ------------------------------------------------------------ helper containers
 
     def _create_helper(self, command: list[str], mounts: list[Mount], stdin: bool = False,
-                       purpose: str = "") -> str:
+                       purpose: str = "", caps: Iterable[str] = (), image: str | None = None,
+                       environment: dict[str, str] | None = None, network: str | None = None,
+                       hostname: str | None = None) -> str:
+        """A helper container (not started) with only the capabilities `caps`."""
         # Named up front: if we are interrupted while the engine creates it, we can still remove it.
         name = f"backupd-helper-{uuid.uuid4().hex[:12]}"
         try:
             created = self.api.create_container(
-                self.helper_image,
+                image or self.helper_image,
                 # The helper may be backupd's own image, whose ENTRYPOINT is backupd: override it.
                 entrypoint=command[:1],
                 command=command[1:],
@@ -305,7 +360,9 @@ class DockerHost:
                 name=name,
                 stdin_open=stdin,  # with detach=False this also sets StdinOnce
                 detach=not stdin,
-                network_disabled=True,
+                network_disabled=network is None,  # only a helper that reaches a destination gets one
+                environment=environment,
+                hostname=hostname,
                 labels={HELPER_LABEL: purpose or "1", OWNER_LABEL: self.owner},
                 # No log driver: the archive must not be copied into the engine's logs on disk
                 # (json-file would stage every byte and cut throughput tenfold).
@@ -314,10 +371,13 @@ class DockerHost:
                 # go instead of all at once when the engine removes the container (cgroup exit
                 # flushes its dirty pages: about 1 s per 2 GiB restored, measured).
                 host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none"),
-                                                        mem_limit=self.helper_memory),
+                                                        mem_limit=self.helper_memory, network_mode=network,
+                                                        cap_drop=["ALL"], cap_add=list(caps) or None,
+                                                        security_opt=HELPER_SECURITY_OPT),
             )
         except ImageNotFound:
-            raise ConfigError(f"helper_image: image '{self.helper_image}' is not present on the Docker engine") from None
+            key = "repository_image" if image else "helper_image"
+            raise ConfigError(f"{key}: image '{image or self.helper_image}' is not present on the Docker engine") from None
         except APIError as exc:
             raise HelperError(f"cannot create helper container for {purpose}: {exc.explanation}") from None
         except BaseException:
@@ -335,13 +395,14 @@ class DockerHost:
         except APIError as exc:
             log.warning("could not remove helper container %s: %s", cid[:12], exc)
 
-    def remove_stale_helpers(self, owner_alive: Callable[[str | None], bool]) -> int:
+    def remove_stale_helpers(self, owner_dead: Callable[[str | None], bool]) -> int:
         """Helpers left by a killed backupd hold volumes busy: remove those whose owner is dead.
 
-        Helpers of live processes (another backupd on this engine) are left alone.
+        Helpers of live processes, and of backupd installations with another catalog on the
+        same engine, are left alone.
         """
         stale = [c for c in self.api.containers(all=True, filters={"label": HELPER_LABEL})
-                 if not owner_alive((c.get("Labels") or {}).get(OWNER_LABEL) or None)]
+                 if owner_dead((c.get("Labels") or {}).get(OWNER_LABEL) or None)]
         for c in stale:
             self._remove(c["Id"])
         return len(stale)
@@ -360,9 +421,13 @@ class DockerHost:
             return None
         return bool(state.get("Running")), str(state.get("StartedAt") or "")
 
-    def run_helper(self, command: list[str], mounts: list[Mount], purpose: str) -> str:
-        """Run a short helper command to completion; return its stdout, raise on failure."""
-        cid = self._create_helper(command, mounts, purpose=purpose)
+    def run_helper(self, command: list[str], mounts: list[Mount], purpose: str, caps: Iterable[str] = (),
+                   **options: Any) -> str:
+        """Run a short helper command to completion; return its stdout, raise on failure.
+
+        `options` go to the helper's creation: image, environment, network, hostname.
+        """
+        cid = self._create_helper(command, mounts, purpose=purpose, caps=caps, **options)
         try:
             sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
             self.api.start(cid)
@@ -387,7 +452,7 @@ class DockerHost:
         purpose = f"{source.kind} '{source.source}'"
         fifo_dir = self.fifo_dir()
         if fifo_dir is None:
-            cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose)
+            cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose, caps=READ_CAPS)
             raw = None
             try:
                 sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
@@ -402,9 +467,10 @@ class DockerHost:
                     _hang_up(raw)
                 self._remove(cid)
             return
-        with _fifo(fifo_dir) as (local, inside):
+        with _fifo(fifo_dir, helper_writes=True) as (local, inside):
             command = [f"--file={inside}" if a == "--file=-" else a for a in TAR_CREATE]
-            cid = self._create_helper(command, [source.mount(read_only=True), fifo_dir.mount], purpose=purpose)
+            cid = self._create_helper(command, [source.mount(read_only=True), fifo_dir.mount], purpose=purpose,
+                                      caps=READ_CAPS)
             fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK)  # before start: tar's open never blocks
             _widen(fd)
             try:
@@ -456,7 +522,7 @@ class DockerHost:
             return
         with _fifo(fifo_dir) as (local, inside):
             command = [f"--file={inside}" if a == "--file=-" else a for a in TAR_EXTRACT]
-            cid = self._create_helper(command, [mount, fifo_dir.mount], purpose=purpose)
+            cid = self._create_helper(command, [mount, fifo_dir.mount], purpose=purpose, caps=RESTORE_CAPS)
             try:
                 output = _Output(self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1}))
                 self.api.start(cid)
@@ -482,7 +548,7 @@ class DockerHost:
                 self._remove(cid)
 
     def _extract_over_attach(self, mount: Mount, chunks: Iterable[bytes], purpose: str) -> None:
-        cid = self._create_helper(TAR_EXTRACT, [mount], stdin=True, purpose=purpose)
+        cid = self._create_helper(TAR_EXTRACT, [mount], stdin=True, purpose=purpose, caps=RESTORE_CAPS)
         try:
             sock = self.api.attach_socket(
                 cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -564,13 +630,29 @@ class DockerHost:
     def volume_is_empty(self, name: str) -> bool:
         out = self.run_helper(["find", MOUNT_POINT, "-mindepth", "1", "-maxdepth", "1"],
                               [Mount(MOUNT_POINT, name, type="volume", read_only=True)],
-                              purpose=f"volume '{name}'")
+                              purpose=f"volume '{name}'", caps=READ_CAPS)
         return not out.strip()
 
     def clear_volume(self, name: str) -> None:
         self.run_helper(["find", MOUNT_POINT, "-mindepth", "1", "-maxdepth", "1", "-exec", "rm", "-rf", "{}", "+"],
                         [Mount(MOUNT_POINT, name, type="volume", read_only=False)],
-                        purpose=f"volume '{name}'")
+                        purpose=f"volume '{name}'", caps=CLEAR_CAPS)
+
+    def host_path(self, path: str) -> str:
+        """Where a path of backupd's own file system lies on the Docker host (for a bind mount):
+        itself outside a container, else found through the mount of ours that holds it."""
+        own = self.own_container()
+        if own is None:
+            return path
+        best: tuple[str, str] | None = None
+        for m in own.attrs.get("Mounts", []):
+            dest = m.get("Destination", "").rstrip("/")
+            if (path == dest or path.startswith(dest + "/")) and (best is None or len(dest) > len(best[0])):
+                best = (dest, m.get("Source", ""))
+        if best is None or not best[1]:
+            raise ConfigError(f"path '{path}' is not on a volume or bind mount of the backupd container: "
+                              "a helper container cannot reach it")
+        return best[1] + path[len(best[0]):]
 
     def running_containers_using(self, volume: str) -> list[Any]:
         return [c for c in self.client.containers.list(filters={"volume": volume})
@@ -657,11 +739,18 @@ class ExecStream:
 
 
 @contextmanager
-def _fifo(fifo_dir: FifoDir) -> Iterator[tuple[Path, str]]:
-    """A fresh named pipe (local path, path inside the helper), removed afterwards."""
+def _fifo(fifo_dir: FifoDir, helper_writes: bool = False) -> Iterator[tuple[Path, str]]:
+    """A fresh named pipe (local path, path inside the helper), removed afterwards.
+
+    A backup helper has no DAC_OVERRIDE, so when backupd is not root (the image runs as
+    uid 10001) the pipe it writes must allow others to write; the 0700 directory it lies
+    in keeps everyone else out.
+    """
     name = f"{uuid.uuid4().hex}.tar"
     local = fifo_dir.local / name
     os.mkfifo(local, 0o600)
+    if helper_writes:
+        os.chmod(local, 0o622)
     try:
         yield local, f"{fifo_dir.inside}/{name}"
     finally:

@@ -26,13 +26,28 @@ HEARTBEAT_EVERY = timedelta(seconds=15)
 LEASE_TTL = timedelta(minutes=2)  # a heartbeat older than this is a dead owner's
 
 
-def _pid_start(pid: int) -> str | None:
+def pid_start(pid: int) -> str | None:
     """Kernel start time of a process (clock ticks since boot): tells a reused pid apart."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+def process_token() -> str:
+    """"pid:start time" of this process: how rows written before schema v4 name their owner."""
+    pid = os.getpid()
+    return f"{pid}:{pid_start(pid) or ''}"
+
+
+def process_alive(token: str) -> bool:
+    """Is the process that wrote this token (in this pid namespace) still running?"""
+    pid_text, _, start = token.partition(":")
+    if not pid_text.isdigit():
+        return False
+    current = pid_start(int(pid_text))
+    return current is not None and current == start
 
 
 def _pid_namespace() -> str:
@@ -69,7 +84,7 @@ class Identity:
 def this_process(command: str) -> Identity:
     pid = os.getpid()
     return Identity(id=uuid.uuid4().hex, hostname=socket.gethostname(), pid_ns=_pid_namespace(),
-                    pid=pid, pid_start=_pid_start(pid) or "", command=command)
+                    pid=pid, pid_start=pid_start(pid) or "", command=command)
 
 
 class ContainerState(Protocol):
@@ -90,7 +105,7 @@ class Liveness:
         if other.id == self.me.id:
             return True
         if other.pid_ns and other.pid_ns == self.me.pid_ns:
-            start = _pid_start(other.pid)
+            start = pid_start(other.pid)
             return start is not None and start == other.pid_start
         if (self.container_state is not None and other.container_id
                 and other.engine_id == self.me.engine_id):

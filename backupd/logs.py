@@ -1,7 +1,9 @@
 """Logging setup: readable text on a terminal, one JSON object per line otherwise.
 
 Context such as job and backup_id travels as `extra=` fields (usually through
-a LoggerAdapter), so every line of a run can be found by its run id.
+a LoggerAdapter), so every line of a run can be found by its run id. Every line,
+whoever logs it (backupd or a library), is redacted here: no recorded secret
+(backupd.redaction) is ever written to the log.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+
+from backupd.redaction import redact
 
 CONTEXT_FIELDS = ("job", "run_id", "backup_id", "artifact", "destination", "container")
 
@@ -20,14 +24,14 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         for key in CONTEXT_FIELDS:
             value = getattr(record, key, None)
             if value is not None:
-                data[key] = value
+                data[key] = redact(str(value)) if isinstance(value, str) else value
         if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
+            data["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(data, ensure_ascii=False)
 
 
@@ -38,7 +42,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         ctx = [f"{k}={getattr(record, k)}" for k in ("job", "run_id", "backup_id") if getattr(record, k, None)]
-        return f"{line}  [{' '.join(ctx)}]" if ctx else line
+        return redact(f"{line}  [{' '.join(ctx)}]" if ctx else line)
 
 
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:

@@ -3,7 +3,8 @@
 Failures are always reported; successes when `notifications.on_success` (or
 the job's `notify_on_success`) says so. A notification that cannot be sent is
 logged and never fails the backup. URLs often embed tokens, so only their
-host is ever logged.
+host is ever logged; bodies are redacted (backupd.redaction) like every
+other text that leaves backupd.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 
 from backupd.catalog import SUCCEEDED, BackupView
 from backupd.config import Job, Notifications, read_secret_file
+from backupd.redaction import redact, redact_all
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +100,13 @@ def run_finished(settings: Notifications, job: Job, job_name: str, report: RunRe
     timeout = settings.timeout.total_seconds()
     if settings.ping_url:
         url = settings.ping_url.rstrip("/") + ("" if ok else "/fail")
-        _send("POST", url, "\n".join(report.errors).encode() or b"ok", timeout,
+        _send("POST", url, redact("\n".join(report.errors)).encode() or b"ok", timeout,
               f"{'success' if ok else 'failure'} ping for job {job_name}")
     if ok and not report.warnings and not wants_success(settings, job):
         return  # a success with warnings is reported: someone should look at the failed hook
     url = webhook_url(settings)
     if url:
-        body = json.dumps(report.payload()).encode()
+        body = json.dumps(redact_all(report.payload())).encode()
         if _send("POST", url, body, timeout, f"webhook for job {job_name}"):
             log.info("webhook for job %s sent to %s (%s)", job_name, host_of(url), report.status,
                      extra={"job": job_name, "backup_id": report.backup_id})

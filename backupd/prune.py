@@ -10,19 +10,22 @@ stored beside the archives.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Callable
 from zoneinfo import ZoneInfo
 
-from backupd.catalog import DELETED, MISSING, RUNNING, STORED, BackupView, Catalog
+from backupd.catalog import DELETED, MISSING, RUNNING, STORED, SUCCEEDED, SUSPICIOUS, BackupView, Catalog
 from backupd.config import Config
-from backupd.errors import ConfigError, RefusedError
+from backupd.errors import ConfigError, NotFoundError, RefusedError
 from backupd.gcpause import paused_gc
+from backupd.manifest import (MAX_MANIFEST, BackupManifest, BadManifest, CopyEntry, in_own_directory, manifest_key,
+                              read_manifest)
 from backupd.retention import BackupRecord, Decision, Policy, decide
 from backupd.storage import Store
-from backupd.storage.base import MANIFEST
+from backupd.storage.base import MANIFEST, REPOSITORY_ROOT
+from backupd.stream import read_chunks
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,13 @@ def prune_job(
     now: datetime,
     stores: dict[str, Store],
     dry_run: bool = False,
+    forget: Callable[[list[BackupView]], list[str]] | None = None,
 ) -> PruneReport:
-    """Decide from the catalog, then delete the doomed backups everywhere (unless dry_run)."""
+    """Decide from the catalog, then delete the doomed backups everywhere (unless dry_run).
+
+    `forget` (repository mode) removes the doomed backups' snapshots from their repositories
+    first and returns its failures; their copies are then deleted already.
+    """
     policy = job_policy(config, job)
     tz = ZoneInfo(config.jobs[job].timezone) if job in config.jobs else ZoneInfo("UTC")
     with paused_gc():
@@ -68,6 +76,10 @@ def prune_job(
     if dry_run:
         return report
     check_clock(job, records, now)
+    check_shrinkage(catalog, job, records)
+    if forget is not None:
+        doomed = [catalog.get(d.id) for d in report.decisions if not d.keep]
+        report.failures += forget(doomed) if doomed else []
     for decision in report.decisions:
         if not decision.keep:
             delete_backup(catalog, catalog.get(decision.id), stores, report)
@@ -90,6 +102,18 @@ def check_clock(job: str, records: list[BackupRecord], now: datetime) -> None:
             f"backup is deleted by hand, retention runs again")
 
 
+def check_shrinkage(catalog: Catalog, job: str, records: list[BackupRecord]) -> None:
+    """Refuse to delete anything while the job's newest completed backup is suspicious."""
+    from backupd.shrinkage import SuspiciousShrinkError
+
+    newest = next((r for r in records if r.status in (SUCCEEDED, SUSPICIOUS)), None)  # newest first
+    if newest is not None and newest.status == SUSPICIOUS:
+        raise SuspiciousShrinkError(
+            f"retention of job {job} refused: its newest backup {newest.id} is suspicious "
+            f"({catalog.get(newest.id).suspicion}); if that is right, run `backupd accept {newest.id}`; "
+            f"a later backup of normal size lifts this too")
+
+
 def delete_backup(catalog: Catalog, backup: BackupView, stores: dict[str, Store], report: PruneReport) -> None:
     """Delete every copy (and manifest); mark the backup deleted only if nothing is left."""
     remaining = 0
@@ -97,6 +121,9 @@ def delete_backup(catalog: Catalog, backup: BackupView, stores: dict[str, Store]
     for art in backup.artifacts:
         for copy in art.copies:
             if copy.status == DELETED:
+                continue
+            if copy.snapshot_id:  # a snapshot still in its repository: only `forget` removes it
+                remaining += 1
                 continue
             store = stores.get(copy.destination)
             if store is None:
@@ -111,7 +138,7 @@ def delete_backup(catalog: Catalog, backup: BackupView, stores: dict[str, Store]
                 report.failures.append(f"{backup.id}: {copy.destination} {copy.key}: {exc}")
                 continue
             catalog.set_copy_status(backup.id, copy.destination, copy.key, DELETED)
-            manifests.add((copy.destination, copy.key.rsplit("/", 1)[0] + "/" + MANIFEST))
+            manifests.add((copy.destination, manifest_key(backup.job, backup.id)))
     for dest, key in sorted(manifests):
         try:
             stores[dest].delete(key)
@@ -149,7 +176,7 @@ def find_orphans(catalog: Catalog, stores: dict[str, Store], delete: bool = Fals
         present = set()
         for obj in store.list():
             parts = obj.key.split("/")
-            if len(parts) != 3:
+            if len(parts) != 3 or parts[0] == REPOSITORY_ROOT:
                 continue  # not backupd's <job>/<backup id>/<file> layout: not ours to judge
             job, backup_id, name = parts
             present.add(obj.key)
@@ -178,24 +205,91 @@ def find_orphans(catalog: Catalog, stores: dict[str, Store], delete: bool = Fals
 def rebuild_catalog(catalog: Catalog, destination: str, store: Store) -> tuple[list[str], list[str]]:
     """Re-create catalog rows from the manifests on one destination.
 
-    Returns (imported ids, skipped ids). A copy on this destination is recorded
-    as stored only if its object exists with the recorded size.
+    Returns (imported ids, skipped ids: already in the catalog). A manifest is
+    trusted no more than it must be: it vouches only for copies on the
+    destination it was read from, in its own backup's directory, and each is
+    recorded stored only if its object is there with the recorded size (else
+    missing). Copies it claims on other destinations are not imported, so a
+    forged manifest cannot make a later prune delete another destination's
+    archives; rebuilding from each destination adds its copies to the backups
+    already imported. A manifest that is malformed, or claims objects outside its
+    directory, is skipped with a warning naming it, and the rebuild goes on.
     """
     imported, skipped = [], []
     for obj in store.list():
-        if not obj.key.endswith("/" + MANIFEST):
+        if obj.key.rpartition("/")[2] != MANIFEST:
             continue
-        with store.open_read(obj.key) as f:
-            data = json.loads(f.read())
-        for art in data.get("artifacts", []):
-            for copy in art.get("destinations", []):
-                if copy["destination"] == destination:
-                    info = store.stat(copy["key"])
-                    ok = info is not None and info.size == art.get("size")
-                    copy["status"] = STORED if ok else MISSING
-                    copy["error"] = None if ok else "not found with the recorded size during rebuild"
-        if catalog.import_backup(data):
-            imported.append(data["id"])
+        try:
+            record = read_manifest(_read_whole(store, obj.key), obj.key)
+            copies = _vouched(record, destination, store)
+        except (BadManifest, NotFoundError) as exc:
+            log.warning("catalog rebuild: skipping manifest %s on %s: %s", obj.key, destination, exc)
+            continue
+        data = record.model_dump()
+        for art, own in zip(data["artifacts"], copies):
+            art["destinations"] = [c.model_dump() for c in own]
+        blocks = [None if a.blocks is None else (a.blocks.size, a.blocks.digests()) for a in record.artifacts]
+        if catalog.import_backup(data, blocks):
+            imported.append(record.id)
         else:
-            skipped.append(data["id"])
+            skipped.append(record.id)
+            _add_copies(catalog, record, copies, destination)
     return imported, skipped
+
+
+def _read_whole(store: Store, key: str) -> bytes:
+    """An object's bytes, up to one past the most a manifest may hold."""
+    raw = bytearray()
+    with store.open_read(key) as fileobj:
+        for chunk in read_chunks(fileobj):
+            raw += chunk
+            if len(raw) > MAX_MANIFEST:
+                break
+    return bytes(raw)
+
+
+def _vouched(record: BackupManifest, destination: str, store: Store) -> list[list[CopyEntry]]:
+    """Per artifact, the copies the manifest may vouch for: those on `destination`, each
+    stored copy checked against its object there (exists, same size)."""
+    per_artifact = []
+    for art in record.artifacts:
+        own = []
+        for copy in art.destinations:
+            if copy.destination != destination:
+                continue  # another destination's word, not this one's
+            if not in_own_directory(record, copy.key):
+                raise BadManifest(f"it claims '{copy.key}', outside its backup's directory")
+            if copy.status == STORED:
+                try:
+                    info = store.stat(copy.key)
+                except ValueError as exc:  # a key the store refuses
+                    raise BadManifest(str(exc)) from None
+                ok = info is not None and info.size == art.size
+                copy = copy.model_copy(update={
+                    "status": STORED if ok else MISSING,
+                    "error": None if ok else "not found with the recorded size during rebuild"})
+            own.append(copy)
+        per_artifact.append(own)
+    if not any(per_artifact):
+        raise BadManifest(f"it vouches for no copy on '{destination}'")
+    return per_artifact
+
+
+def _add_copies(catalog: Catalog, record: BackupManifest, copies: list[list[CopyEntry]],
+                destination: str) -> None:
+    """Add this destination's copies to a backup the catalog already holds, for the artifacts
+    whose size and SHA-256 the catalog agrees with."""
+    known = catalog.get(record.id)
+    if known.deleted_at is not None:
+        return
+    rows = []
+    for art, own in zip(record.artifacts, copies):
+        match = [a for a in known.artifacts if (a.kind, a.name) == (art.kind, art.name)]
+        if not match or (match[0].size, match[0].sha256) != (art.size, art.sha256):
+            log.warning("catalog rebuild: the manifest of backup %s on %s disagrees with the catalog about "
+                        "%s '%s': its copies there are not added", record.id, destination, art.kind, art.name)
+            continue
+        rows += [(art.kind, art.name, c.destination, c.key, c.status, c.error) for c in own]
+    added = catalog.add_copies(record.id, rows)
+    if added:
+        log.info("catalog rebuild: added %d copies on %s to backup %s", added, destination, record.id)

@@ -1,16 +1,18 @@
 """Restore: pick a good copy, prove it, then unpack it into a volume.
 
-Nothing unproven is written. A copy is read once and each block of it is
-checked against the SHA-256 the catalog recorded for that block before it is
-decompressed and streamed into a helper container's tar, through a guard that
-refuses any unsafe member before tar sees it. A copy that fails midway is
-undone (the new or empty target is left as it was) and the next destination
-holding one is tried. Backups stored before per-block checksums, and targets
-holding data that --force will replace, get a first pass that proves the whole
-copy (and, for --force, decompresses and checks every member, so nothing is
-emptied for an archive that cannot be restored) before the second pass writes.
-An existing non-empty volume is only overwritten with --force, and then its
-running containers are stopped first and started again after, whatever happens.
+Nothing unproven is written, or even parsed. Each block of a copy is checked
+against the SHA-256 the catalog recorded for that block before it is
+decrypted, decompressed and streamed into a helper container's tar, through a
+guard that refuses any unsafe member before tar sees it; so a copy is read
+once. A copy that fails midway is undone (the new or empty target is left as
+it was) and the next destination holding one is tried. A backup the catalog
+holds no block digests for (stored before them) gets a first read that proves
+the whole copy and computes its block digests, against which the read that
+writes is then proven block by block. Targets holding data that --force will
+replace get a first pass that also decompresses and checks every member, so
+nothing is emptied for an archive that cannot be restored. An existing
+non-empty volume is only overwritten with --force, and then its running
+containers are stopped first and started again after, whatever happens.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterator
 
-from backupd.artifact import ordered_copies, read_copy, stored_chunks
+from backupd.artifact import ordered_copies, proven_blocks, read_copy, stored_chunks
 from backupd.catalog import ArtifactView, BackupView, Catalog, CopyView
 from backupd.config import Config
 from backupd.docker_host import DockerHost, HelperError
@@ -68,21 +70,26 @@ def find_good_copy(
     prefer: list[str],
     identity: str | None,
     check_tar: bool,
-) -> tuple[Store, CopyView]:
-    """First copy (in preference order) whose bytes match the catalog.
+    known: tuple[int, bytes] | None,
+) -> tuple[Store, CopyView, tuple[int, bytes]]:
+    """First copy (in preference order) whose bytes match the catalog, with the block
+    digests (the catalog's `known` ones, or computed while proving it) that a later
+    read of it must match block by block.
 
-    With check_tar, the copy is also decrypted, decompressed and every member checked.
+    With check_tar, the copy is also decrypted, decompressed and every member checked,
+    each block proven before it is parsed.
     """
     problems: list[str] = []
     for store, copy in _candidates(artifact, stores, prefer, problems):
         try:
+            blocks = proven_blocks(store, copy, artifact, known)
             if check_tar:
-                for _ in guarded(read_copy(store, copy, artifact, identity)):
+                for _ in guarded(read_copy(store, copy, artifact, identity, blocks)):
                     pass
-            else:
-                for _ in stored_chunks(store, copy, artifact):
+            elif known is not None:
+                for _ in stored_chunks(store, copy, blocks):
                     pass
-            return store, copy
+            return store, copy, blocks
         except BackupdError as exc:
             _skip_copy(copy, exc, problems)
     raise _no_good_copy(backup, artifact, problems)
@@ -106,6 +113,11 @@ def restore_volume(
     target = to_volume or (source if kind == "volume" else None)
     if target is None:
         raise ConfigError(f"'{volume}' was backed up from host path {source}; pass --to-volume NAME")
+    from backupd.repository import is_snapshot, restore_snapshot
+
+    if is_snapshot(artifact):
+        return restore_snapshot(config=config, catalog=catalog, host=host, backup_id=backup_id,
+                                artifact=artifact, target=target, force=force)
     host.check_helper_image()
     # Decide about the target first: refusing is cheap, verifying a copy is not.
     exists = host.volume_exists(target)
@@ -119,9 +131,9 @@ def restore_volume(
         users = host.running_containers_using(target)
     stores = configured_stores(config)
     prefer = preference(config, backup.job)
-    blocks = catalog.blocks(artifact.id)
+    known = catalog.blocks(artifact.id)
 
-    def extract(store: Store, copy: CopyView) -> None:
+    def extract(store: Store, copy: CopyView, blocks: tuple[int, bytes]) -> None:
         log.info("restoring %s from backup %s (copy on %s) into volume %s",
                  volume, backup_id, copy.destination, target)
         progress = Progress(f"restore {volume}")
@@ -131,23 +143,21 @@ def restore_volume(
 
     if not empty:
         # Replacing data: prove every member first, so nothing is emptied for a bad archive.
-        store, copy = find_good_copy(backup, artifact, stores, prefer, identity, check_tar=True)
+        store, copy, blocks = find_good_copy(backup, artifact, stores, prefer, identity, check_tar=True, known=known)
         with held(catalog, backup_id, users) as restart_problems:
             host.clear_volume(target)
-            extract(store, copy)  # proven again as written: the copy may have changed since
+            extract(store, copy, blocks)  # proven again as written: the copy may have changed since
         if restart_problems:
             raise BackupdError("; ".join(restart_problems))
-    elif blocks is None:
-        # Stored before per-block checksums: prove the whole copy, then read it again.
-        store, copy = find_good_copy(backup, artifact, stores, prefer, identity, check_tar=False)
-        _into_empty(host, target, exists, lambda: extract(store, copy))
     else:
-        # One read: each block is proven before it is written. A copy that fails midway
-        # is undone (the target is empty again) and the next one is tried.
+        # Each block is proven before it is written: with the catalog's block digests the
+        # copy is read once; without, a first read proves it whole and computes them. A copy
+        # that fails midway is undone (the target is empty again) and the next one is tried.
         problems: list[str] = []
         for store, copy in _candidates(artifact, stores, prefer, problems):
             try:
-                _into_empty(host, target, exists, lambda: extract(store, copy))
+                blocks = proven_blocks(store, copy, artifact, known)
+                _into_empty(host, target, exists, lambda: extract(store, copy, blocks))
                 break
             except BackupdError as exc:
                 _skip_copy(copy, exc, problems)

@@ -24,7 +24,8 @@ Safety rules on top, whatever the policy says:
 
 - the newest succeeded backup is always kept;
 - running backups are always kept (never delete work in progress);
-- failed and partial backups are kept while ``started_at > now - keep_failed``
+- failed, partial and suspicious (flagged by the shrinkage guard, not yet
+  accepted) backups are kept while ``started_at > now - keep_failed``
   (``DEFAULT_KEEP_FAILED``, 7 days, when None) so an operator can look at
   them, then deleted. They never count toward any keep_* rule.
 
@@ -59,6 +60,8 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Callable, Iterable, NamedTuple, Sequence
 from zoneinfo import ZoneInfo
 
+from backupd.status import FAILED, PARTIAL, RUNNING, SUCCEEDED, SUSPICIOUS
+
 from backupd.table import format_table
 
 __all__ = [
@@ -78,8 +81,8 @@ __all__ = [
 DEFAULT_KEEP_FAILED = timedelta(days=7)
 UTC = ZoneInfo("UTC")
 
-SUCCEEDED, FAILED, PARTIAL, RUNNING = "succeeded", "failed", "partial", "running"
-STATUSES = frozenset({SUCCEEDED, FAILED, PARTIAL, RUNNING})
+STATUSES = frozenset({SUCCEEDED, FAILED, PARTIAL, RUNNING, SUSPICIOUS})
+UNTRUSTED = (FAILED, PARTIAL, SUSPICIOUS)  # kept for keep_failed, never counted as good
 
 COUNT_FIELDS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 
@@ -269,7 +272,7 @@ def decide(
     for b in ordered:
         if b.status == RUNNING:
             reasons[b.id].append("running")
-        elif b.status in (FAILED, PARTIAL) and b.started_at > failed_cutoff:
+        elif b.status in UNTRUSTED and b.started_at > failed_cutoff:
             reasons[b.id].append(f"{b.status} within {format_duration(policy.failed_window)}")
 
     found = reasons.get

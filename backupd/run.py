@@ -12,19 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import datetime
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from backupd.artifact import Cancelled, store_artifact
 from backupd.quiesce.databases import Dump, check_unique, plan_dumps
 from backupd.quiesce.hooks import run_hooks
 from backupd.quiesce.stop import held, resolve_containers
-from backupd.catalog import FAILED, STORED, SUCCEEDED, Catalog, utcnow
+from backupd.catalog import FAILED, STORED, SUCCEEDED, BackupView, Catalog, utcnow
 from backupd.config import Config
 from backupd.docker_host import DockerHost, VolumeSource
+from backupd.redaction import redact_all
 from backupd.storage import Store, open_store
-from backupd.storage.base import MANIFEST
+from backupd.manifest import manifest_key, manifest_of
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,15 @@ def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
     volumes = host.resolve_volumes(job_name, list(job.volumes))
     if volumes:
         host.check_helper_image()
+        host.fifo_dir()  # an unsafe named-pipe directory fails the plan, not each volume
     dumps = [d for i, spec in enumerate(job.databases)
              for d in plan_dumps(spec, host, f"jobs.{job_name}.databases[{i}]")]
     check_unique(dumps, f"jobs.{job_name}.databases")
     stop = resolve_containers(host, job_name, list(job.stop_containers))
+    if job.format == "repository" and volumes:
+        from backupd.repository import Restic
+
+        Restic(host, config).check_image()
     stores = {name: open_store(name, spec) for name, spec in config.job_destinations(job_name).items()}
     return Plan(job_name, volumes, stores, dumps, stop)
 
@@ -88,12 +95,14 @@ def run_backup(
     encryption = config.job_encryption(job_name)
     hooks = config.jobs[job_name].hooks
     where = f"jobs.{job_name}"
+    repository = config.jobs[job_name].format == "repository"
 
     def store(kind: str, name: str, source: str, opener: Any) -> None:
         try:
             store_artifact(catalog=catalog, backup_id=backup_id, job=job_name, kind=kind, name=name,
                            source=source, open_source=opener, stores=plan.stores,
-                           compression=compression, encryption=encryption, cancel=cancel)
+                           compression=compression, encryption=encryption, cancel=cancel,
+                           check_tar=kind == "volume")  # judged now as restore will judge it
         except Cancelled:
             raise
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
@@ -107,12 +116,23 @@ def run_backup(
         logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
         for dump in plan.dumps:
             store("database", dump.artifact, dump.source, dump.open)
+        snapshots = None
+        if repository and plan.volumes:  # repositories opened (and created) before anything stops
+            from backupd.repository import SnapshotWriter
+
+            snapshots = SnapshotWriter(config, host, job_name, plan.stores)
         logger.info("step 3/6: stop containers (%s)", ", ".join(c.name for c in plan.stop) or "none")
+        stopped_at = time.monotonic()
         with held(catalog, backup_id, plan.stop, owner, host.engine_id() if plan.stop else None) as restart_problems:
-            logger.info("step 4/6: archive volumes (%d)", len(plan.volumes))
+            logger.info("step 4/6: %s volumes (%d)", "snapshot" if repository else "archive", len(plan.volumes))
             for src in plan.volumes:
-                store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
+                if snapshots is not None:
+                    snapshots.snapshot(catalog, backup_id, src)
+                else:
+                    store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
             logger.info("step 5/6: start containers")
+        if plan.stop:
+            logger.info("containers were stopped for %.1f s", time.monotonic() - stopped_at)
         errors += restart_problems
     except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
         errors.append(str(exc) or type(exc).__name__)
@@ -126,8 +146,9 @@ def run_backup(
     run_error = "; ".join(errors) or None
     status = catalog.finish_backup(backup_id, run_error)
     backup = catalog.get(backup_id)
-    if status != FAILED:
-        write_manifests(backup, plan.stores)
+    if status != FAILED and not repository:  # a repository's snapshots describe themselves
+        write_manifests(backup, plan.stores,
+                        {a.id: known for a in backup.artifacts if (known := catalog.blocks(a.id)) is not None})
     for opened in plan.stores.values():
         opened.close()
     errors = [backup.error] if backup.error else []
@@ -146,22 +167,16 @@ def _after_hooks(hooks: list, host: DockerHost, where: str, errors: list[str], w
         errors.append(str(exc))
 
 
-def manifest_of(backup: "object") -> dict:
-    """What a destination needs to rebuild this backup's catalog rows."""
-    data = backup.to_json()  # type: ignore[attr-defined]
-    data["format"] = 1
-    return data
-
-
-def write_manifests(backup: "object", stores: dict[str, Store]) -> None:
-    """Put a manifest beside the archives on each destination that holds any of them."""
-    data = json.dumps(manifest_of(backup), indent=2).encode()
+def write_manifests(backup: BackupView, stores: dict[str, Store],
+                    blocks: Mapping[int, tuple[int, bytes]] | None = None) -> None:
+    """Put a manifest beside the archives on each destination that holds any of them,
+    with the block digests in `blocks` (by artifact id)."""
+    # Plaintext beside archives that may be encrypted: masked like everything that leaves backupd.
+    data = json.dumps(redact_all(manifest_of(backup, blocks)), indent=2).encode()
+    key = manifest_key(backup.job, backup.id)
     for dest, store in stores.items():
-        keys = [c.key for a in backup.artifacts for c in a.copies  # type: ignore[attr-defined]
-                if c.destination == dest and c.status == STORED]
-        if not keys:
+        if not any(c.destination == dest and c.status == STORED for a in backup.artifacts for c in a.copies):
             continue
-        key = keys[0].rsplit("/", 1)[0] + "/" + MANIFEST
         try:
             upload = store.open_upload(key)
             upload.write(data)

@@ -30,7 +30,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from backupd import notify
 from backupd.app import Operations
-from backupd.catalog import FAILED, BackupView, Catalog, utcnow
+from backupd.catalog import FAILED, SUSPICIOUS, BackupView, Catalog, utcnow
 from backupd.catalog.leases import Stopping
 from backupd.config import Config
 from backupd.errors import ConfigError
@@ -397,6 +397,7 @@ class Sidecar:
                     "backup_id": last.id, "status": last.status,
                     "finished_at": _iso(self.catalog.finished_at(last.id))},
                 "last_success": _iso(last_ok),
+                "suspicious": None if last is None or last.status != SUSPICIOUS else last.id,
                 "overdue": is_overdue(entry, last_ok, self.started_at, now),
             }
         report["jobs"] = jobs

@@ -1,7 +1,9 @@
 """The tar guard: archives are untrusted on restore.
 
-`guarded` checks a tar stream *as it flows* and refuses a member before its
-header block is passed on, so tar downstream never sees it. It reads the
+`guarded` (and TarGuard, its push-fed form) checks a tar stream *as it flows*
+and refuses a member before its header block is passed on, so tar downstream
+never sees it. Restore and verify read through it; a backup watches its own
+stream through it as it is stored, so a volume restore would refuse fails then. It reads the
 stream exactly as GNU tar 1.34 reads it, or refuses: a header tar would read
 differently from the guard is a way round the guard.
 
@@ -65,7 +67,7 @@ EXTENDED = (PAX, PAX_GLOBAL, SOLARIS_PAX, LONG_NAME, LONG_LINK)
 # PAX keys that only carry metadata: tar does not lay out or name members by them.
 _METADATA_KEYS = frozenset({"atime", "ctime", "mtime", "uid", "gid", "uname", "gname", "charset", "comment",
                             "hdrcharset", "SCHILY.dev", "SCHILY.ino", "SCHILY.nlink", "SCHILY.devmajor",
-                            "SCHILY.devminor"})
+                            "SCHILY.devminor", "RHT.security.selinux"})
 _METADATA_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.", "SCHILY.acl.")
 _MEMBER_KEYS = frozenset({"path", "linkpath", "size", "GNU.sparse.name", "GNU.sparse.major",
                           "GNU.sparse.minor", "GNU.sparse.realsize"})
@@ -400,22 +402,29 @@ class _Reader:
         return member, real_size
 
 
-def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Iterator[bytes]:
-    """Pass a tar stream through, refusing an unsafe or malformed member before its header.
+class TarGuard:
+    """The guard, fed a chunk at a time: `feed` returns what may be passed on of it
+    (views, no copies, a prefix of the stream cut after the end-of-archive mark) and
+    raises on an unsafe or malformed member before its header is returned; `close`
+    checks that the stream ended where an archive may end.
 
-    What is passed on is a prefix of what came in (views, no copies: contents
-    are never touched), cut after the end-of-archive mark.
+    Pushed to where bytes are pushed (a backup's stream as it is stored); `guarded`
+    pulls through it (a restore's stream on its way to tar).
     """
-    checker = checker or TarChecker()
-    reader = _Reader(checker)
-    tail = b""  # incomplete headers waiting for the next chunk
-    need = BLOCK  # bytes the header at the start of tail needs before it can be judged
-    skip = 0  # content bytes of the current member still to pass through
-    ended = False
-    for chunk in chunks:
-        if ended:
-            continue  # padding after the end mark: read (the caller's checksum needs it), not sent
-        data = tail + chunk if tail else chunk
+
+    def __init__(self, checker: TarChecker | None = None) -> None:
+        self.checker = checker or TarChecker()
+        self._reader = _Reader(self.checker)
+        self._tail = b""  # incomplete headers waiting for the next chunk
+        self._need = BLOCK  # bytes the header at the start of tail needs before it can be judged
+        self._skip = 0  # content bytes of the current member still to pass through
+        self.ended = False
+
+    def feed(self, chunk: bytes | memoryview) -> list[bytes | memoryview]:
+        if self.ended:
+            return []  # padding after the end mark: read (the caller's checksum needs it), not sent
+        reader, need, skip = self._reader, self._need, self._skip
+        data = self._tail + chunk if self._tail else chunk
         pos, n = 0, len(data)
         while True:
             if skip:
@@ -429,25 +438,40 @@ def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Itera
             if data[pos:pos + BLOCK] == ZERO_BLOCK:
                 # The end-of-archive mark: tar stops at the first zero block. Only the mark is
                 # passed on: a reader that has stopped at it may never take the padding.
-                ended = True
-                break
-            taken = reader.step(data, pos)
+                self.ended = True
+                return [memoryview(data)[:pos], bytes(2 * BLOCK)] if pos else [bytes(2 * BLOCK)]
+            taken = reader.step(data, pos)  # raises: the guard is spent, the stream refused
             if isinstance(taken, int):
                 need = taken
                 break
             pos += taken.passed
             skip = taken.skip
             need = BLOCK
-        if ended:
-            if pos:
-                yield memoryview(data)[:pos]
-            yield bytes(2 * BLOCK)
-            continue
-        if pos:
-            yield memoryview(data)[:pos] if pos < n else data
-        tail = bytes(data[pos:])
-    if not ended and (tail or skip or checker.members == 0):
-        raise _malformed("it ends in the middle of a member")
+        self._need, self._skip = need, skip
+        self._tail = bytes(data[pos:])
+        if not pos:
+            return []
+        return [memoryview(data)[:pos] if pos < n else data]
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Judge a chunk and pass nothing on: a backup watching the stream it stores."""
+        self.feed(chunk)
+
+    def close(self) -> None:
+        if not self.ended and (self._tail or self._skip or self.checker.members == 0):
+            raise _malformed("it ends in the middle of a member")
+
+
+def guarded(chunks: Iterable[bytes], checker: TarChecker | None = None) -> Iterator[bytes]:
+    """Pass a tar stream through, refusing an unsafe or malformed member before its header.
+
+    What is passed on is a prefix of what came in (views, no copies: contents
+    are never touched), cut after the end-of-archive mark.
+    """
+    guard = TarGuard(checker)
+    for chunk in chunks:
+        yield from guard.feed(chunk)  # type: ignore[misc]
+    guard.close()
 
 
 def check_tar_stream(fileobj: IO[bytes]) -> int:

@@ -1,8 +1,13 @@
 """verify: prove every stored copy of a backup, and optionally drill a restore.
 
-Each copy is re-read from its destination and checked for size and SHA-256
-against the catalog; then it is decrypted (when an identity is given),
-decompressed, and a volume archive's tar is checked member by member.
+Each copy is re-read from its destination and every block of it checked
+against the SHA-256 the catalog holds for that block before it is decrypted
+(when an identity is given), decompressed, and a volume archive's tar checked
+member by member: bytes that do not prove their checksum are never parsed, so
+an object overwritten on a destination fails at its first bad block. A copy
+the catalog holds no block digests for (stored before them) is first read
+whole and checked for size and SHA-256, its block digests computed on the way,
+and then read again, block by block.
 
 The catalog is changed only by what the copy itself proved: a copy whose
 object is gone becomes `missing`, one whose bytes or contents are bad becomes
@@ -18,9 +23,9 @@ import io
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from backupd.artifact import read_copy, stored_chunks
+from backupd.artifact import prove_copy, proven_blocks, read_copy, stored_chunks
 from backupd.catalog import COPY_FAILED, MISSING, STORED, ArtifactView, Catalog, CopyView
 from backupd.config import Config
 from backupd.errors import BackupdError, IntegrityError, NotFoundError
@@ -42,13 +47,20 @@ class CopyCheck:
     detail: str
 
 
-def check_copy(store: Store, copy: CopyView, artifact: ArtifactView, identity: str | None) -> str:
-    """Return what was proven about one copy; raise BackupdError with what is wrong."""
+def check_copy(store: Store, copy: CopyView, artifact: ArtifactView, identity: str | None,
+               known: tuple[int, bytes] | None = None) -> str:
+    """Return what was proven about one copy; raise BackupdError with what is wrong.
+
+    `known` is the catalog's (block size, block digests) of the artifact, if any.
+    """
+    # Every block proven, and the count, is the whole copy proven: same size, same SHA-256.
+    blocks = proven_blocks(store, copy, artifact, known)
     if artifact.encryption and identity is None:
-        for _ in stored_chunks(store, copy, artifact):
-            pass
+        if known is not None:
+            for _ in stored_chunks(store, copy, blocks):
+                pass
         return "size and sha256 ok (encrypted: pass --identity to check the contents too)"
-    reader = IterReader(read_copy(store, copy, artifact, identity))
+    reader = IterReader(read_copy(store, copy, artifact, identity, blocks))
     if artifact.kind == "volume":
         members = check_tar_stream(io.BufferedReader(reader, 1 << 20))
         reader.drain()
@@ -59,8 +71,7 @@ def check_copy(store: Store, copy: CopyView, artifact: ArtifactView, identity: s
 
 def _bytes_match(store: Store, copy: CopyView, artifact: ArtifactView) -> bool:
     try:
-        for _ in stored_chunks(store, copy, artifact):
-            pass
+        prove_copy(store, copy, artifact)
     except IntegrityError:
         return False
     return True
@@ -82,7 +93,7 @@ def verify_copy(catalog: Catalog, backup_id: str, store: Store, copy: CopyView,
             catalog.set_copy_status(backup_id, copy.destination, copy.key, status, detail)
 
     try:
-        detail = check_copy(store, copy, artifact, identity)
+        detail = check_copy(store, copy, artifact, identity, catalog.blocks(artifact.id))
     except NotFoundError as exc:
         mark(MISSING, f"{VERIFY_NOTE}{exc}")
         return False, f"missing: {exc}"
@@ -106,12 +117,23 @@ def verify_backup(
     stores: dict[str, Store],
     backup_id: str,
     identity: str | None = None,
+    check_snapshot: Callable[[str, str, str], tuple[bool, str]] | None = None,
 ) -> list[CopyCheck]:
+    """Check every copy; `check_snapshot(job, destination, snapshot id)` checks repository-mode copies."""
     backup = catalog.get(backup_id)
     results = []
     for art in backup.artifacts:
         label = f"{art.kind} {art.name}"
         for copy in art.copies:
+            if copy.snapshot_id:  # checked by restic; the catalog's status is left as it is
+                if copy.status != STORED:
+                    results.append(CopyCheck(label, copy.destination, copy.key, False, f"not stored ({copy.status})"))
+                    continue
+                ok, detail = (False, "a snapshot in a repository: no restic checker given") \
+                    if check_snapshot is None else check_snapshot(backup.job, copy.destination, copy.snapshot_id)
+                (log.info if ok else log.error)("verify %s on %s: %s", label, copy.destination, detail)
+                results.append(CopyCheck(label, copy.destination, copy.key, ok, detail))
+                continue
             if not _checkable(copy):
                 results.append(CopyCheck(label, copy.destination, copy.key, False,
                                          f"not stored ({copy.status}{': ' + copy.error if copy.error else ''})"))

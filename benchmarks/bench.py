@@ -233,6 +233,102 @@ def measure_peers(root: Path, work: Path, data: int) -> list[Result]:
     return results
 
 
+RESTIC_IMAGE = os.environ.get("BACKUPD_RESTIC_IMAGE", "backupd-restic:test")
+
+
+def change_one_percent(root: Path, data: int, run: int) -> None:
+    """1% of the data changes: a new incompressible file, and 1% of the small files rewritten."""
+    with open(root / f"changed-{run}.bin", "wb") as f:
+        f.write(os.urandom(max(data // 100 - data // 1000, 1)))
+    small = sorted((root / "small").rglob("*.txt"))
+    for path in small[run::100]:
+        path.write_bytes(os.urandom(path.stat().st_size or 1))
+
+
+def downtime_of(log_text: str) -> float | None:
+    for line in log_text.splitlines():
+        if "containers were stopped for" in line:
+            return float(json.loads(line)["message"].split("for ")[1].split(" s")[0])
+    return None
+
+
+def measure_repository(client, python: str, work: Path, volume: str, root: Path, data: int,
+                       runs: int) -> tuple[list[Result], list[tuple]]:
+    """Repository mode side by side with restic itself on the same volume, step by step:
+    first backup, unchanged, `runs` times 1% changed, stored bytes, restore; and the downtime
+    of a stop_containers job whose volume is unchanged."""
+    app = client.containers.run(HELPER, ["sh", "-c", "trap 'exit 0' TERM; sleep 86400 & wait"], detach=True, labels={"backupd-bench": "1"},
+                                volumes={volume: {"bind": "/data", "mode": "ro"}}, name=f"{volume}-app")
+    (work / "password").write_text("bench\n")
+    config = work / "backupd-repo.yml"
+    config.write_text(json.dumps({
+        "catalog": f"sqlite:///{work}/catalog-repo.db", "helper_image": HELPER, "repository_image": RESTIC_IMAGE,
+        "helper_memory": None,
+        "destinations": {"local": {"type": "local", "path": str(work / "backupd-repo")}},
+        "jobs": {"bench": {"volumes": [volume], "format": "repository",
+                           "repository_password_file": str(work / "password")},
+                 "bench-stop": {"volumes": [volume], "format": "repository", "stop_containers": [app.name],
+                                "repository_password_file": str(work / "password")}}}))
+    env = {"PYTHONPATH": str(REPO)}
+    peer_repo = work / "restic-peer"
+    peer_env = {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(peer_repo),
+                "RESTIC_CACHE_DIR": str(work / "restic-peer-cache")}
+    sh(["restic", "init", "-q"], env={**os.environ, **peer_env})
+    repo_dir = work / "backupd-repo"
+    results: list[Result] = []
+    pairs: list[tuple[str, Result, Result]] = []
+
+    def both(label: str) -> None:
+        ours = timed(f"backupd repository: {label}", backupd_cmd(python, config, "backup", "bench"), data, env,
+                     archive=repo_dir)
+        theirs = timed(f"restic: {label}", f"cd {root} && restic backup -q --host bench .", data, peer_env,
+                       archive=peer_repo)
+        results.extend([ours, theirs])
+        pairs.append((label, ours, theirs))
+
+    try:
+        both("first, full")
+        both("second, unchanged")
+        for run in range(runs):
+            change_one_percent(root, data, run)
+            both(f"1% changed ({run + 1}/{runs})")
+        target = f"{volume}-restored-repo"
+        backup_id = json.loads(sh(backupd_cmd(python, config, "list", "--json", "--job", "bench"),
+                                  env={**os.environ, **env}).stdout)[0]["id"]
+        ours = timed("backupd repository: restore", backupd_cmd(python, config, "restore", backup_id, "--volume",
+                                                                volume, "--to-volume", target), data, env)
+        client.volumes.get(target).remove(force=True)
+        theirs = timed("restic: restore", ["restic", "restore", "latest", "-q", "--target",
+                                           str(work / "restic-peer-restore")], data, peer_env)
+        shutil.rmtree(work / "restic-peer-restore", ignore_errors=True)
+        results.extend([ours, theirs])
+        pairs.append(("restore", ours, theirs))
+        # Downtime: a stop_containers job on the (now unchanged) volume, after one warm-up run.
+        stop_env = {**os.environ, **env}
+        cmd = [python, "-m", "backupd", "--log-format", "json", "--log-level", "INFO", "--config", str(config),
+               "backup", "bench-stop"]
+        sh(cmd, env=stop_env)
+        downtimes = [downtime_of(sh(cmd, env=stop_env).stderr) for _ in range(3)]
+        downtime = median(d for d in downtimes if d is not None)
+    finally:
+        app.remove(force=True)
+    first = next(p for p in pairs if p[0] == "first, full")
+    unchanged = next(p for p in pairs if p[0] == "second, unchanged")
+    changed = [p for p in pairs if p[0].startswith("1% changed")]
+    restore = next(p for p in pairs if p[0] == "restore")
+    ratios = [
+        ("repository: second backup, unchanged, vs restic (x)", unchanged[1].seconds / unchanged[2].seconds, 1.2, False),
+        ("repository: backup after 1% changed, vs restic (x, median)",
+         median(o.seconds / t.seconds for _, o, t in changed), 1.2, False),
+        (f"repository: stored bytes after {runs} runs of 1% change, vs restic (x)",
+         (changed[-1][1].archive_bytes or 0) / (changed[-1][2].archive_bytes or 1), 1.1, False),
+        ("repository: first full backup vs restic (x)", first[1].seconds / first[2].seconds, 1.2, False),
+        ("repository: restore throughput vs restic restore (x)", restore[2].seconds / restore[1].seconds, 0.9, True),
+        ("repository: downtime, stop_containers, unchanged volume (s)", downtime, 2, False),
+    ]
+    return results, ratios
+
+
 def measure_catalog_scale(python: str, work: Path, count: int = 100_000, repeat: int = 5) -> dict:
     """Insert `count` backups fast, then time `list --job` and a retention decision (median of runs)."""
     sys.path.insert(0, str(REPO))
@@ -348,6 +444,9 @@ def main() -> int:
                         help="only the catalog figures (list, prune, /healthz, /metrics at 100k backups)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="restores (backupd's and the recipe's) are run this many times; the median counts")
+    parser.add_argument("--repository-only", action="store_true",
+                        help="only repository mode (format: repository) side by side with restic itself")
+    parser.add_argument("--runs", type=int, default=10, help="repository mode: backups after 1%% changes")
     parser.add_argument("--offsite-only", action="store_true",
                         help="only the off-site figures (S3 against boto3 upload_file, with and without "
                              "latency; SFTP against scp; leftovers after SIGKILLs)")
@@ -394,6 +493,20 @@ def main() -> int:
         root, data = build_volume(client, volume, total, args.small_files)
         print(f"volume {volume}: {data / MiB:.0f} MiB, {args.small_files} small files\n")
         results = []
+        if args.repository_only:
+            results, ratios = measure_repository(client, python, work, volume, root, data, args.runs)
+            print("\n" + table(results) + "\n")
+            for name, value, target, higher in ratios:
+                verdict = f"target {'>=' if higher else '<='} {target}: " + (
+                    "met" if (value >= target if higher else value <= target) else "MISSED")
+                print(f"  {name:<62} {value:7.2f}  {verdict}")
+            report["results"] = [asdict(r) | {"mib_s": r.mib_s} for r in results]
+            report["ratios"] = [{"figure": n, "value": v, "target": t, "higher_is_better": h}
+                                for n, v, t, h in ratios]
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2))
+            print(f"\nresults written to {args.json}")
+            return 0
         b_backup, b_restore = measure_backupd(client, python, work, volume, data, args.level, args.repeat)
         r_backup, r_restore = measure_recipe(client, work, volume, data, args.repeat)
         l_zstd, l_read, l_unpack = measure_limit(client, root, work, volume, data)

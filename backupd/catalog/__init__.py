@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
 import socket
@@ -20,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-from sqlalchemy import Connection, create_engine, event, func, insert, inspect, select, text, update
+from sqlalchemy import Connection, case, create_engine, event, func, insert, inspect, select, text, update
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -36,13 +35,14 @@ from backupd.catalog.models import (
     SchemaVersion,
 )
 from backupd.errors import BackupdError, ConfigError, NotFoundError
+from backupd.identity import process_alive, process_token
+from backupd.private import create_private_file, make_dirs
 
 log = logging.getLogger(__name__)
 
-# Backup statuses.
-RUNNING, SUCCEEDED, PARTIAL, FAILED = "running", "succeeded", "partial", "failed"
-# Copy statuses.
-PENDING, STORED, COPY_FAILED, DELETED, MISSING = "pending", "stored", "failed", "deleted", "missing"
+from backupd.status import (  # noqa: E402 - re-exported: callers import statuses from the catalog
+    COPY_FAILED, DELETED, FAILED, MISSING, PARTIAL, PENDING, RUNNING, STORED, SUCCEEDED, SUSPICIOUS,
+)
 
 
 def utcnow() -> datetime:
@@ -60,9 +60,12 @@ BACKUP_ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")  # what new_backup_id mak
 @dataclass(frozen=True)
 class CopyView:
     destination: str
-    key: str
+    key: str  # the object; in repository mode, the repository's path within the destination
     status: str
     error: str | None
+    snapshot_id: str | None = None  # repository mode: the restic snapshot
+    bytes_added: int | None = None
+    bytes_covered: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class BackupView:
     host: str
     artifacts: tuple[ArtifactView, ...]
     warnings: tuple[str, ...] = ()
+    suspicion: str | None = None
 
     @property
     def size(self) -> int:
@@ -133,6 +137,7 @@ class BackupView:
             "error": self.error,
             "host": self.host,
             "warnings": list(self.warnings),
+            "suspicion": self.suspicion,
             "size": self.size,
             "artifacts": [a.to_json() for a in self.artifacts],
         }
@@ -164,6 +169,7 @@ def _view(row: BackupRow) -> BackupView:
         error=row.error,
         host=row.host,
         warnings=tuple(json.loads(row.warnings)) if row.warnings else (),
+        suspicion=row.suspicion,
         artifacts=tuple(
             ArtifactView(
                 id=a.id,
@@ -176,7 +182,8 @@ def _view(row: BackupRow) -> BackupView:
                 size=a.size,
                 sha256=a.sha256,
                 error=a.error,
-                copies=tuple(CopyView(c.destination, c.key, c.status, c.error) for c in a.copies),
+                copies=tuple(CopyView(c.destination, c.key, c.status, c.error, c.snapshot_id, c.bytes_added,
+                                      c.bytes_covered) for c in a.copies),
             )
             for a in row.artifacts
         ),
@@ -232,7 +239,20 @@ def _v4(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+def _v5(conn: Connection) -> None:
+    """backups.suspicion (the shrinkage guard), in the index that covers listing."""
+    _add_missing_columns(conn, "backups", (BackupRow.suspicion,), None)
+    index = next(i for i in BackupRow.__table__.indexes if i.name == "ix_backups_list")  # type: ignore[attr-defined]
+    index.drop(conn, checkfirst=True)
+    index.create(conn)
+
+
+def _v6(conn: Connection) -> None:
+    """Repository mode: each copy may be a restic snapshot, with the bytes it added and covered."""
+    _add_missing_columns(conn, "copies", (CopyRow.snapshot_id, CopyRow.bytes_added, CopyRow.bytes_covered), None)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 MIGRATION_LOCK = 0x6261636B757064  # "backupd": PostgreSQL advisory lock key
 
 
@@ -253,8 +273,9 @@ class Catalog:
         try:
             if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
                 path = url.removeprefix("sqlite:///")
-                if path:
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                if path:  # created private: run errors and names are nobody else's to read
+                    make_dirs(Path(path).parent)
+                    create_private_file(Path(path))
             self.engine = create_engine(url, future=True)
         except (ArgumentError, ImportError, OSError) as exc:
             raise ConfigError(f"catalog: cannot use '{self.url_for_humans}': {exc}") from None
@@ -388,6 +409,30 @@ class Catalog:
                 art.error = "; ".join(f"{d}: {e}" for d, e in copy_errors.items())
             return art.status
 
+    def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int, int]],
+                         copy_errors: dict[str, str]) -> str:
+        """Repository mode: record each destination's snapshot (id, bytes added, bytes covered)
+        or its error. The artifact's size is the bytes its first snapshot holds (what the
+        shrinkage guard compares: an unchanged volume adds almost nothing, yet is whole)."""
+        with self._session.begin() as s:
+            art = s.get_one(ArtifactRow, artifact_id)
+            for copy in art.copies:
+                if copy.destination in snapshots:
+                    copy.snapshot_id, copy.bytes_added, copy.bytes_covered = snapshots[copy.destination]
+                    copy.status = STORED
+                else:
+                    copy.status = COPY_FAILED
+                    copy.error = copy_errors.get(copy.destination, "no snapshot was made")
+            stored = [c for c in art.copies if c.status == STORED]
+            art.size = stored[0].bytes_covered if stored else 0
+            s.execute(update(BackupRow).where(BackupRow.id == art.backup_id)
+                      .values(total_size=BackupRow.total_size + art.size))
+            art.status = SUCCEEDED if len(stored) == len(art.copies) else (PARTIAL if stored else FAILED)
+            errors = {c.destination: c.error for c in art.copies if c.status == COPY_FAILED}
+            if errors:
+                art.error = "; ".join(f"{d}: {e}" for d, e in errors.items())
+            return art.status
+
     def fail_artifact(self, artifact_id: int, error: str) -> None:
         with self._session.begin() as s:
             art = s.get_one(ArtifactRow, artifact_id)
@@ -419,6 +464,18 @@ class Catalog:
                 select(CopyRow).join(ArtifactRow)
                 .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination,
                        CopyRow.key == key)
+            ).one()
+            copy.status, copy.error = status, error
+
+    def set_snapshot_status(self, backup_id: str, destination: str, snapshot_id: str, status: str,
+                            error: str | None = None) -> None:
+        """Repository mode: the copy that is this snapshot (one repository holds every volume
+        of a run, so the key alone does not name it)."""
+        with self._session.begin() as s:
+            copy = s.scalars(
+                select(CopyRow).join(ArtifactRow)
+                .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination,
+                       CopyRow.snapshot_id == snapshot_id)
             ).one()
             copy.status, copy.error = status, error
 
@@ -474,8 +531,9 @@ class Catalog:
                 HeldContainerRow.owner == owner_id, HeldContainerRow.restarted_at.is_(None)))
         return bool(running or holding)
 
-    def import_backup(self, data: dict[str, Any]) -> bool:
-        """Insert a backup from its JSON form (a manifest); False if the id is already known."""
+    def import_backup(self, data: dict[str, Any], blocks: Iterable[tuple[int, bytes] | None] = ()) -> bool:
+        """Insert a backup from its JSON form (a manifest), with each artifact's (block size,
+        block digests) in `blocks`, in order, where known; False if the id is already known."""
         with self._session.begin() as s:
             if s.get(BackupRow, data["id"]) is not None:
                 return False
@@ -494,9 +552,32 @@ class Catalog:
                     status=art["status"], size=art.get("size"), sha256=art.get("sha256"),
                     error=art.get("error"),
                     copies=[CopyRow(destination=c["destination"], key=c["key"], status=c["status"],
-                                    error=c.get("error")) for c in art.get("destinations", [])]))
+                                    error=c.get("error"), snapshot_id=c.get("snapshot_id"),
+                                    bytes_added=c.get("bytes_added"), bytes_covered=c.get("bytes_covered"))
+                            for c in art.get("destinations", [])]))
             s.add(row)
+            s.flush()
+            for art_row, known in zip(row.artifacts, blocks):
+                if known is not None:
+                    s.add(ArtifactBlocksRow(artifact_id=art_row.id, block_size=known[0], digests=known[1]))
             return True
+
+    def add_copies(self, backup_id: str, copies: Iterable[tuple[str, str, str, str, str, str | None]]) -> int:
+        """Record more copies of a known backup's artifacts: (kind, name, destination, key,
+        status, error) each. Copies already recorded (same destination and key) are left as
+        they are. Returns how many were added."""
+        added = 0
+        with self._session.begin() as s:
+            artifacts = {(a.kind, a.name): a for a in s.scalars(
+                select(ArtifactRow).where(ArtifactRow.backup_id == backup_id)
+                .options(selectinload(ArtifactRow.copies)))}
+            for kind, name, destination, key, status, error in copies:
+                art = artifacts[(kind, name)]
+                if any((c.destination, c.key) == (destination, key) for c in art.copies):
+                    continue
+                art.copies.append(CopyRow(destination=destination, key=key, status=status, error=error))
+                added += 1
+        return added
 
     # ------------------------------------------------------------ held containers
 
@@ -577,7 +658,7 @@ class Catalog:
 
         query = (
             # started_at raw: SQLAlchemy's per-row datetime processing costs more than the query.
-            select(BackupRow.id, BackupRow.job, BackupRow.status, type_coerce(BackupRow.started_at, String),
+            select(BackupRow.id, BackupRow.job, _shown_status(), type_coerce(BackupRow.started_at, String),
                    BackupRow.total_size, BackupRow.artifact_count)
             .where(*_listed(job))
             .order_by(BackupRow.started_at.desc(), BackupRow.id.desc())
@@ -594,7 +675,7 @@ class Catalog:
         """Lengths of the longest id, job and status summaries(job) yields: the widths of a
         table that is printed as the rows stream by."""
         query = select(func.max(func.length(BackupRow.id)), func.max(func.length(BackupRow.job)),
-                       func.max(func.length(BackupRow.status))).where(*_listed(job))
+                       func.max(func.length(_shown_status()))).where(*_listed(job))
         with self.engine.connect() as conn:
             row = conn.execute(query).one()
         return (row[0] or 0, row[1] or 0, row[2] or 0)
@@ -602,7 +683,7 @@ class Catalog:
     def last_runs(self, job: str) -> tuple[BackupSummary | None, datetime | None]:
         """(the job's newest finished run, when its newest success finished): two index lookups,
         the same cost at 100k backups as at ten (for /healthz)."""
-        newest = (select(BackupRow.id, BackupRow.job, BackupRow.status, BackupRow.started_at,
+        newest = (select(BackupRow.id, BackupRow.job, _shown_status(), BackupRow.started_at,
                          BackupRow.total_size, BackupRow.artifact_count, BackupRow.finished_at)
                   .where(*_listed(job)).order_by(BackupRow.started_at.desc(), BackupRow.id.desc()).limit(1))
         with self._session() as s:
@@ -611,6 +692,21 @@ class Catalog:
         summary = None if last is None else BackupSummary(last[0], last[1], last[2], _stored_text(last[3]),
                                                           last[4], last[5])
         return summary, (None if ok is None else ok[6])
+
+    def recent_sizes(self, job: str, before: datetime, count: int) -> list[int]:
+        """Sizes of the job's `count` newest trusted successes started before `before` (newest
+        first): what the shrinkage guard compares a new backup with."""
+        query = (select(BackupRow.total_size)
+                 .where(*_listed(job), BackupRow.status == SUCCEEDED, BackupRow.suspicion.is_(None),
+                        BackupRow.started_at < before)
+                 .order_by(BackupRow.started_at.desc()).limit(count))
+        with self.engine.connect() as conn:
+            return [size for (size,) in conn.execute(query)]
+
+    def set_suspicion(self, backup_id: str, reason: str | None) -> None:
+        """Flag a backup as suspicious (with why), or clear the flag (`backupd accept`)."""
+        with self._session.begin() as s:
+            s.get_one(BackupRow, backup_id).suspicion = reason
 
     def finished_at(self, backup_id: str) -> datetime | None:
         with self._session() as s:
@@ -626,6 +722,12 @@ class Catalog:
     def session(self) -> Session:
         """For modules (retention, rebuild) that need a query of their own."""
         return self._session()
+
+
+def _shown_status() -> Any:
+    """A backup's status as tables and retention see it: a succeeded backup the shrinkage guard
+    flagged counts as `suspicious` (kept like a failed one, never as a good one) until accepted."""
+    return case((BackupRow.suspicion.is_not(None), SUSPICIOUS), else_=BackupRow.status)
 
 
 def _listed(job: str | None) -> list[Any]:
@@ -649,31 +751,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _start_time(pid: int) -> str | None:
-    """Kernel start time of a process: tells a reused pid (pid 1 after a restart) apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def process_token() -> str:
-    pid = os.getpid()
-    return f"{pid}:{_start_time(pid) or ''}"
-
-
-def process_alive(token: str) -> bool:
-    """Is the process that wrote this token (on this host) still running?"""
-    pid_text, _, start = token.partition(":")
-    if not pid_text.isdigit():
-        return False
-    current = _start_time(int(pid_text))
-    return current is not None and current == start
-
-
 __all__ = [
     "Catalog", "BackupSummary", "BackupView", "ArtifactView", "CopyView", "SQLAlchemyError",
-    "RUNNING", "SUCCEEDED", "PARTIAL", "FAILED",
+    "RUNNING", "SUCCEEDED", "PARTIAL", "FAILED", "SUSPICIOUS",
     "PENDING", "STORED", "COPY_FAILED", "DELETED", "MISSING", "utcnow",
 ]

@@ -143,6 +143,18 @@ class Leases:
                 return False
             return self.liveness.alive(_identity(row), row.heartbeat_at, self.clock())
 
+    def owner_known_dead(self, owner_id: str | None) -> bool:
+        """Is this one of our catalog's owners, and dead? Things labelled with an owner this
+        catalog does not know (helpers of another backupd on the same engine, with a catalog
+        of its own) are not ours to judge."""
+        if not owner_id or owner_id == self.me.id:
+            return False
+        with self._session() as s:
+            row = s.get(OwnerRow, owner_id)
+            if row is None:
+                return False
+            return not self.liveness.alive(_identity(row), row.heartbeat_at, self.clock())
+
     def describe_owner(self, owner_id: str) -> str:
         with self._session() as s:
             row = s.get(OwnerRow, owner_id)

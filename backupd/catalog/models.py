@@ -7,6 +7,8 @@ from datetime import datetime, timezone
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from backupd.redaction import redact
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Stored as naive UTC (SQLite has no time zones), always returned aware."""
@@ -23,6 +25,17 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
         return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class RedactedText(TypeDecorator[str]):
+    """Text that may quote a failing command or tool (errors, warnings): masked as it is
+    written (backupd.redaction), so no secret reaches the catalog, `show`, or a manifest."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: object) -> str | None:
+        return None if value is None else redact(value)
 
 
 class Base(DeclarativeBase):
@@ -42,11 +55,13 @@ class BackupRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
     host: Mapped[str] = mapped_column(String(255), default="")
     process: Mapped[str] = mapped_column(String(64), default="")  # "pid:start time" (before v4)
     owner: Mapped[str | None] = mapped_column(String(32), nullable=True)  # OwnerRow.id (v4)
-    warnings: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list (v4)
+    warnings: Mapped[str | None] = mapped_column(RedactedText, nullable=True)  # JSON list (v4)
+    # Why a succeeded backup looks too small to trust (v5); cleared by `backupd accept`.
+    suspicion: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Kept by the catalog as artifacts are added and finished (schema v3), so listing
     # 100k backups reads one index instead of joining and grouping their artifacts.
     total_size: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -58,7 +73,7 @@ class BackupRow(Base):
         Index("ix_backups_job_started", "job", "started_at"),
         # Covers `list --job`: the rows come out of the index in order, no table lookups.
         Index("ix_backups_list", "job", "started_at", "id", "status", "total_size", "artifact_count",
-              "deleted_at"),
+              "deleted_at", "suspicion"),
     )
 
 
@@ -74,7 +89,7 @@ class ArtifactRow(Base):
     status: Mapped[str] = mapped_column(String(16))  # running/succeeded/failed
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # PostgreSQL's INTEGER stops at 2 GiB
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
     backup: Mapped[BackupRow] = relationship(back_populates="artifacts")
     copies: Mapped[list["CopyRow"]] = relationship(
         back_populates="artifact", order_by="CopyRow.id", cascade="all, delete-orphan"
@@ -100,7 +115,11 @@ class CopyRow(Base):
     destination: Mapped[str] = mapped_column(String(128))
     key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))  # pending/stored/failed/deleted/missing
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
+    # Repository mode (v6): the copy is a restic snapshot in the repository at `key`.
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bytes_added: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # new data it stored
+    bytes_covered: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # what it holds
     artifact: Mapped[ArtifactRow] = relationship(back_populates="copies")
     # Metrics count stored copies per destination from this index alone (v4).
     __table_args__ = (Index("ix_copies_status_destination", "status", "destination"),)

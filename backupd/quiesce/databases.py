@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Iterable, Iterator
 
@@ -21,7 +21,8 @@ from backupd.docker_host import DockerHost
 from backupd.errors import BackupdError, NameClashError, NotFoundError, UnsafeNameError
 from backupd.names import decode_name, encode_name, unquotable
 from backupd.quiesce import mysql, postgres
-from backupd.quiesce.runner import KILLED_BY_TIMEOUT, MISSING_COMMAND, ContainerRunner, LocalRunner, Runner, redact
+from backupd.quiesce.runner import KILLED_BY_TIMEOUT, MISSING_COMMAND, ContainerRunner, LocalRunner, Runner
+from backupd.redaction import redact, remember
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ class Target:
     spec: DatabaseSpec
     kind: ModuleType
     runner: Runner
-    env: dict[str, str]
-    password: str | None
-    tools: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # PGPASSWORD / MYSQL_PWD
+    password: str | None = field(repr=False)
+    tools: dict[str, str] = field(default_factory=dict)
 
     def redact(self, text: str) -> str:
-        return redact(text, [self.password])
+        return redact(text)
 
     def query(self, argv: list[str], what: str) -> str:
         result = self.runner.run(argv, self.env, QUERY_TIMEOUT, keep=QUERY_OUTPUT_MAX)
@@ -122,6 +123,7 @@ def connect(spec: DatabaseSpec, host: DockerHost, where: str, container: str | N
             password = next((env[v] for v in kind.PASSWORD_VARS if env.get(v)), None)
     else:
         runner = LocalRunner()
+    remember(password)  # from the config or the container's own environment: never in a message
     tools = _probe_tools(kind, runner, where)
     return Target(spec, kind, runner, kind.password_env(password), password, tools)
 

@@ -3,7 +3,8 @@
 Each hook has a timeout that is enforced (the command is killed) and an
 on_error policy: `fail` stops a before-hook phase and fails the run,
 `continue` logs and goes on. After-hooks always run, even when the backup
-failed; their output is logged.
+failed; their output is logged. A secret in a command (a ${VAR} expanded into it) or in its
+output is masked (backupd.redaction) before anything is cut to length or leaves the process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from backupd.config import Hook
 from backupd.docker_host import DockerHost
 from backupd.errors import BackupdError
 from backupd.quiesce.runner import ContainerRunner, LocalRunner, Runner
+from backupd.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +42,21 @@ def run_hooks(hooks: list[Hook], phase: str, host: DockerHost, where: str) -> li
         else:
             for stream, text in (("stdout", result.stdout), ("stderr", result.stderr)):
                 if text.strip():
-                    log.info("%s %s: %s", label, stream, text.strip()[-2000:])
+                    log.info("%s %s: %s", label, stream, redact(text.strip())[-2000:])
             if result.timed_out:
                 problem = f"timed out after {hook.timeout.total_seconds():g}s"
             elif result.code != 0:
-                problem = f"exited {result.code}: {result.stderr.strip()[-300:] or result.stdout.strip()[-300:]}"
+                problem = f"exited {result.code}: {_tail(result.stderr) or _tail(result.stdout)}"
             else:
                 continue
-        message = f"{label} ({' '.join(hook.argv)[:80]}) {problem}"
+        # Masked before it is cut: a secret cut in half would no longer be recognised.
+        message = f"{label} ({redact(' '.join(hook.argv))[:80]}) {problem}"
         if hook.on_error == "fail":
             raise HookError(message)
         log.warning("%s (on_error: continue)", message)
         errors.append(message)
     return errors
+
+
+def _tail(text: str, keep: int = 300) -> str:
+    return redact(text.strip())[-keep:]

@@ -47,11 +47,11 @@ def restore_database(
     where = f"restore {name}"
     target = connect(spec, host, where, container=to_container)
     stores = configured_stores(config)
-    store, copy = find_good_copy(backup, artifact, stores, preference(config, backup.job),
-                                 identity, check_tar=False)
+    store, copy, blocks = find_good_copy(backup, artifact, stores, preference(config, backup.job),
+                                         identity, check_tar=False, known=catalog.blocks(artifact.id))
     log.info("restoring dump %s of backup %s (copy on %s) into %s", name, backup_id,
              copy.destination, target.runner.where)
     # Proven whole above; proven again block by block as it is fed (the copy may have changed since).
-    chunks = read_copy(store, copy, artifact, identity, catalog.blocks(artifact.id))
+    chunks = read_copy(store, copy, artifact, identity, blocks)
     restore_dump(target, source, chunks, force, where)
     return target.runner.where

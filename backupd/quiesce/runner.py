@@ -3,7 +3,7 @@
 Both runners answer the same two calls, so dump modules and hooks never care
 where they run: `stream` (stdout as chunks, for dumps and restores) and `run`
 (a short command with a timeout, for hooks and queries). Secrets travel in
-the environment, never in argv, and are redacted from any text we report.
+the environment, never in argv, and are redacted (backupd.redaction) from any text we report.
 """
 
 from __future__ import annotations
@@ -56,13 +56,6 @@ KILLED_BY_TIMEOUT = (124, 137, -9)
 
 def timeout_argv(timeout: float) -> list[str]:
     return ["timeout", "-s", "KILL", str(max(1, int(timeout)))]
-
-
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def _collect(proc: Proc, timeout: float, keep: int) -> tuple[bytes, bool, bool]:

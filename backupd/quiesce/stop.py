@@ -9,6 +9,7 @@ alone. With Compose labels, dependents stop first and start last.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -21,6 +22,7 @@ from backupd.errors import BackupdError, NotFoundError
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 30
+HEALTH_WAIT = 120.0  # seconds a restarted container may take to report healthy before its dependents start
 
 PROJECT, SERVICE, DEPENDS = ("com.docker.compose.project", "com.docker.compose.service",
                              "com.docker.compose.depends_on")
@@ -47,14 +49,21 @@ def resolve_containers(host: DockerHost, job: str, selectors: list[ContainerSele
 
 
 def stop_order(containers: list[Any]) -> list[Any]:
-    """Dependents before what they depend on (Compose depends_on labels), else by name."""
+    """Dependents before what they depend on, else by name. A container depends on the services
+    in its Compose depends_on label, and on the container whose network it shares
+    (`network_mode: service:X`, which the engine shows as `container:<id>`)."""
     by_service = {(c.labels.get(PROJECT), c.labels.get(SERVICE)): c for c in containers if c.labels.get(SERVICE)}
+    ids = {c.id for c in containers}
 
     def deps(c: Any) -> set[Any]:
         raw = c.labels.get(DEPENDS, "")
         names = {item.split(":")[0] for item in raw.split(",") if item}
-        return {by_service[(c.labels.get(PROJECT), n)].id for n in names
-                if (c.labels.get(PROJECT), n) in by_service}
+        found = {by_service[(c.labels.get(PROJECT), n)].id for n in names
+                 if (c.labels.get(PROJECT), n) in by_service}
+        shared = network_owner(c)
+        if shared is not None:
+            found.update(i for i in ids if i == shared or i.startswith(shared))
+        return found
 
     remaining = sorted(containers, key=lambda c: c.name)
     order: list[Any] = []
@@ -65,6 +74,29 @@ def stop_order(containers: list[Any]) -> list[Any]:
         order.append(ready[0])
         remaining.remove(ready[0])
     return order
+
+
+def network_owner(container: Any) -> str | None:
+    """The id (or name) of the container whose network namespace this one joins, if any."""
+    attrs = getattr(container, "attrs", None) or {}
+    mode = (attrs.get("HostConfig") or {}).get("NetworkMode") or ""
+    return mode.split(":", 1)[1] if mode.startswith("container:") else None
+
+
+def wait_healthy(container: Any, timeout: float = HEALTH_WAIT) -> None:
+    """After starting a container with a healthcheck, wait (bounded) until it reports healthy,
+    so what depends on it (started next) finds it ready. Without a healthcheck: no wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        container.reload()
+        health = ((container.attrs.get("State") or {}).get("Health") or {}).get("Status")
+        if health in (None, "healthy") or container.status != "running":
+            return
+        if time.monotonic() >= deadline:
+            log.warning("container %s is still %s after %.0fs; starting what depends on it anyway",
+                        container.name, health, timeout, extra={"container": container.name})
+            return
+        time.sleep(0.5)
 
 
 @contextmanager
@@ -88,11 +120,14 @@ def held(catalog: Catalog, backup_id: str, containers: list[Any], owner: str | N
             holds.append((hold_id, c))
         yield problems
     finally:
-        for hold_id, c in reversed(holds):
+        # Reverse order: what others depend on starts first, and is healthy before they start.
+        for n, (hold_id, c) in enumerate(reversed(holds)):
             log.info("starting container %s", c.name, extra={"container": c.name})
             try:
                 c.start()
                 catalog.release_container(hold_id)
+                if n < len(holds) - 1:
+                    wait_healthy(c)
             except DockerException as exc:
                 problems.append(f"container {c.name} could not be started again: {exc}")
                 log.error("container %s could not be started again: %s (will retry at next start)", c.name, exc)

@@ -21,6 +21,8 @@ from backupd.stream import IterReader
 
 # Beside the archives of a backup (<job>/<backup id>/): its catalog record, for `catalog rebuild`.
 MANIFEST = "manifest.json"
+# Repository mode: where job J's restic repository lies under a destination's root (never a job name).
+REPOSITORY_ROOT = "_restic"
 # Local and SFTP uploads write `.<name>.partial-<random>` beside the final name, renamed on commit.
 PARTIAL_MARK = ".partial-"
 

@@ -2,7 +2,8 @@
 
 A copy is written as a hidden temporary file beside its final name, fsynced,
 then renamed: a crash leaves only a `.partial` file, never a short archive
-under the final name.
+under the final name. Files are 0600 and the directories backupd makes 0700,
+whatever the umask: an unencrypted dump is nobody else's to read.
 """
 
 from __future__ import annotations
@@ -15,25 +16,28 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from backupd.errors import BackupdError, NotFoundError
+from backupd.private import FILE_MODE, open_layout_dir
 from backupd.storage.base import PARTIAL_MARK, Leftover, ObjectInfo, Store, Upload, check_key, is_partial
 
 DROP_BEHIND = 8 << 20  # bytes read before they are dropped from the page cache
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalUpload(Upload):
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = final.with_name(f".{final.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
-        self._file: BinaryIO | None = open(self.temp, "xb")
+    """Written as a hidden 0600 file in a 0700 directory, then renamed; every step goes
+    through the directory's fd, so nobody can swap a directory in between."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        *parts, self.name = key.split("/")
+        self.final = root / key
+        self.temp_name = f".{self.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+        self._dir = open_layout_dir(root, parts, create=True)
+        try:
+            fd = os.open(self.temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         FILE_MODE, dir_fd=self._dir)
+        except BaseException:
+            os.close(self._dir)
+            raise
+        self._file: BinaryIO | None = open(fd, "wb")
 
     def write(self, data: bytes) -> None:
         assert self._file is not None, "write after commit/abort"
@@ -45,17 +49,38 @@ class LocalUpload(Upload):
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        if self.final.exists():
-            self.temp.unlink()
-            raise BackupdError(f"refusing to overwrite existing archive '{self.final}'")
-        os.rename(self.temp, self.final)
-        _fsync_dir(self.final.parent)
+        try:
+            if _exists(self.name, self._dir):
+                os.unlink(self.temp_name, dir_fd=self._dir)
+                raise BackupdError(f"refusing to overwrite existing archive '{self.final}'")
+            os.rename(self.temp_name, self.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+            os.fsync(self._dir)
+        finally:
+            self._close_dir()
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self.temp.unlink(missing_ok=True)
+        if self._dir is not None:
+            try:
+                os.unlink(self.temp_name, dir_fd=self._dir)
+            except FileNotFoundError:
+                pass
+            self._close_dir()
+
+    def _close_dir(self) -> None:
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None  # type: ignore[assignment]
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 class _ReadOnce(io.FileIO):
@@ -92,7 +117,7 @@ class LocalStore(Store):
 
     def open_upload(self, key: str) -> Upload:
         try:
-            return LocalUpload(self._path(key))
+            return LocalUpload(self.root, check_key(key))
         except OSError as exc:
             raise BackupdError(
                 f"destination '{self.name}': cannot write under {self.root}: {exc.strerror}"
@@ -137,9 +162,19 @@ class LocalStore(Store):
                                        datetime.fromtimestamp(st.st_mtime, timezone.utc))
 
     def remove_leftover(self, leftover: Leftover) -> None:
-        if not is_partial(leftover.key.rsplit("/", 1)[-1]):
+        *parts, name = check_key(leftover.key).split("/")
+        if not is_partial(name):
             raise ValueError(f"'{leftover.key}' is not a partial upload")
-        self._path(leftover.key).unlink(missing_ok=True)
+        try:  # through the directories' fds, links not followed, as uploads write
+            fd = open_layout_dir(self.root, parts, create=False)
+        except FileNotFoundError:
+            return
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
 
     def describe(self) -> str:
         return f"local:{self.root}"

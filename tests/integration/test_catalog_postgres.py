@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import URL, create_engine, text
 
-from backupd.catalog import Catalog
+from backupd.catalog import MIGRATIONS, Catalog
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,7 @@ def test_hosts_starting_together_on_a_new_shared_catalog_all_start_and_migrate_i
     with engine.connect() as conn:
         versions = [v for (v,) in conn.execute(text("SELECT version FROM backupd_schema ORDER BY version"))]
     engine.dispose()
-    assert versions == [1, 2, 3, 4]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
 
 
 def test_leases_are_shared_by_processes_on_a_postgresql_catalog(catalog_url):

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.integration.services import DB_IMAGE, PG_SCRIPT, require_image
-from tests.integration.test_sidecar import SOCKET, sidecar_image  # noqa: F401 - fixture
+from tests.integration.test_sidecar import SOCKET
 from tests.integration.test_volumes import REPO, mountpoint
 
 pytestmark = pytest.mark.integration
@@ -171,9 +171,11 @@ def test_the_shipped_compose_file_backs_up_restores_and_comes_down(docker_client
             container.remove(force=True)
         docker_client.volumes.get(target).remove(force=True)
 
+    helpers = [c for volume in ("shop_appdata", "shop_backupd_state")
+               for c in docker_client.containers.list(all=True, filters={"volume": volume,
+                                                                         "label": "backupd.helper"})]
+    assert helpers == [], "no helper container is left holding the stack's volumes"
     down = stack.compose("down", "-v")
     assert down.returncode == 0
     left = docker_client.containers.list(all=True, filters={"label": f"com.docker.compose.project={stack.project}"})
     assert left == []
-    helpers = docker_client.containers.list(all=True, filters={"label": "backupd.helper"})
-    assert helpers == [], "no helper container outlives the stack"

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.integration.services import APP_COMMAND
-from tests.integration.test_sidecar import SOCKET, _fill, sidecar_image  # noqa: F401 - fixture
+from tests.integration.test_sidecar import SOCKET, _fill
 from tests.integration.test_volumes import REPO, backupd, listing, write_config
 
 pytestmark = pytest.mark.integration
@@ -85,6 +85,11 @@ def held_app(docker_client, helper_image, volume_factory):
     app.remove(force=True)
 
 
+def slow_job(volume: str, app) -> dict:
+    """Every minute, the app stopped while its volume is copied slowly."""
+    return {"schedule": "* * * * *", "volumes": [volume], "stop_containers": [app.name], "compression": SLOW}
+
+
 def status_of(container) -> str:
     container.reload()
     return container.status
@@ -97,9 +102,7 @@ def no_helpers_on(docker_client, volume: str) -> bool:
 def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daemon(
         docker_client, helper_image, held_app, daemons, tmp_path):
     app, vol = held_app
-    config = write_config(tmp_path, helper_image, {"slow": {
-        "schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name], "compression": SLOW}},
-        scheduler={"misfire_grace": "30s"})
+    config = write_config(tmp_path, helper_image, {"slow": slow_job(vol, app)}, scheduler={"misfire_grace": "30s"})
     first = daemons(config)
     wait_until(lambda: status_of(app) == "exited", "the scheduled run stopping the app", 90, first.text)
     time.sleep(1)
@@ -111,8 +114,9 @@ def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daem
     wait_until(lambda: status_of(app) == "running", "the app started again", 10, second.text)
     assert time.monotonic() - killed_at < 10
     wait_until(lambda: no_helpers_on(docker_client, vol), "the dead daemon's helper removed", 10, second.text)
-    recovered = [json.loads(line) for line in second.text().splitlines() if "start-up recovery" in line]
-    assert recovered and f"started container(s) left stopped: {app.name}" in recovered[0]["message"]
+    recovered = wait_until(lambda: [json.loads(line) for line in second.text().splitlines()
+                                    if "start-up recovery" in line], "the recovery log line", 10, second.text)
+    assert f"started container(s) left stopped: {app.name}" in recovered[0]["message"]
     [interrupted] = [b for b in listing(config) if b["status"] != "running"]
     assert interrupted["status"] == "failed" and "interrupted" in interrupted["error"]
 
@@ -120,9 +124,7 @@ def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daem
 def test_a_cli_backup_of_a_job_the_daemon_is_running_waits_and_never_overlaps(
         docker_client, helper_image, held_app, daemons, tmp_path):
     app, vol = held_app
-    config = write_config(tmp_path, helper_image, {"slow": {
-        "schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name], "compression": SLOW}},
-        scheduler={"misfire_grace": "30s"})
+    config = write_config(tmp_path, helper_image, {"slow": slow_job(vol, app)}, scheduler={"misfire_grace": "30s"})
     daemon = daemons(config)
     wait_until(lambda: [b for b in listing(config) if b["status"] == "running"], "the daemon's run", 90, daemon.text)
     cli = backupd(config, "backup", "slow")
@@ -168,8 +170,7 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
     config = {"catalog": "sqlite:////var/lib/backupd/catalog.db", "helper_image": sidecar_image,
               "destinations": {"local": {"type": "local", "path": "/var/lib/backupd/backups"}},
               "scheduler": {"misfire_grace": "30s"},
-              "jobs": {"slow": {"schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name],
-                                "compression": SLOW}}}
+              "jobs": {"slow": slow_job(vol, app)}}
     first = sidecar_container(config, state)
     logs = lambda c=first: c.logs().decode(errors="replace")  # noqa: E731
     wait_until(lambda: status_of(app) == "exited", "the scheduled run stopping the app", 90, logs)
@@ -186,3 +187,37 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
                lambda: second.logs().decode(errors="replace"))
     wait_until(lambda: "start-up recovery: " in second.logs().decode(errors="replace"), "the recovery log line",
                10, lambda: second.logs().decode(errors="replace"))
+
+
+def test_a_container_held_by_a_killed_cli_backup_is_started_by_the_running_daemon(
+        docker_client, helper_image, held_app, daemons, tmp_path):
+    app, vol = held_app
+    job = {**slow_job(vol, app), "schedule": "0 0 1 1 *"}  # the daemon itself never runs it here
+    config = write_config(tmp_path, helper_image, {"slow": job})
+    daemon = daemons(config)
+    wait_until(lambda: "start-up recovery: " in daemon.text(), "the daemon's start", 30, daemon.text)
+    cli = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(config), "backup", "slow"],
+                           env={**os.environ, "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: status_of(app) == "exited", "the CLI backup stopping the app", 60)
+    cli.send_signal(signal.SIGKILL)
+    cli.wait(10)
+    assert status_of(app) == "exited"
+    wait_until(lambda: status_of(app) == "running", "the daemon's periodic recovery starting the app", 75,
+               daemon.text)
+    assert "recovery: " in daemon.text() and app.name in daemon.text()
+
+
+def test_recovery_leaves_alone_the_helpers_of_a_backupd_with_another_catalog(
+        docker_client, helper_image, volume_factory, tmp_path):
+    """Two installations on one engine (two stacks, or a CLI with its own config): neither may
+    remove the other's running helpers as stale."""
+    foreign = docker_client.containers.run(helper_image, APP_COMMAND, detach=True,
+                                           labels={"backupd.helper": "backup", "backupd.owner": uuid.uuid4().hex})
+    try:
+        vol = volume_factory("quick")
+        config = write_config(tmp_path, helper_image, {"quick": {"volumes": [vol]}})
+        backupd(config, "backup", "quick", check=True)
+        assert status_of(foreign) == "running"
+    finally:
+        foreign.remove(force=True)

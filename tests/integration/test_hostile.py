@@ -10,20 +10,39 @@ Threats covered:
      and waits for backupd's password; names with spaces, slashes, quotes,
      backticks or a leading '-' must still be listed, dumped and restored as
      themselves.
+  2. A local user prepares the named-pipe directory backupd used to take as found
+     (`$TMPDIR/backupd-fifo-<uid>`: 0777, a link to their own directory, or theirs).
+  3. Secrets in hook commands (a `${VAR}` from the environment) and in hook output
+     (the contents of a `*_file`): not in any log line, catalog row, manifest or
+     webhook body.
+  4. Another local user reads a dump: archives, manifests and the catalog are
+     private even under umask 022.
+  5. A helper image without GNU tar (busybox, alpine): refused by name at plan time.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import signal
 import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.integration.services import DB_IMAGE, TEST_LABELS, wait_until
-from tests.integration.test_volumes import backupd, listing, write_config
+from tests.integration.test_volumes import REPO, backupd, listing, mountpoint, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +141,15 @@ def assert_one_plain_file_each(tmp_path: Path, artifacts: dict[str, dict]) -> No
         assert copy["status"] == "stored", art
         path = tmp_path / "backups" / copy["key"]
         assert path.is_file() and path.parent.parent.parent == tmp_path / "backups", copy["key"]
+
+
+def umask_022_backupd(config: Path, *args: str, env: dict | None = None):
+    """backupd as a careless operator's shell starts it: umask 022."""
+    old = os.umask(0o022)
+    try:
+        return backupd(config, *args, env=env)
+    finally:
+        os.umask(old)
 
 
 # ------------------------------------------------------------------ 1. database names as connection strings or options
@@ -230,7 +258,8 @@ def test_a_name_no_tool_can_take_is_refused_naming_the_key_path(helper_image, po
     proc = backupd(config, "backup", "j")
     assert proc.returncode == 2
     assert "jobs.j.databases[0].database[1]: database 'bad\\x00name'" in proc.stderr and "NUL" in proc.stderr
-    assert listing(config) == []
+    [failed] = listing(config)  # recorded failed with its cause; nothing was dumped
+    assert failed["status"] == "failed" and failed["artifacts"] == [] and "NUL" in failed["error"]
 
 
 def maria_ident(name: str) -> str:
@@ -293,3 +322,218 @@ def test_mariadb_names_are_never_read_as_options(docker_client, helper_image, ma
     refused = backupd(config, "restore", backup_id, "--database", "maria.it's")
     assert refused.returncode == 3 and "\"it's\"" in refused.stderr
     assert_trap_untouched(trap, baseline)
+
+
+# ------------------------------------------------------------------ 2. a prepared named-pipe directory
+
+
+@pytest.mark.parametrize("prepared", ["0777", "link", "theirs"])
+def test_a_pipe_directory_another_user_prepared_is_never_used(
+        docker_client, helper_image, volume_factory, tmp_path, prepared):
+    vol = volume_factory("fifo")
+    (mountpoint(docker_client, vol) / "data.txt").write_text("payload\n" * 1000)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)  # a shared /tmp
+    theirs = tmp_path / "attacker"
+    theirs.mkdir(mode=0o777)
+    theirs.chmod(0o777)
+    predictable = tmp / f"backupd-fifo-{os.getuid()}"  # the name backupd used to take as found
+    if prepared == "0777":
+        predictable.mkdir()
+        predictable.chmod(0o777)
+        watched = predictable
+    elif prepared == "link":
+        predictable.symlink_to(theirs)
+        watched = theirs
+    else:
+        predictable.mkdir(mode=0o700)
+        os.chown(predictable, 54321, 54321)
+        watched = predictable
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+
+    proc = backupd(config, "backup", "j", env={"TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    assert "attach stream" not in proc.stderr  # the archive did travel through a named pipe
+    assert list(watched.iterdir()) == [], "backupd put something in a directory another user controls"
+    [backup] = listing(config)
+    assert backup["status"] == "succeeded"
+    # Its own pipe directory is gone with it: nothing of backupd's is left in the shared /tmp.
+    assert sorted(p.name for p in tmp.iterdir()) == [predictable.name]
+
+
+# ------------------------------------------------------------------ 3. secrets in hook commands and their output
+
+
+class WebhookReceiver:
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                bodies.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+def run_daemon_once(config: Path, log: Path, env: dict, until, timeout: float = 100) -> str:
+    """`backupd run` until `until()` holds (its job scheduled every minute), then SIGTERM; its log."""
+    with open(log, "wb") as out:
+        old = os.umask(0o022)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "backupd", "--log-format", "json", "--config",
+                                     str(config), "run"], env={**os.environ, "PYTHONPATH": str(REPO), **env},
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            os.umask(old)
+        try:
+            wait_until(until, "a scheduled run of the daemon", timeout)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    return log.read_text(errors="replace")
+
+
+def test_secrets_in_hook_commands_and_output_reach_no_log_catalog_manifest_or_webhook(
+        docker_client, helper_image, volume_factory, postgres_container, webhook, tmp_path):
+    db = postgres_container
+    vol = volume_factory("secrets")
+    (mountpoint(docker_client, vol) / "data.txt").write_text("payload\n")
+    token = f"tok-{uuid.uuid4().hex}"  # reaches backupd as ${HOOK_TOKEN} in a hook command
+    password_file = tmp_path / "pg_password"  # reaches backupd as a *_file; a hook prints it
+    password_file.write_text(db.password + "\n")
+    secrets = {"token": token, "password from a file": db.password}
+    config = write_config(tmp_path, helper_image, {"j": {
+        "schedule": "* * * * *",
+        "volumes": [vol],
+        "databases": [{"name": "pg", "type": "postgres", "container": db.name, "database": ["postgres"],
+                       "password_file": str(password_file)}],
+        "hooks": {
+            "before": [{"command": "echo calling https://api.example/?token=${HOOK_TOKEN}; "
+                                   "echo denied for ${HOOK_TOKEN} >&2; exit 7", "on_error": "continue"}],
+            "after": [{"command": ["sh", "-c", f"echo password is $(cat {password_file}) >&2; exit 3"]}],
+        }}}, notifications={"webhook_url": webhook.url}, scheduler={"misfire_grace": "30s"})
+    env = {"HOOK_TOKEN": token}
+
+    # Once from the CLI (its stderr), once scheduled by the daemon (its log and the webhook).
+    proc = umask_022_backupd(config, "backup", "j", env=env)
+    assert proc.returncode == 5, proc.stderr  # partial: the after hook failed, every artifact landed
+    backup_id = proc.stdout.strip()
+    daemon_log = run_daemon_once(config, tmp_path / "daemon.log", env, lambda: webhook.bodies)
+    shown = backupd(config, "show", backup_id, "--json", check=True, env=env).stdout
+    listed = backupd(config, "list", "--json", check=True, env=env).stdout
+    manifests = [p.read_text() for p in (tmp_path / "backups").rglob("manifest.json")]
+    catalog = "\n".join(sqlite3.connect(tmp_path / "catalog.db").iterdump())
+    log_lines = proc.stderr.splitlines() + daemon_log.splitlines()
+    assert len(manifests) == 2 and webhook.bodies and len(log_lines) > 20
+
+    # The failures themselves are recorded and reported, only with the secrets masked.
+    record = json.loads(shown)
+    assert "hooks.after[0]" in record["error"] and "password is ***" in record["error"], record
+    assert any("exited 7: denied for ***" in w for w in record["warnings"]), record
+    assert any("token=***" in line for line in log_lines)
+    body = json.loads(webhook.bodies[0])
+    assert body["status"] == "partial" and "password is ***" in body["errors"][0], body
+    outputs = {"CLI stderr": proc.stderr, "CLI stdout": proc.stdout, "daemon log": daemon_log, "show": shown,
+               "list": listed, "catalog (sqlite dump)": catalog,
+               **{f"manifest {i}": m for i, m in enumerate(manifests)},
+               **{f"webhook body {i}": b.decode() for i, b in enumerate(webhook.bodies)}}
+    for what, secret in secrets.items():
+        for where, text in outputs.items():
+            assert secret not in text, f"the {what} is in the {where}"
+
+
+# ------------------------------------------------------------------ 4. files others could read
+
+
+def test_archives_manifests_and_catalog_are_private_under_umask_022(
+        docker_client, helper_image, volume_factory, postgres_container, tmp_path):
+    vol = volume_factory("private")
+    (mountpoint(docker_client, vol) / "data.txt").write_text("payload\n")
+    state = tmp_path / "state"
+    config = write_config(tmp_path, helper_image, {"j": {
+        "volumes": [vol], "databases": [{"name": "pg", "type": "postgres",
+                                         "container": postgres_container.name, "database": ["postgres"]}]}},
+        catalog=f"sqlite:///{state}/catalog.db")
+    proc = umask_022_backupd(config, "backup", "j")
+    assert proc.returncode == 0, proc.stderr
+    made = [p for p in (tmp_path / "backups").rglob("*")] + [state, *state.iterdir()]
+    assert len([p for p in made if p.is_file()]) >= 4  # two archives, a manifest, the catalog
+    for path in [tmp_path / "backups", *made]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), f"{path} is {mode:04o}"
+
+
+# ------------------------------------------------------------------ 5. a helper image without GNU tar
+
+
+def import_image(docker_client, files: dict[str, bytes | str]) -> str:
+    """An image from a few files (str: a symlink to that target), as `docker import` makes it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("bin", "tmp", "data"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if name == "tmp" else 0o755
+            tar.addfile(info)
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                tar.addfile(info)
+            else:
+                info.size, info.mode = len(content), 0o755
+                tar.addfile(info, io.BytesIO(content))
+    tag = f"backupd-test-busybox:{uuid.uuid4().hex[:12]}"
+    docker_client.api.import_image_from_data(buf.getvalue(), repository=tag.split(":")[0], tag=tag.split(":")[1],
+                                             changes=["ENV PATH=/bin", "LABEL backupd-test=1"])
+    return tag
+
+
+@pytest.fixture(params=["busybox tar", "no tar"])
+def tarless_image(request, docker_client):
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.fail("/bin/busybox missing (busybox-static): run `bash scripts/testenv.sh install`", pytrace=False)
+    applets = ["sh", "find", "ls", "cat", "rm", "true", "mkdir"] + (["tar"] if request.param == "busybox tar" else [])
+    tag = import_image(docker_client, {"bin/busybox": busybox.read_bytes(),
+                                       **{f"bin/{a}": "busybox" for a in applets}})
+    yield request.param, tag
+    docker_client.images.remove(tag, force=True)
+
+
+def test_a_helper_image_without_gnu_tar_is_refused_by_name_and_the_run_recorded(
+        docker_client, tarless_image, volume_factory, tmp_path):
+    kind, image = tarless_image
+    vol = volume_factory("tarless")
+    (mountpoint(docker_client, vol) / "data.txt").write_text("payload\n")
+    config = write_config(tmp_path, image, {"j": {"volumes": [vol]}})
+
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 2, proc.stderr
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("backupd: error:")]
+    assert f"helper_image: image '{image}' has no GNU tar" in error, error
+    assert ("tar (busybox)" if kind == "busybox tar" else "cannot run") in error, error
+    assert "FROM debian:bookworm-slim" in error and "named pipe" not in error
+    [run] = listing(config)
+    assert run["status"] == "failed" and "has no GNU tar" in run["error"] and run["artifacts"] == []
+    assert not (tmp_path / "backups").exists() or not any((tmp_path / "backups").rglob("*.tar*"))

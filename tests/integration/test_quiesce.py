@@ -300,7 +300,43 @@ def test_hook_timeout_is_enforced_both_ways(
     proc = backupd(config, "backup", "j")
     assert time.monotonic() - started < 30
     assert "timed out after 2s" in proc.stderr
-    assert listing(config)[0]["status"] == expected_status
+    [backup] = listing(config)
+    assert backup["status"] == expected_status
     assert (proc.returncode == 0) == (expected_status == "succeeded")
+    if on_error == "continue":  # not thrown away: a warning on the run
+        assert len(backup["warnings"]) == 1 and "hooks.before[0]" in backup["warnings"][0]
+        assert "timed out after 2s" in backup["warnings"][0]
     ps = docker_client.containers.get(pg_data.name).exec_run(["sh", "-c", "ps -eo args 2>/dev/null || ls /proc"]).output
     assert b"sleep 60" not in ps, "the timed-out hook is still running"
+
+
+def test_a_container_on_anothers_network_restarts_after_it_is_healthy(
+        docker_client, helper_image, volume_factory, tmp_path):
+    """network_mode: service:vpn (container:<id> on the engine): vpn stops last, starts first,
+    and its dependent starts only once vpn's healthcheck passes."""
+    vol = volume_factory("netshare")
+    ready = "sleep 3; touch /run/ready; trap 'exit 0' TERM; while :; do sleep 1; done"
+    vpn = docker_client.containers.run(
+        helper_image, ["sh", "-c", ready], detach=True, name=f"vpn-{uuid.uuid4().hex[:8]}", tmpfs={"/run": ""},
+        healthcheck={"test": ["CMD", "test", "-f", "/run/ready"], "interval": 500_000_000, "retries": 30})
+    client = docker_client.containers.run(helper_image, APP_COMMAND, detach=True,
+                                          name=f"client-{uuid.uuid4().hex[:8]}", network_mode=f"container:{vpn.id}")
+    try:
+        config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol],
+                                                             "stop_containers": [vpn.name, client.name]}})
+        proc = backupd(config, "backup", "j", check=True)
+        assert proc.stderr.index(f"stopping container {client.name}") < proc.stderr.index(
+            f"stopping container {vpn.name}")
+        for c in (vpn, client):
+            c.reload()
+            assert c.status == "running", c.name
+        started = {c.name: c.attrs["State"]["StartedAt"] for c in (vpn, client)}
+        from datetime import datetime
+
+        def when(text: str) -> datetime:
+            return datetime.fromisoformat(text[:26].rstrip("Z"))
+
+        assert (when(started[client.name]) - when(started[vpn.name])).total_seconds() >= 2.5, started
+    finally:
+        client.remove(force=True)
+        vpn.remove(force=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,26 @@ def test_catalog_rebuilt_from_a_destination_then_restored(
         assert (mountpoint(docker_client, target) / "precious").read_text() == "survives the catalog"
     finally:
         docker_client.volumes.get(target).remove(force=True)
+
+
+def test_a_volume_that_was_emptied_is_a_suspicious_backup_and_retention_waits_for_accept(
+        docker_client, helper_image, volume_factory, tmp_path):
+    vol = volume_factory("shrink")
+    root = mountpoint(docker_client, vol)
+    (root / "data.bin").write_bytes(os.urandom(1 << 20))
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol], "retention": {"keep_last": 2}}})
+    good = [backupd(config, "backup", "j", check=True).stdout.strip() for _ in range(3)]
+    (root / "data.bin").unlink()  # the application wiped its volume
+    proc = backupd(config, "backup", "j", check=True)
+    small = proc.stdout.strip()
+    assert f"backupd: backup {small} warning: suspicious: size" in proc.stderr
+    [flagged] = [b for b in listing(config) if b["suspicion"]]
+    assert flagged["id"] == small and "below the median" in flagged["suspicion"]
+
+    refused = backupd(config, "prune")
+    assert refused.returncode == 3 and f"its newest backup {small} is suspicious" in refused.stderr
+    assert len(listing(config)) == 4, "nothing deleted while the newest backup is suspicious"
+
+    backupd(config, "accept", small, check=True)
+    backupd(config, "prune", check=True)
+    assert {b["id"] for b in listing(config)} == {good[2], small}

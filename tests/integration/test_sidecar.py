@@ -12,9 +12,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import shutil
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -27,35 +24,9 @@ from typing import Any, Iterator
 
 import docker
 import pytest
-from docker.errors import ImageNotFound, NotFound
+from docker.errors import NotFound
 
-BASE_IMAGE = "backupd-base:test"
-REPO = Path(__file__).resolve().parents[2]
 SOCKET = "/var/run/docker.sock"
-
-
-@pytest.fixture(scope="session")
-def sidecar_image(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """backupd's Dockerfile built on the locally built base, with wheels made on the host."""
-    try:
-        docker_client.images.get(BASE_IMAGE)
-    except ImageNotFound:
-        pytest.fail(f"image {BASE_IMAGE} missing; run `bash scripts/testenv.sh base-image`", pytrace=False)
-    ctx = tmp_path_factory.mktemp("image")
-    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, ctx / name)
-    shutil.copytree(REPO / "backupd", ctx / "backupd", ignore=shutil.ignore_patterns("__pycache__"))
-    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(ctx), "-w", str(ctx / "wheels")],
-                           capture_output=True, text=True)
-    assert wheel.returncode == 0, wheel.stderr[-2000:]
-    tag = f"backupd:test-{uuid.uuid4().hex[:8]}"
-    docker_client.images.build(path=str(ctx), tag=tag, rm=True, forcerm=True, buildargs={
-        "BASE_IMAGE": BASE_IMAGE, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/src/wheels"})
-    yield tag
-    try:
-        docker_client.images.remove(tag, force=True)
-    except (NotFound, docker.errors.APIError):
-        pass
 
 
 class Webhook:

@@ -78,6 +78,7 @@ def test_list_and_show_print_recorded_backups(capsys, config_file, tmp_path):
     art = catalog.add_artifact(bid, "volume", "app_data", "volume:app_data", "zstd", None,
                                {"local": f"nightly/{bid}/volume-app_data.tar.zst"})
     catalog.finish_artifact(art, 2048, "f" * 64, {})
+    catalog.add_warnings(bid, ["jobs.nightly.hooks.before[0] (true) exited 1"])
     catalog.finish_backup(bid)
     assert main(["list"]) == 0
     out = capsys.readouterr().out
@@ -85,8 +86,11 @@ def test_list_and_show_print_recorded_backups(capsys, config_file, tmp_path):
     assert main(["list", "--json", "--job", "nightly"]) == 0
     [item] = json.loads(capsys.readouterr().out)
     assert item["id"] == bid and item["artifacts"][0]["sha256"] == "f" * 64
+    assert item["warnings"] == ["jobs.nightly.hooks.before[0] (true) exited 1"]
     assert main(["show", bid]) == 0
-    assert f"local: stored nightly/{bid}/volume-app_data.tar.zst" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"local: stored nightly/{bid}/volume-app_data.tar.zst" in shown
+    assert "warning   jobs.nightly.hooks.before[0] (true) exited 1" in shown
 
 
 def test_list_table_is_exact(capsys, config_file, tmp_path):

@@ -69,3 +69,133 @@ def test_the_docker_sdk_skips_its_ssh_transport_unless_the_engine_is_on_ssh():
     assert _imports_after_docker_host(None) == "False False"
     assert _imports_after_docker_host("unix:///var/run/docker.sock") == "False False"
     assert _imports_after_docker_host("ssh://backup@engine-host") == "True True"
+
+
+# ------------------------------------------------------------------ the named-pipe directory
+
+
+class _Me:
+    """backupd's own container, as the engine describes it: the state volume at STATE_DIR."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.attrs = {"Mounts": [{"Type": "volume", "Name": "state", "Destination": state_dir, "RW": True}]}
+
+
+def _host(monkeypatch, me=None):
+    from backupd import docker_host
+
+    host = docker_host.DockerHost.__new__(docker_host.DockerHost)
+    host._fifo_dir = None
+    monkeypatch.setattr(host, "own_container", lambda: me, raising=False)
+    monkeypatch.setattr(docker_host, "in_container", lambda: False)
+    monkeypatch.delenv("BACKUPD_TRANSFER", raising=False)
+    return host
+
+
+def test_on_the_host_the_pipe_directory_is_fresh_and_private_never_one_found_in_tmp(tmp_path, monkeypatch):
+    import os
+    import stat
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"backupd-fifo-{os.getuid()}"  # the name older versions used as found
+    planted.mkdir()
+    planted.chmod(0o777)
+    fifo_dir = _host(monkeypatch).fifo_dir()
+    assert fifo_dir.local.parent == tmp_path and fifo_dir.local != planted
+    st = os.lstat(fifo_dir.local)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+    assert fifo_dir.mount["Source"] == str(fifo_dir.local)
+
+
+def test_two_backupds_on_one_host_get_different_pipe_directories(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert _host(monkeypatch).fifo_dir().local != _host(monkeypatch).fifo_dir().local
+
+
+def test_in_the_sidecar_an_unsafe_pipe_directory_in_the_state_volume_is_refused(tmp_path, monkeypatch):
+    import pytest
+
+    from backupd import docker_host
+    from backupd.private import UnsafePathError
+
+    monkeypatch.setattr(docker_host, "STATE_DIR", str(tmp_path))
+    (tmp_path / ".fifo").mkdir()
+    (tmp_path / ".fifo").chmod(0o777)
+    with pytest.raises(UnsafePathError, match=rf"the named-pipe directory {tmp_path}/.fifo has mode 0777"):
+        _host(monkeypatch, _Me(str(tmp_path))).fifo_dir()
+
+
+def test_in_the_sidecar_the_pipe_directory_is_made_0700_in_the_state_volume(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from backupd import docker_host
+
+    monkeypatch.setattr(docker_host, "STATE_DIR", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        fifo_dir = _host(monkeypatch, _Me(str(tmp_path))).fifo_dir()
+    finally:
+        os.umask(old)
+    assert fifo_dir.local == tmp_path / ".fifo" and fifo_dir.inside == "/backupd-fifo/.fifo"
+    assert stat.S_IMODE(os.lstat(fifo_dir.local).st_mode) == 0o700
+
+
+# ------------------------------------------------------------------ the helper image's tar
+
+
+class _Images:
+    def get(self, name):
+        return name
+
+
+def _image_host(monkeypatch, says):
+    from types import SimpleNamespace
+
+    from backupd import docker_host
+
+    host = docker_host.DockerHost(SimpleNamespace(api=None, images=_Images()), "helper:x")
+    ran: list[list[str]] = []
+
+    def run_helper(command, mounts, purpose):
+        ran.append(command)
+        if isinstance(says, Exception):
+            raise says
+        return says
+
+    monkeypatch.setattr(host, "run_helper", run_helper)
+    return host, ran
+
+
+def test_the_helper_image_is_asked_for_gnu_tar_once_per_image(monkeypatch):
+    host, ran = _image_host(monkeypatch, "tar (GNU tar) 1.34\nCopyright ...\n")
+    host.check_helper_image()
+    host.check_helper_image()
+    assert ran == [["tar", "--version"]]
+
+
+def test_a_busybox_tar_is_a_config_error_naming_the_image_and_what_to_build(monkeypatch):
+    import pytest
+
+    from backupd.errors import ConfigError
+
+    host, _ = _image_host(monkeypatch, "tar (busybox) 1.35.0\n")
+    with pytest.raises(ConfigError) as refused:
+        host.check_helper_image()
+    message = str(refused.value)
+    assert message.startswith("helper_image: image 'helper:x' has no GNU tar (`tar --version` says: tar (busybox) 1.35.0)")
+    assert "FROM debian:bookworm-slim" in message and refused.value.exit_code == 2
+
+
+def test_an_image_without_tar_is_a_config_error_with_the_engines_reason(monkeypatch):
+    import pytest
+    from docker.errors import APIError
+
+    from backupd.errors import ConfigError
+
+    host, _ = _image_host(monkeypatch, APIError("400", explanation='exec: "tar": executable file not found in $PATH'))
+    with pytest.raises(ConfigError, match=r"has no GNU tar \(`tar --version` cannot run: exec: \"tar\": executable"):
+        host.check_helper_image()

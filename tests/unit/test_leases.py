@@ -11,13 +11,13 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backupd.catalog import Catalog, utcnow
+from backupd.catalog import MIGRATIONS, Catalog, utcnow
 from backupd.catalog.leases import LeaseBusy, Leases, Stopping
 from backupd.catalog.models import OwnerRow
 from backupd.identity import LEASE_TTL, Identity, Liveness, this_process
@@ -219,6 +219,18 @@ def test_processes_racing_on_a_new_catalog_all_start_and_migrate_it_once(tmp_pat
     import sqlite3
 
     versions = sqlite3.connect(tmp_path / "new.db").execute("select version from backupd_schema").fetchall()
-    assert sorted(versions) == [(1,), (2,), (3,), (4,)]
+    assert sorted(versions) == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
 
 
+
+
+def test_only_owners_this_catalog_knows_can_be_judged_dead(catalog: Catalog) -> None:
+    """A helper labelled by another backupd with a catalog of its own is not ours to remove."""
+    me = this_process("test")
+    dead = Identity(id="dead1", hostname="h", pid_ns=me.pid_ns, pid=4_000_000, pid_start="1", command="run")
+    add_owner(catalog, dead, utcnow())
+    leases = leases_of(catalog, me)
+    assert leases.owner_known_dead("dead1") is True
+    assert leases.owner_known_dead("not-in-this-catalog") is False
+    assert leases.owner_known_dead(None) is False and leases.owner_known_dead(me.id) is False
+    assert leases.owner_alive("not-in-this-catalog") is False  # what our own rows may refer to

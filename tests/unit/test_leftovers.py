@@ -233,3 +233,22 @@ def test_prune_orphans_dry_run_lists_leftovers_with_sizes_and_without_it_removes
     assert partials(tmp_path) == []
     assert main(["--config", str(cfg), "prune", "--orphans"]) == 0
     assert "no leftovers, no orphans, no missing copies" in capsys.readouterr().out
+
+
+def test_a_recovery_that_finds_a_killed_run_has_each_destination_swept_again(tmp_path: Path) -> None:
+    """The daemon recovers every minute: a CLI backup killed meanwhile leaves partials its
+    destinations' next backup removes, though the daemon swept them once already."""
+    app = App(parse_config(config_for(tmp_path), env={}), "run")
+    app.leases.register()
+    app._host = FakeHost()
+    app.recovery = app.recover()
+    stores = app.stores()
+    app._first_use(stores)
+    killed = app.catalog.start_backup("j", owner="a-cli-backup-killed-meanwhile")
+    killed_upload(stores["a"], f"j/{killed}/volume-v.tar.zst")
+    app._first_use(stores)
+    assert len(partials(tmp_path)) == 1  # swept once already, and nothing said a run died
+    assert app.recover(quiet=True).failed_runs == [killed]
+    app._first_use(stores)
+    assert partials(tmp_path) == []
+    app.close()

@@ -156,3 +156,83 @@ def test_metrics_count_runs_by_status_and_read_last_success_and_artifacts_from_t
     assert f'backupd_last_success_timestamp_seconds{{job="nightly"}} {finished!r}' in text \
         or 'backupd_last_success_timestamp_seconds{job="nightly"} ' in text
     assert 'job="never-ran"' not in text
+
+
+# ------------------------------------------------------------------ the endpoint against hostile clients
+
+
+def test_a_client_that_connects_and_sends_nothing_holds_neither_the_endpoint_nor_its_thread() -> None:
+    import socket
+    import time
+
+    endpoint = HttpEndpoint("127.0.0.1", 0, lambda: (True, {"healthy": True}), lambda: b"", request_timeout=0.5)
+    try:
+        silent = socket.create_connection(("127.0.0.1", endpoint.port))
+        started = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/healthz", timeout=5) as r:
+            assert r.status == 200
+        assert time.monotonic() - started < 0.5, "another request waited for the silent client"
+        silent.settimeout(5)
+        assert silent.recv(1) == b"", "the silent client's connection stays open"
+        assert time.monotonic() - started < 3
+        silent.close()
+    finally:
+        endpoint.close()
+
+
+def test_metrics_ask_for_the_bearer_token_when_one_is_set_and_healthz_stays_open() -> None:
+    token = {"value": "m3trics-t0ken"}
+    endpoint = HttpEndpoint("127.0.0.1", 0, lambda: (True, {"healthy": True}), lambda: b"backupd_up 1\n",
+                            metrics_token=lambda: token["value"])
+    base = f"http://127.0.0.1:{endpoint.port}"
+
+    def get(path: str, auth: str | None = None) -> int:
+        request = urllib.request.Request(base + path, headers={"Authorization": auth} if auth else {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as err:
+            if err.code == 401:
+                assert err.headers["WWW-Authenticate"].startswith("Bearer")
+            return err.code
+
+    try:
+        assert get("/metrics") == 401
+        assert get("/metrics", "Bearer wrong") == 401
+        assert get("/metrics", "Basic bTN0cmljcy10MGtlbg==") == 401
+        assert get("/metrics", "Bearer m3trics-t0ken") == 200
+        assert get("/healthz") == 200
+        token["value"] = None  # a reload that drops the token
+        assert get("/metrics") == 200
+    finally:
+        endpoint.close()
+
+
+def test_the_metrics_token_can_come_from_a_file_and_is_a_secret(tmp_path: Path) -> None:
+    from backupd.config import parse_config
+    from backupd.redaction import SECRETS
+
+    (tmp_path / "token").write_text("file-token-value\n")
+    config = parse_config({"http": {"metrics_token_file": str(tmp_path / "token")}, "jobs": {"j": {"volumes": ["v"]}}},
+                          env={})
+    assert config.http.token() == "file-token-value" and "file-token-value" in SECRETS
+    assert "file-token-value" not in repr(config)
+
+
+@pytest.mark.parametrize("flag, env, http, expected", [
+    (None, None, {}, None),                                             # off by default
+    (None, "0.0.0.0:8080", {}, "0.0.0.0:8080"),                         # the image's variable
+    (None, "0.0.0.0:8080", {"enabled": False}, None),                   # an operator who turned it off wins over it
+    ("127.0.0.1:9", "0.0.0.0:8080", {"enabled": False}, "127.0.0.1:9"),  # the command line wins over all
+    (None, "0.0.0.0:8080", {"enabled": True, "port": 9090}, "0.0.0.0:8080"),  # the HEALTHCHECK's port
+    (None, None, {"enabled": True, "host": "127.0.0.1", "port": 9090}, "127.0.0.1:9090"),
+    (None, None, {"enabled": True, "host": "::1"}, "[::1]:8080"),
+    (None, "0.0.0.0:8080", {"port": 9090}, "0.0.0.0:8080"),             # `enabled` not said: not turned off
+])
+def test_where_the_endpoint_listens(flag, env, http, expected) -> None:
+    from backupd.config import Http
+    from backupd.http import http_bind
+
+    assert http_bind(flag, env, Http(**http)) == expected
+    if expected is not None:
+        parse_bind(expected)

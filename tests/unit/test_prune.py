@@ -183,6 +183,9 @@ def test_catalog_rebuilt_from_a_destination_after_the_database_is_lost(env):
     assert fresh.list() == []
     imported, skipped = rebuild_catalog(fresh, "a", stores["a"])
     assert sorted(imported) == sorted(ids) and skipped == []
+    assert {c.destination for b in fresh.list() for c in b.artifacts[0].copies} == {"a"}  # a's word on a only
+    imported, skipped = rebuild_catalog(fresh, "b", stores["b"])  # b's copies, as b vouches for them
+    assert imported == [] and sorted(skipped) == sorted(ids)
     after = [b.to_json() for b in fresh.list()]
     strip = lambda items: [{k: v for k, v in b.items() if k != "finished_at"} for b in items]  # noqa: E731
     assert [b["id"] for b in after] == [b["id"] for b in before]

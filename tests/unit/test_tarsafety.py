@@ -368,3 +368,25 @@ def test_pax_metadata_tar_cannot_read_is_refused(key, value):
     with pytest.raises(IntegrityError, match=f"PAX {key}"):
         names(forge.archive(forge.pax(forge.record(key, value)), forge.member("f")))
     assert names(forge.archive(forge.pax(forge.record("mtime", "-315619200.123456789")), forge.member("f"))) == ["f"]
+
+
+def test_the_pax_records_of_xattrs_acls_and_selinux_labels_pass():
+    """What GNU tar --xattrs --acls --selinux writes: metadata the guard accepts."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("./f")
+        info.size = 2
+        info.pax_headers = {
+            "SCHILY.xattr.user.origin": "scanner 7",
+            "SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x00\x04",
+            "SCHILY.xattr.system.posix_acl_access": "\x02\x00\x00\x00",
+            "SCHILY.acl.access": "user::rw-\nuser:1234:r--\ngroup::r--\nmask::r--\nother::---\n",
+            "RHT.security.selinux": "system_u:object_r:container_file_t:s0",
+        }
+        tar.addfile(info, io.BytesIO(b"hi"))
+        directory = tarfile.TarInfo("./d")
+        directory.type = tarfile.DIRTYPE
+        directory.pax_headers = {"SCHILY.acl.default": "user::rwx\ngroup::r-x\nother::---\n"}
+        tar.addfile(directory)
+    buf.seek(0)
+    assert check_tar_stream(buf) == 2

@@ -1,0 +1,396 @@
+"""Repository mode: volumes go into a deduplicated, encrypted restic repository per job
+and destination, driven through helper containers.
+
+restic reads each volume in a helper that mounts it read-only at the same path
+every run (/data/<artifact name>), with its cache on a volume backupd owns, so
+restic's change detection (path, size, mtime, ctime, inode against the parent
+snapshot) skips unchanged files across runs. The repository of job J on a
+destination lies at `_restic/J` under the destination's root (a local path is
+bind-mounted into the helper; S3 is reached over the network with credentials
+in the helper's environment). The repository password reaches restic through
+the helper's environment only: never argv, logs or the catalog.
+
+Every restic session backupd starts holds the job's lease (backup, prune,
+restore, verify), so no other live backupd process uses that repository at
+the same time: the locks a session finds there were left by a run that died
+(a SIGKILL of backupd, its helper removed by start-up recovery), and are
+removed before it starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+from urllib.parse import urlparse
+
+from docker.types import Mount
+
+from backupd.catalog import DELETED, STORED, ArtifactView, Catalog
+from backupd.config import Config, LocalDestination, S3Destination
+from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, HelperError, VolumeSource
+from backupd.errors import BackupdError, ConfigError
+from backupd.storage import Store
+from backupd.storage.base import REPOSITORY_ROOT
+
+log = logging.getLogger(__name__)
+
+# restic reads volumes (backup), restores owners and modes (restore) and writes the repository
+# into a destination directory backupd's own user owns (the sidecar runs as uid 10001): one
+# set for every restic helper, still without network unless the repository is remote.
+REPOSITORY_CAPS = tuple(sorted({*READ_CAPS, *RESTORE_CAPS}))
+
+FORMAT = "restic"  # the artifact's `compression` and `encryption` in the catalog: restic did both
+SOURCE_ROOT = "/data"
+REPOSITORY_POINT = "/repository"
+CACHE_VOLUME = "backupd-restic-cache"
+CACHE_POINT = "/cache"
+SNAPSHOT_HOST = "backupd"  # restic's --host: snapshots do not depend on the helper's random hostname
+# Removes the locks a dead run left (see the module doc), then runs restic with the given arguments.
+SESSION = 'restic unlock --remove-all --quiet && exec restic "$@"'
+# A backup into a local repository creates it first when its config is missing (looked at from
+# inside the helper: restic makes its files readable by root only, and backupd's sidecar is not root).
+CREATE_LOCAL = 'test -e "$RESTIC_REPOSITORY/config" || restic init --quiet || exit 1; '
+
+
+class RepositoryError(BackupdError):
+    """A restic command failed; the message carries its exit code and stderr."""
+
+
+def repository_key(job: str) -> str:
+    """Where job's repository lies under a destination's root."""
+    return f"{REPOSITORY_ROOT}/{job}"
+
+
+def source_path(name: str) -> str:
+    """The stable path a volume is read from (and restored to): restic records it."""
+    return f"{SOURCE_ROOT}/{name}"
+
+
+def is_snapshot(artifact: ArtifactView) -> bool:
+    return artifact.compression == FORMAT
+
+
+@dataclass(frozen=True)
+class Repository:
+    """One job's repository on one destination, as a helper reaches it."""
+
+    destination: str
+    key: str
+    location: str  # RESTIC_REPOSITORY inside the helper
+    mounts: tuple[Mount, ...] = ()
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # credentials: never logged
+    network: str | None = None
+    password: str = field(default="", repr=False)
+
+
+def open_repository(config: Config, host: DockerHost, job: str, destination: str) -> Repository:
+    """The repository of a job on a destination (not contacted yet)."""
+    spec = config.destinations[destination]
+    key = repository_key(job)
+    password = config.repository_password(job, destination).get_secret_value()
+    if isinstance(spec, LocalDestination):
+        local = Path(spec.path) / key
+        local.mkdir(parents=True, exist_ok=True)
+        mount = Mount(REPOSITORY_POINT, host.host_path(str(local)), type="bind")
+        return Repository(destination, key, REPOSITORY_POINT, (mount,), password=password)
+    if isinstance(spec, S3Destination):
+        endpoint = (spec.endpoint_url or "https://s3.amazonaws.com").rstrip("/")
+        prefix = spec.prefix.strip("/")
+        path = "/".join(p for p in (spec.bucket, prefix, key) if p)
+        env = {}
+        if spec.access_key_id:
+            env["AWS_ACCESS_KEY_ID"] = spec.access_key_id
+        if spec.secret_access_key is not None:
+            env["AWS_SECRET_ACCESS_KEY"] = spec.secret_access_key.get_secret_value()
+        if spec.region:
+            env["AWS_DEFAULT_REGION"] = spec.region
+        return Repository(destination, key, f"s3:{endpoint}/{path}", (), env, _network(host, endpoint),
+                          password)
+    raise ConfigError(f"destinations.{destination}: type {spec.type} cannot hold a repository yet")
+
+
+def _network(host: DockerHost, endpoint: str) -> str:
+    """A network from which the helper reaches what backupd reaches: backupd's own (in a
+    container), else the host's (a CLI on the host, e.g. an endpoint on 127.0.0.1)."""
+    own = host.own_container()
+    if own is not None:
+        return f"container:{own.id}"
+    hostname = urlparse(endpoint).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        loopback = hostname == "localhost"
+    return "host" if loopback else "bridge"
+
+
+class Restic:
+    """Runs restic in helper containers of the repository image."""
+
+    def __init__(self, host: DockerHost, config: Config) -> None:
+        self.host = host
+        self.image = config.repository_image or host.helper_image
+
+    def check_image(self) -> None:
+        try:
+            self.host.client.images.get(self.image)
+        except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound and transport errors alike
+            raise ConfigError(f"repository_image: image '{self.image}' is not present on the Docker engine "
+                              "(it needs restic and glibc)") from None
+
+    def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = (),
+            create: bool = False) -> str:
+        """restic ARGS on the repository after removing dead runs' locks; stdout, or RepositoryError.
+        With `create`, a local repository that does not exist yet is initialised first."""
+        session = (CREATE_LOCAL if create and repo.mounts else "") + SESSION
+        env = {"RESTIC_REPOSITORY": repo.location, "RESTIC_PASSWORD": repo.password,
+               "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env}
+        cache = Mount(CACHE_POINT, CACHE_VOLUME, type="volume")
+        log.debug("restic %s on %s", shlex.join(args), repo.destination)
+        try:
+            return self.host.run_helper(["sh", "-c", session, "sh", *args], [*repo.mounts, cache, *mounts],
+                                        purpose, caps=REPOSITORY_CAPS, image=self.image, environment=env,
+                                        network=repo.network, hostname=SNAPSHOT_HOST)
+        except HelperError as exc:
+            raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
+
+    def exists(self, repo: Repository, store: Store) -> bool:
+        """Does the repository's config object exist? A local one is looked at by a helper
+        (see CREATE_LOCAL)."""
+        if not repo.mounts:
+            return store.stat(f"{repo.key}/config") is not None
+        out = self.host.run_helper(["sh", "-c", f'test -e "{REPOSITORY_POINT}/config" && echo yes || echo no'],
+                                   [*repo.mounts], f"repository {repo.key}", caps=REPOSITORY_CAPS,
+                                   image=self.image)
+        return out.strip() == "yes"
+
+    def init_if_missing(self, repo: Repository, store: Store) -> None:
+        """`restic init` a remote repository whose config object does not exist yet (a local one
+        is created by its first backup's helper, which saves a helper start per run)."""
+        if repo.mounts or store.stat(f"{repo.key}/config") is not None:
+            return
+        log.info("creating repository %s on %s", repo.key, repo.destination)
+        self.host.run_helper(["restic", "init", "--quiet"], [*repo.mounts], f"init of {repo.key}",
+                             caps=REPOSITORY_CAPS, image=self.image, environment={"RESTIC_REPOSITORY": repo.location,
+                                                            "RESTIC_PASSWORD": repo.password, **repo.env},
+                             network=repo.network, hostname=SNAPSHOT_HOST)
+
+    def backup(self, repo: Repository, source: VolumeSource, job: str, backup_id: str) -> dict[str, Any]:
+        """Snapshot one volume; restic's JSON summary (snapshot_id, data_added, total_bytes_processed)."""
+        out = self.run(repo, ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST,
+                              "--tag", f"backupd,job={job},backup={backup_id}", source_path(source.name)],
+                       f"backup of {source.kind} '{source.source}'",
+                       [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)],
+                       create=True)
+        for line in reversed(out.splitlines()):
+            if line.startswith("{"):
+                data = json.loads(line)
+                if data.get("message_type") == "summary" and data.get("snapshot_id"):
+                    return data
+        raise RepositoryError(f"repository {repo.key} on {repo.destination}: restic backup printed no "
+                              f"summary: {out[-300:]}")
+
+    def restore(self, repo: Repository, snapshot_id: str, name: str, volume: str) -> None:
+        """Restore a volume's snapshot into a volume mounted where it was read from."""
+        self.run(repo, ["restore", snapshot_id, "--target", "/"], f"restore into volume '{volume}'",
+                 [Mount(source_path(name), volume, type="volume")])
+
+    def forget(self, repo: Repository, snapshot_ids: list[str]) -> None:
+        self.run(repo, ["forget", "--quiet", *snapshot_ids], f"forget in {repo.key}")
+
+    def prune(self, repo: Repository, max_repack: str | None = None) -> str:
+        args = ["prune", "--max-unused", "10%"] + (["--max-repack-size", max_repack] if max_repack else [])
+        return self.run(repo, args, f"prune of {repo.key}")
+
+    def check(self, repo: Repository, read_data_subset: str | None = None) -> str:
+        args = ["check"] + ([f"--read-data-subset={read_data_subset}"] if read_data_subset else [])
+        return self.run(repo, args, f"check of {repo.key}")
+
+    def snapshots(self, repo: Repository) -> list[dict[str, Any]]:
+        return json.loads(self.run(repo, ["snapshots", "--json"], f"snapshots of {repo.key}") or "[]")
+
+
+class SnapshotWriter:
+    """One run's repositories: opened (and created) once, each volume snapshotted into each.
+
+    A destination whose repository cannot be opened fails its copies with that reason and is
+    not tried again in this run; the others carry on (the run is then partial).
+    """
+
+    def __init__(self, config: Config, host: DockerHost, job: str, stores: dict[str, Store]) -> None:
+        self.restic = Restic(host, config)
+        self.job = job
+        self.repos: dict[str, Repository] = {}
+        self.broken: dict[str, str] = {}
+        for dest, store in stores.items():
+            try:
+                repo = open_repository(config, host, job, dest)
+                self.restic.init_if_missing(repo, store)
+                self.repos[dest] = repo
+            except Exception as exc:  # noqa: BLE001 - one destination must not sink the others
+                self.broken[dest] = str(exc)
+                log.error("repository of job %s on %s is unusable: %s", job, dest, exc)
+
+    def snapshot(self, catalog: Catalog, backup_id: str, source: VolumeSource) -> str:
+        """Back up one volume into every repository; record one artifact, a copy per destination."""
+        keys = {d: repository_key(self.job) for d in [*self.repos, *self.broken]}
+        art_id = catalog.add_artifact(backup_id, "volume", source.name, f"{source.kind}:{source.source}",
+                                      FORMAT, FORMAT, keys)
+        snapshots: dict[str, tuple[str, int, int]] = {}
+        errors = dict(self.broken)
+        try:
+            for dest, repo in self.repos.items():
+                try:
+                    summary = self.restic.backup(repo, source, self.job, backup_id)
+                except BackupdError as exc:
+                    errors[dest] = str(exc)
+                    log.error("volume %s to %s failed: %s", source.name, dest, exc)
+                    continue
+                snapshots[dest] = (summary["snapshot_id"], int(summary.get("data_added", 0)),
+                                   int(summary.get("total_bytes_processed", 0)))
+                log.info("volume %s: snapshot %s on %s, %d bytes added of %d", source.name,
+                         summary["snapshot_id"], dest, snapshots[dest][1], snapshots[dest][2])
+        except BaseException as exc:
+            catalog.fail_artifact(art_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+            raise
+        return catalog.finish_snapshots(art_id, snapshots, errors)
+
+
+def stored_snapshots(artifact: ArtifactView) -> list[tuple[str, str, str]]:
+    """(destination, repository key, snapshot id) of each stored snapshot of an artifact."""
+    return [(c.destination, c.key, c.snapshot_id) for c in artifact.copies
+            if c.status == STORED and c.snapshot_id]
+
+
+def restore_snapshot(*, config: Config, catalog: Catalog, host: DockerHost, backup_id: str,
+                     artifact: ArtifactView, target: str, force: bool) -> str:
+    """Restore a volume's snapshot into `target`, with the archive restore's safety rules:
+    a non-empty target only with force (its running containers stopped meanwhile), and a
+    failed restore into a new or empty volume leaves it as it was."""
+    from backupd.quiesce.stop import held
+    from backupd.restore import _into_empty, preference
+    from backupd.errors import RefusedError
+
+    backup = catalog.get(backup_id)
+    restic = Restic(host, config)
+    restic.check_image()
+    rank = {name: i for i, name in enumerate(preference(config, backup.job))}
+    snapshots = sorted(stored_snapshots(artifact), key=lambda s: rank.get(s[0], len(rank)))
+    if not snapshots:
+        raise BackupdError(f"backup {backup_id}: volume '{artifact.name}' has no stored snapshot")
+    exists = host.volume_exists(target)
+    empty = not exists or host.volume_is_empty(target)
+    problems: list[str] = []
+    for dest, _key, snapshot_id in snapshots:
+        if dest not in config.destinations:
+            problems.append(f"{dest}: not in the current config")
+            continue
+        try:
+            repo = open_repository(config, host, backup.job, dest)
+            log.info("restoring %s from backup %s (snapshot %s on %s) into volume %s",
+                     artifact.name, backup_id, snapshot_id, dest, target)
+            if empty:
+                _into_empty(host, target, exists, lambda: restic.restore(repo, snapshot_id, artifact.name, target))
+            else:
+                if not force:
+                    raise RefusedError(
+                        f"volume '{target}' is not empty; restore to a new volume with --to-volume NAME, "
+                        "or pass --force to replace its contents (its containers are stopped meanwhile)")
+                # The snapshot must be readable before anything is emptied for it.
+                restic.run(repo, ["cat", "snapshot", snapshot_id], f"snapshot {snapshot_id}")
+                with held(catalog, backup_id, host.running_containers_using(target)) as restart_problems:
+                    host.clear_volume(target)
+                    restic.restore(repo, snapshot_id, artifact.name, target)
+                if restart_problems:
+                    raise BackupdError("; ".join(restart_problems))
+            log.info("restored %s into volume %s", artifact.name, target)
+            return target
+        except RepositoryError as exc:
+            problems.append(str(exc))
+            log.warning("snapshot %s on %s unusable: %s", snapshot_id, dest, exc)
+            if not empty:
+                break  # the target was changed: do not try to pile another copy on top
+    raise BackupdError(f"backup {backup_id}: no usable snapshot of volume '{artifact.name}': "
+                       + "; ".join(problems))
+
+
+def forget_doomed(config: Config, catalog: Catalog, host: DockerHost, backups: list[Any]) -> list[str]:
+    """`restic forget` exactly the snapshots of the doomed backups, one command per repository;
+    each forgotten copy is marked deleted. Returns the failures (the copies stay, retried later)."""
+    by_repo: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for backup in backups:
+        for art in backup.artifacts:
+            for copy in art.copies:
+                if copy.snapshot_id and copy.status == STORED:
+                    by_repo.setdefault((copy.destination, backup.job), []).append(
+                        (backup.id, copy.key, copy.snapshot_id))
+    restic = Restic(host, config) if by_repo else None
+    failures = []
+    for (dest, job), doomed in sorted(by_repo.items()):
+        assert restic is not None
+        try:
+            if dest not in config.destinations:
+                raise BackupdError("destination not in config")
+            repo = open_repository(config, host, job, dest)
+            restic.forget(repo, [snapshot for _, _, snapshot in doomed])
+        except BackupdError as exc:
+            failures += [f"{b}: {dest} snapshot {s}: {exc}" for b, _, s in doomed]
+            continue
+        for backup_id, _key, snapshot_id in doomed:
+            catalog.set_snapshot_status(backup_id, dest, snapshot_id, DELETED)
+        log.info("forgot %d snapshot(s) of job %s on %s: %s", len(doomed), job, dest,
+                 " ".join(s for _, _, s in doomed))
+    return failures
+
+
+def compact_job(config: Config, host: DockerHost, job: str, stores: dict[str, Store]) -> list[str]:
+    """`restic prune` the job's repository on each destination that has one; what each did."""
+    restic = Restic(host, config)
+    done = []
+    for dest, store in stores.items():
+        key = repository_key(job)
+        try:
+            repo = open_repository(config, host, job, dest)
+            if not restic.exists(repo, store):
+                done.append(f"{dest}: no repository")
+                continue
+            out = restic.prune(repo)
+        except BackupdError as exc:
+            done.append(f"{dest}: prune failed: {exc}")
+            log.error("prune of repository %s on %s failed: %s", key, dest, exc)
+            continue
+        freed = [line.strip() for line in out.splitlines() if "this removes" in line or "remaining" in line]
+        done.append(f"{dest}: repository compacted" + (f" ({'; '.join(freed)})" if freed else ""))
+    return done
+
+
+READ_DATA_SUBSET = "10%"  # what `verify` reads back of each repository's data, chosen at random by restic
+
+
+def snapshot_checker(config: Config, host: Callable[[], DockerHost]) -> Callable[[str, str, str], tuple[bool, str]]:
+    """For `verify`: check(job, destination, snapshot id) -> (ok, detail). Each repository is
+    checked once (`restic check --read-data-subset`), then each snapshot is looked up in it."""
+    found: dict[tuple[str, str], tuple[str | None, set[str]]] = {}
+
+    def check(job: str, destination: str, snapshot_id: str) -> tuple[bool, str]:
+        if (job, destination) not in found:
+            try:
+                restic = Restic(host(), config)
+                repo = open_repository(config, restic.host, job, destination)
+                restic.check(repo, READ_DATA_SUBSET)
+                ids = {i for s in restic.snapshots(repo) for i in (s["id"], s["short_id"])}
+                found[(job, destination)] = (None, ids)
+            except BackupdError as exc:
+                found[(job, destination)] = (str(exc), set())
+        error, ids = found[(job, destination)]
+        if error is not None:
+            return False, f"restic check failed: {error}"
+        if snapshot_id not in ids:
+            return False, f"snapshot {snapshot_id} is not in the repository"
+        return True, f"snapshot {snapshot_id} present; restic check passed, {READ_DATA_SUBSET} of the data read back"
+
+    return check
