@@ -17,7 +17,8 @@ from typing import BinaryIO, Iterator
 
 from backupd.errors import BackupdError, NotFoundError
 from backupd.private import FILE_MODE, open_layout_dir
-from backupd.storage.base import PARTIAL_MARK, Leftover, ObjectInfo, Store, Upload, check_key, is_partial
+from backupd.storage.base import (PARTIAL_MARK, REPOSITORY_ROOT, Leftover, ObjectInfo, Store, Upload, check_key,
+                                  is_partial)
 
 DROP_BEHIND = 8 << 20  # bytes read before they are dropped from the page cache
 
@@ -154,6 +155,8 @@ class LocalStore(Store):
 
     def leftovers(self) -> Iterator[Leftover]:
         for job in _subdirs(self.root):
+            if job.name == REPOSITORY_ROOT:
+                continue  # restic's, not backupd's layout
             for backup in _subdirs(Path(job.path)):
                 for entry in _entries(Path(backup.path)):
                     if is_partial(entry.name) and entry.is_file(follow_symlinks=False):

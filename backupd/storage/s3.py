@@ -22,7 +22,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from backupd.config import S3Destination
 from backupd.errors import BackupdError, NotFoundError
 from backupd.retry import ATTEMPTS, retry
-from backupd.storage.base import ChunkReader, Leftover, ObjectInfo, Store, Upload, check_key
+from backupd.storage.base import REPOSITORY_ROOT, ChunkReader, Leftover, ObjectInfo, Store, Upload, check_key
 from backupd.stream import CHUNK
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class S3Store(Store):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for upload in page.get("Uploads", []):
                     key = upload["Key"][len(self.prefix):]
-                    if key.count("/") == 2:  # <job>/<backup id>/<file>
+                    if key.count("/") == 2 and not key.startswith(REPOSITORY_ROOT + "/"):  # <job>/<id>/<file>
                         yield Leftover(key, self._uploaded(upload["Key"], upload["UploadId"]),
                                        upload.get("Initiated"), upload["UploadId"])
         except (ClientError, BotoCoreError) as exc:

@@ -24,7 +24,8 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, SFTPError
 from backupd.config import SftpDestination
 from backupd.errors import BackupdError, NotFoundError
 from backupd.retry import retry
-from backupd.storage.base import PARTIAL_MARK, ChunkReader, Leftover, ObjectInfo, Store, Upload, check_key, is_partial
+from backupd.storage.base import (PARTIAL_MARK, REPOSITORY_ROOT, ChunkReader, Leftover, ObjectInfo, Store, Upload,
+                                  check_key, is_partial)
 from backupd.stream import CHUNK
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ class SftpStore(Store):
 
     def leftovers(self) -> Iterator[Leftover]:
         for job in self._subdirs(self.root):
+            if job == REPOSITORY_ROOT:
+                continue  # restic's, not backupd's layout
             for backup in self._subdirs(posixpath.join(self.root, job)):
                 for attr in self._listdir(posixpath.join(self.root, job, backup)):
                     if is_partial(attr.filename) and stat.S_ISREG(attr.st_mode or 0):

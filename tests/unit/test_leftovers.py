@@ -53,6 +53,8 @@ def test_a_local_store_lists_partial_files_of_its_layout_only_and_removes_them(t
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / ".y.partial-1").write_bytes(b"outside, behind a link")
     os.symlink(tmp_path / "elsewhere", tmp_path / "j" / "20261122T030000Z-123456")
+    (tmp_path / "_restic" / ID).mkdir(parents=True)  # a restic repository (repository mode): not ours
+    (tmp_path / "_restic" / ID / ".z.partial-12345678").write_bytes(b"restic's")
 
     [leftover] = store.leftovers()
     assert leftover.key.startswith(f"j/{ID}/.volume-v.tar.zst.partial-") and leftover.size == 1000
@@ -89,6 +91,7 @@ def test_an_s3_store_lists_open_multipart_uploads_under_its_prefix_with_their_si
     upload.write(os.urandom(6 << 20))  # one 5 MiB part sent, the rest buffered in the dead process
     s3.create_multipart_upload(Bucket="bucket", Key=f"other/j/{ID}/x")  # another prefix: not ours
     s3.create_multipart_upload(Bucket="bucket", Key="pre/not-the-layout")
+    s3.create_multipart_upload(Bucket="bucket", Key=f"pre/_restic/{ID}/x")  # repository mode: restic's
 
     [leftover] = store.leftovers()
     assert leftover.key == f"j/{ID}/volume-v.tar.zst" and leftover.size == 5 << 20
@@ -97,7 +100,7 @@ def test_an_s3_store_lists_open_multipart_uploads_under_its_prefix_with_their_si
     store.remove_leftover(leftover)  # already aborted: no error
     assert list(store.leftovers()) == []
     keys = sorted(u["Key"] for u in s3.list_multipart_uploads(Bucket="bucket")["Uploads"])
-    assert keys == [f"other/j/{ID}/x", "pre/not-the-layout"]
+    assert keys == [f"other/j/{ID}/x", f"pre/_restic/{ID}/x", "pre/not-the-layout"]
 
 
 # ------------------------------------------------------------------ the rule
