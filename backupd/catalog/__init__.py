@@ -459,23 +459,20 @@ class Catalog:
 
     def set_copy_status(self, backup_id: str, destination: str, key: str, status: str,
                         error: str | None = None) -> None:
-        with self._session.begin() as s:
-            copy = s.scalars(
-                select(CopyRow).join(ArtifactRow)
-                .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination,
-                       CopyRow.key == key)
-            ).one()
-            copy.status, copy.error = status, error
+        self._set_copy(backup_id, destination, CopyRow.key == key, status, error)
 
     def set_snapshot_status(self, backup_id: str, destination: str, snapshot_id: str, status: str,
                             error: str | None = None) -> None:
         """Repository mode: the copy that is this snapshot (one repository holds every volume
         of a run, so the key alone does not name it)."""
+        self._set_copy(backup_id, destination, CopyRow.snapshot_id == snapshot_id, status, error)
+
+    def _set_copy(self, backup_id: str, destination: str, which: Any, status: str, error: str | None) -> None:
+        """Set the status of the one copy of a backup on a destination that `which` selects."""
         with self._session.begin() as s:
             copy = s.scalars(
                 select(CopyRow).join(ArtifactRow)
-                .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination,
-                       CopyRow.snapshot_id == snapshot_id)
+                .where(ArtifactRow.backup_id == backup_id, CopyRow.destination == destination, which)
             ).one()
             copy.status, copy.error = status, error
 

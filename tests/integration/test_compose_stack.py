@@ -81,7 +81,7 @@ class Stack:
         (self.dir / "secrets" / "webhook_url.txt").write_text("")
         for path in [self.dir, *self.dir.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)  # the sidecar reads them as uid 10001
-        self.project = f"backupdtest{uuid.uuid4().hex[:6]}"
+        self.project = f"{PROJECT_PREFIX}{uuid.uuid4().hex[:6]}"
         self.env = {**os.environ, **env, "DOCKER_GID": str(Path(SOCKET).stat().st_gid)}
 
     def compose(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -112,10 +112,26 @@ def wait_until(check: Any, what: str, timeout: float, logs: Any) -> Any:
     pytest.fail(f"{what} not seen within {timeout:.0f}s\n{logs()}", pytrace=False)
 
 
+PROJECT_PREFIX = "backupdtest"
+
+
+def remove_leftovers_of_earlier_runs(client) -> None:
+    """The shipped file names its database container and volumes (shop-db, shop_*): what an
+    interrupted earlier run of this test left would block `up` or hand it old data. Only what
+    carries one of this test's project names is removed."""
+    for container in client.containers.list(all=True, filters={"label": "com.docker.compose.project"}):
+        if container.labels.get("com.docker.compose.project", "").startswith(PROJECT_PREFIX):
+            container.remove(force=True, v=True)
+    for volume in client.volumes.list(filters={"label": "com.docker.compose.project"}):
+        if (volume.attrs.get("Labels") or {}).get("com.docker.compose.project", "").startswith(PROJECT_PREFIX):
+            volume.remove(force=True)
+
+
 @pytest.fixture
 def stack(docker_client, sidecar_image, stand_in_images, tmp_path) -> Iterator[Stack]:
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose missing: run `bash scripts/testenv.sh install`", pytrace=False)
+    remove_leftovers_of_earlier_runs(docker_client)
     port = free_port()
     config = yaml.safe_load((REPO / "config" / "compose.yml").read_text())
     for job in config["jobs"].values():
