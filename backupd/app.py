@@ -92,10 +92,18 @@ class Operations(Protocol):
                       stop: threading.Event | None = None) -> list[str]: ...
 
 
+JOB_LEASE = "job:"
+
+
+def job_lease(job: str) -> str:
+    """The resource a job's runs (backup, prune, verify, restore) hold alone."""
+    return JOB_LEASE + job
+
+
 def resources_of(job_name: str, job: Job, volumes: Iterable[Any], stopped: Iterable[Any]) -> list[str]:
     """What a run must hold alone: the job, each volume or host path, each container it stops,
     dumps from, or runs hooks in."""
-    names = {f"job:{job_name}"}
+    names = {job_lease(job_name)}
     names.update(f"{v.kind}:{v.source}" for v in volumes)
     names.update(f"container:{c.name}" for c in stopped)
     names.update(f"container:{d.container}" for d in job.databases if d.container)
@@ -172,7 +180,8 @@ class App:
 
         stores = self.stores()
         try:
-            return sweep_leftovers(self.catalog, stores, self.leases.owner_alive, dry_run=dry_run)
+            return sweep_leftovers(self.catalog, stores, self.leases.owner_alive, dry_run=dry_run,
+                                   busy_jobs=self._busy_jobs)
         finally:
             for store in stores.values():
                 store.close()
@@ -188,7 +197,7 @@ class App:
             self._swept.update(todo)
         if not todo:
             return
-        swept = sweep_leftovers(self.catalog, todo, self.leases.owner_alive)
+        swept = sweep_leftovers(self.catalog, todo, self.leases.owner_alive, busy_jobs=self._busy_jobs)
         if self.recovery is not None:
             self.recovery.leftovers_removed += len(swept.removed)
             self.recovery.leftover_bytes += swept.removed_bytes
@@ -199,6 +208,11 @@ class App:
         for failure in swept.failures:
             log.warning("start-up recovery: leftovers of interrupted uploads on %s (tried again at "
                         "the next start, or by prune --orphans)", failure)
+
+    def _busy_jobs(self) -> set[str]:
+        """Jobs whose lease (see resources_of) a live backupd holds."""
+        return {resource.removeprefix(JOB_LEASE) for resource, owner, _ in self.leases.held()
+                if resource.startswith(JOB_LEASE) and self.leases.owner_alive(owner)}
 
     def stores(self, destinations: Iterable[str] | None = None) -> dict[str, Any]:
         from backupd.storage import open_store
@@ -273,7 +287,7 @@ class App:
         config = config or self.config
         if dry_run:
             return prune_job(config, self.catalog, job, self.clock(), {}, dry_run=True)
-        with self.leases.hold([f"job:{job}"], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+        with self.leases.hold([job_lease(job)], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
             forget = self._snapshot_forgetter(config, job)
             try:
@@ -290,7 +304,7 @@ class App:
         config = config or self.config
         if config.jobs[job].format != "repository":
             return []
-        with self.leases.hold([f"job:{job}"], f"compaction of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+        with self.leases.hold([job_lease(job)], f"compaction of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
             try:
                 return compact_job(config, self.host, job, stores)
@@ -315,7 +329,7 @@ class App:
         backups = self.catalog.list(job=job, statuses=[SUCCEEDED])
         if not backups:
             return [f"job {job} has no successful backup to verify"]
-        with self.leases.hold([f"job:{job}"], f"verify of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+        with self.leases.hold([job_lease(job)], f"verify of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
             from backupd.repository import snapshot_checker
 
@@ -327,7 +341,7 @@ class App:
                          job: str | None = None) -> Any:
         """The leases a restore needs: its target volume (and the containers a --force restore
         stops), or the job and database container a dump is fed back through."""
-        resources = [f"job:{job}"] if job else []
+        resources = [job_lease(job)] if job else []
         if volume is not None:
             resources.append(f"volume:{volume}")
             resources += [f"container:{c.name}" for c in self.host.running_containers_using(volume)]

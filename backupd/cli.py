@@ -160,11 +160,12 @@ def cmd_restore(ctx: Context) -> int:
 
 
 def cmd_verify(ctx: Context) -> int:
+    from backupd.app import job_lease
     from backupd.verify import restore_drill, verify_backup
 
     app, backup_id = ctx.app, ctx.args.backup_id
     job = app.catalog.get(backup_id).job
-    with app.leases.hold([f"job:{job}"], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
+    with app.leases.hold([job_lease(job)], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
         from backupd.repository import snapshot_checker
 
         results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity,

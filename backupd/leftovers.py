@@ -8,7 +8,9 @@ Start-up recovery and `prune --orphans` sweep them with one rule.
 Every leftover sits under its backup's `<job>/<backup id>/`, and the catalog
 row of a backup exists before its first upload opens. So a leftover's owner
 is known by id: the leftover of a backup still running under a live backupd
-is kept; of any other backup this catalog knows, it is removed. A backup id
+is kept; of any other backup this catalog knows, it is removed, unless its job is still held by a live
+backupd: a run writes its manifest after it is recorded finished, under the
+job's lease, so the manifest's upload is not a leftover. A backup id
 this catalog does not know (another catalog, a catalog rebuilt since) is
 judged by time: removed only if it was last written before the oldest live
 run started. The catalog is read after the stores are listed, so a run that
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
+from typing import Callable, Collection
 
 from backupd.catalog import BACKUP_ID_RE, Catalog
 from backupd.storage.base import Leftover, Store
@@ -57,17 +59,22 @@ def backup_of(key: str) -> str | None:
     return parts[1] if len(parts) == 3 and BACKUP_ID_RE.fullmatch(parts[1]) else None
 
 
-def why_kept(leftover: Leftover, live: dict[str, datetime], known: set[str]) -> str | None:
+def why_kept(leftover: Leftover, live: dict[str, datetime], known: set[str],
+             busy_jobs: Collection[str] = ()) -> str | None:
     """Why this leftover must stay, or None if no live run can own it.
 
     `live`: id -> start of every backup a live backupd is running; `known`: every
-    backup id of the leftovers that the catalog has a row for.
+    backup id of the leftovers that the catalog has a row for; `busy_jobs`: jobs
+    whose lease a live backupd holds.
     """
     backup_id = backup_of(leftover.key)
     if backup_id is None:
         return "not in backupd's <job>/<backup id>/ layout"
     if backup_id in live:
         return f"backup {backup_id} is still running"
+    job = leftover.key.split("/", 1)[0]
+    if job in busy_jobs:
+        return f"job {job} is held by a running backupd (its run may still be writing a manifest)"
     if backup_id in known:
         return None
     oldest = min(live.values(), default=None)
@@ -80,7 +87,7 @@ def why_kept(leftover: Leftover, live: dict[str, datetime], known: set[str]) -> 
 
 
 def sweep_leftovers(catalog: Catalog, stores: dict[str, Store], owner_alive: Callable[[str | None], bool],
-                    dry_run: bool = False) -> LeftoverReport:
+                    dry_run: bool = False, busy_jobs: Callable[[], Collection[str]] = frozenset) -> LeftoverReport:
     """List every store's leftovers, and remove those no live run owns (unless dry_run).
 
     A store that cannot be listed or cleaned is reported in `failures`, never raised:
@@ -98,9 +105,10 @@ def sweep_leftovers(catalog: Catalog, stores: dict[str, Store], owner_alive: Cal
             if owner is None or owner_alive(owner)}  # rows from before owners were recorded: kept
     ids = {backup_of(lo.key) for items in listed.values() for lo in items}
     known = catalog.known(i for i in ids if i is not None)
+    busy = busy_jobs()
     for dest, items in listed.items():
         for leftover in items:
-            found = Found(dest, leftover, why_kept(leftover, live, known))
+            found = Found(dest, leftover, why_kept(leftover, live, known, busy))
             report.found.append(found)
             if found.keep is not None or dry_run:
                 continue

@@ -58,19 +58,6 @@ def upload_file_cmd(python: str, endpoint: str, bucket: str, archive: Path, key:
     return [python, "-c", code, endpoint, str(archive), bucket, key]
 
 
-def retried(measure: Callable[[], Result], attempts: int = 4) -> Result:
-    """A run again if it failed: on an engine shared with other backupd installations (other test
-    sessions), their start-up recovery removes helpers whose owner their catalog does not know."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return measure()
-        except SystemExit as exc:
-            if attempt == attempts:
-                raise
-            print(f"    failed, run again: {str(exc).splitlines()[-1][:160]}", flush=True)
-    raise AssertionError("unreachable")
-
-
 def median_result(runs: list[Result]) -> Result:
     return sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
 
@@ -110,8 +97,8 @@ def _measure(python, work, volume, data, repeat, kills, s3, sftp, proxy):
         "jobs": {name: {"volumes": [volume], "destinations": [name]} for name in destinations}}))
     env = {"PYTHONPATH": str(REPO)}
     aws = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
-    local = retried(lambda: timed("backupd backup to local (no upload)",
-                                  backupd_cmd(python, config, "backup", "archive"), data, env, measure_rss=True))
+    local = timed("backupd backup to local (no upload)", backupd_cmd(python, config, "backup", "archive"), data, env,
+                  measure_rss=True)
     [archive] = [p for p in (work / "archive").rglob("*.tar.*")]
     size = archive.stat().st_size
     local.archive_bytes = size
@@ -148,8 +135,8 @@ def _measure(python, work, volume, data, repeat, kills, s3, sftp, proxy):
     runs: dict[str, tuple[list[Result], list[Result]]] = {name: ([], []) for name in pairs}
     for i in range(repeat):
         for name, (ours, theirs) in pairs.items():
-            runs[name][0].append(retried(lambda: ours(i)))
-            runs[name][1].append(retried(lambda: theirs(i)))
+            runs[name][0].append(ours(i))
+            runs[name][1].append(theirs(i))
     results, ratios, details = [local], [], {"archive_bytes": size, "runs": {}}
     targets = {"s3": 1.1, "s3_slow": 1.1, "sftp": 1.3, "s3 store": 1.1, "s3_slow store": 1.1, "sftp store": 1.3}
     labels = {"s3": "backupd backup to S3 / boto3 upload_file",
@@ -209,11 +196,9 @@ def measure_kills(python: str, work: Path, config: Path, volume: str, s3_dest: d
         partials = list(work.glob("kill-*/**/.*.partial-*"))
         print(f"  kill {n + 1} at {moment:.1f} s: {len(partials)} partial file(s), "
               f"{sum(p.stat().st_size for p in partials) / MiB:.0f} MiB on disk", flush=True)
-    for attempt in range(4):  # see retried()
-        if subprocess.run(backupd_cmd(python, config, "backup", "kill"), env=env,
-                          capture_output=True).returncode == 0:
-            break
-        print("  the good run failed, run again", flush=True)
+    good = subprocess.run(backupd_cmd(python, config, "backup", "kill"), env=env, capture_output=True, text=True)
+    if good.returncode != 0:
+        raise SystemExit(f"the good run after the kills failed:\n{good.stderr[-2000:]}")
     partials = list(work.glob("kill-*/**/.*.partial-*"))
     client = boto3.client("s3", endpoint_url=s3["endpoint_url"], region_name="us-east-1",
                           aws_access_key_id=s3["access_key_id"], aws_secret_access_key=s3["secret_access_key"])

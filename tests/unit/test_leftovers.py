@@ -13,7 +13,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from backupd.app import App
+from backupd.app import App, job_lease
 from backupd.catalog import Catalog
 from backupd.cli import main
 from backupd.config import S3Destination, parse_config
@@ -254,4 +254,31 @@ def test_a_recovery_that_finds_a_killed_run_has_each_destination_swept_again(tmp
     assert app.recover(quiet=True).failed_runs == [killed]
     app._first_use(stores)
     assert partials(tmp_path) == []
+    app.close()
+
+
+def test_a_leftover_of_a_job_a_live_backupd_holds_stays():
+    """A run writes its manifest after it is recorded finished, still under its job's lease:
+    that upload's partial is not a leftover, though its backup is no longer running."""
+    assert why_kept(leftover(), {}, {ID}, busy_jobs={"j"}) == \
+        "job j is held by a running backupd (its run may still be writing a manifest)"
+    assert why_kept(leftover(), {}, {ID}, busy_jobs={"other"}) is None
+
+
+def test_the_manifest_upload_of_a_finished_run_is_not_swept_while_its_job_is_held(tmp_path: Path) -> None:
+    """Through the real leases: a run recorded finished still holds its job while it writes
+    its manifest, so another process's first backup to that destination leaves that upload be."""
+    app = App(parse_config(config_for(tmp_path), env={}), "run")
+    app.leases.register()
+    app._host = FakeHost()
+    app.recovery = app.recover()
+    finished = app.catalog.start_backup("j", owner=app.leases.me.id)
+    app.catalog.finish_backup(finished, None)
+    stores = app.stores()
+    with app.leases.hold([job_lease("j")], "backup of job j"):
+        killed_upload(stores["a"], f"j/{finished}/manifest.json")
+        report = app.sweep_leftovers()
+        assert report.removed == [] and len(partials(tmp_path)) == 1
+        assert report.found[0].keep == "job j is held by a running backupd (its run may still be writing a manifest)"
+    assert len(app.sweep_leftovers().removed) == 1 and partials(tmp_path) == []
     app.close()
