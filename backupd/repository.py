@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import posixpath
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,10 @@ from urllib.parse import urlparse
 from docker.types import Mount
 
 from backupd.catalog import DELETED, STORED, ArtifactView, Catalog
-from backupd.config import Config, LocalDestination, S3Destination
+from backupd.config import Config, LocalDestination, S3Destination, SftpDestination
 from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
+from backupd.redaction import remember
 from backupd.storage import Store
 from backupd.storage.base import REPOSITORY_ROOT
 
@@ -50,8 +52,11 @@ REPOSITORY_POINT = "/repository"
 CACHE_VOLUME = "backupd-restic-cache"
 CACHE_POINT = "/cache"
 SNAPSHOT_HOST = "backupd"  # restic's --host: snapshots do not depend on the helper's random hostname
-# Removes the locks a dead run left (see the module doc), then runs restic with the given arguments.
-SESSION = 'restic unlock --remove-all --quiet && exec restic "$@"'
+# Files a helper makes from its environment before restic starts (an SFTP repository's ssh key
+# and known host), on a tmpfs: they never reach a disk and vanish with the helper.
+SECRETS_POINT = "/run/backupd"
+SECRETS_TMPFS = {SECRETS_POINT: "size=1m,mode=0700"}
+SSH_KEY, KNOWN_HOSTS = "ssh_key", "known_hosts"
 # A backup into a local repository creates it first when its config is missing (looked at from
 # inside the helper: restic makes its files readable by root only, and backupd's sidecar is not root).
 CREATE_LOCAL = 'test -e "$RESTIC_REPOSITORY/config" || restic init --quiet || exit 1; '
@@ -86,10 +91,13 @@ class Repository:
     env: dict[str, str] = field(default_factory=dict, repr=False)  # credentials: never logged
     network: str | None = None
     password: str = field(default="", repr=False)
+    options: tuple[str, ...] = ()  # restic's global options (-o ...): never secrets
+    files: tuple[tuple[str, str], ...] = ()  # (variable of `env`, file under SECRETS_POINT) to make first
 
 
 def open_repository(config: Config, host: DockerHost, job: str, destination: str) -> Repository:
-    """The repository of a job on a destination (not contacted yet)."""
+    """The repository of a job on a destination (not contacted yet, but for an SFTP server's
+    host key)."""
     spec = config.destinations[destination]
     key = repository_key(job)
     password = config.repository_password(job, destination).get_secret_value()
@@ -109,18 +117,57 @@ def open_repository(config: Config, host: DockerHost, job: str, destination: str
             env["AWS_SECRET_ACCESS_KEY"] = spec.secret_access_key.get_secret_value()
         if spec.region:
             env["AWS_DEFAULT_REGION"] = spec.region
-        return Repository(destination, key, f"s3:{endpoint}/{path}", (), env, _network(host, endpoint),
-                          password)
+        return Repository(destination, key, f"s3:{endpoint}/{path}", (), env,
+                          _network(host, urlparse(endpoint).hostname or ""), password)
+    if isinstance(spec, SftpDestination):
+        return _sftp_repository(destination, spec, key, host, password)
     raise ConfigError(f"destinations.{destination}: type {spec.type} cannot hold a repository yet")
 
 
-def _network(host: DockerHost, endpoint: str) -> str:
+def _sftp_repository(destination: str, spec: SftpDestination, key: str, host: DockerHost,
+                     password: str) -> Repository:
+    """restic's sftp backend runs OpenSSH's ssh in the helper. ssh trusts exactly the host key
+    backupd's own SFTP client has verified (known_hosts or the pinned fingerprint) and nothing
+    else; the private key and that known host reach the helper in its environment and become
+    files on its tmpfs. No secret is in the command line."""
+    from backupd.storage.sftp import SftpStore
+
+    if spec.key_file is None:  # refused when the config was loaded; a guard for callers that skip it
+        raise ConfigError(f"destinations.{destination}.key_file: format: repository logs in to SFTP with a key")
+    store = SftpStore(destination, spec)
+    try:
+        server_key = store.host_key()
+    finally:
+        store.close()
+    try:
+        private_key = spec.key_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"destinations.{destination}.key_file: cannot read {spec.key_file}: {exc.strerror}") from None
+    remember(private_key.strip())
+    known = spec.host if spec.port == 22 else f"[{spec.host}]:{spec.port}"
+    algorithms = server_key.get_name()
+    if algorithms == "ssh-rsa":  # the key type of RSA keys; OpenSSH signs with SHA-2 now
+        algorithms = "rsa-sha2-512,rsa-sha2-256,ssh-rsa"
+    ssh = ["ssh", "-F", "/dev/null", "-i", f"{SECRETS_POINT}/{SSH_KEY}",
+           "-o", f"UserKnownHostsFile={SECRETS_POINT}/{KNOWN_HOSTS}", "-o", "GlobalKnownHostsFile=/dev/null",
+           "-o", "StrictHostKeyChecking=yes", "-o", f"HostKeyAlgorithms={algorithms}",
+           "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ServerAliveInterval=30",
+           "-p", str(spec.port), "-l", spec.user, spec.host, "-s", "sftp"]
+    root = spec.path.rstrip("/") or "/"
+    path = posixpath.normpath(posixpath.join(root, key))
+    env = {"BACKUPD_SSH_KEY": private_key,
+           "BACKUPD_KNOWN_HOSTS": f"{known} {server_key.get_name()} {server_key.get_base64()}"}
+    return Repository(destination, key, f"sftp:{spec.user}@{spec.host}:{path}", (), env,
+                      _network(host, spec.host), password, ("-o", f"sftp.command={' '.join(ssh)}"),
+                      (("BACKUPD_SSH_KEY", SSH_KEY), ("BACKUPD_KNOWN_HOSTS", KNOWN_HOSTS)))
+
+
+def _network(host: DockerHost, hostname: str) -> str:
     """A network from which the helper reaches what backupd reaches: backupd's own (in a
     container), else the host's (a CLI on the host, e.g. an endpoint on 127.0.0.1)."""
     own = host.own_container()
     if own is not None:
         return f"container:{own.id}"
-    hostname = urlparse(endpoint).hostname or ""
     try:
         loopback = ipaddress.ip_address(hostname).is_loopback
     except ValueError:
@@ -143,18 +190,27 @@ class Restic:
                               "(it needs restic and glibc)") from None
 
     def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = (),
-            create: bool = False) -> str:
-        """restic ARGS on the repository after removing dead runs' locks; stdout, or RepositoryError.
-        With `create`, a local repository that does not exist yet is initialised first."""
-        session = (CREATE_LOCAL if create and repo.mounts else "") + SESSION
+            create: bool = False, unlock: bool = True, extra_env: dict[str, str] | None = None) -> str:
+        """restic ARGS on the repository after removing dead runs' locks (see the module doc);
+        stdout, or RepositoryError. With `create`, a local repository that does not exist yet is
+        initialised first."""
+        restic = shlex.join(["restic", *repo.options])
+        session = "umask 077 && " + "".join(f'printf "%s\\n" "${var}" >{SECRETS_POINT}/{name} && '
+                                            for var, name in repo.files)
+        if create and repo.mounts:
+            session += CREATE_LOCAL
+        if unlock:
+            session += f"{restic} unlock --remove-all --quiet && "
+        session += f'exec {restic} "$@"'
         env = {"RESTIC_REPOSITORY": repo.location, "RESTIC_PASSWORD": repo.password,
-               "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env}
+               "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env, **(extra_env or {})}
         cache = Mount(CACHE_POINT, CACHE_VOLUME, type="volume")
         log.debug("restic %s on %s", shlex.join(args), repo.destination)
         try:
             return self.host.run_helper(["sh", "-c", session, "sh", *args], [*repo.mounts, cache, *mounts],
                                         purpose, caps=REPOSITORY_CAPS, image=self.image, environment=env,
-                                        network=repo.network, hostname=SNAPSHOT_HOST)
+                                        network=repo.network, hostname=SNAPSHOT_HOST,
+                                        tmpfs=SECRETS_TMPFS if repo.files else None)
         except HelperError as exc:
             raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
 
@@ -174,10 +230,7 @@ class Restic:
         if repo.mounts or store.stat(f"{repo.key}/config") is not None:
             return
         log.info("creating repository %s on %s", repo.key, repo.destination)
-        self.host.run_helper(["restic", "init", "--quiet"], [*repo.mounts], f"init of {repo.key}",
-                             caps=REPOSITORY_CAPS, image=self.image, environment={"RESTIC_REPOSITORY": repo.location,
-                                                            "RESTIC_PASSWORD": repo.password, **repo.env},
-                             network=repo.network, hostname=SNAPSHOT_HOST)
+        self.run(repo, ["init", "--quiet"], f"init of {repo.key}", unlock=False)
 
     def backup(self, repo: Repository, source: VolumeSource, job: str, backup_id: str) -> dict[str, Any]:
         """Snapshot one volume; restic's JSON summary (snapshot_id, data_added, total_bytes_processed)."""

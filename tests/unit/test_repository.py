@@ -48,7 +48,7 @@ def test_a_destinations_password_serves_every_repository_job_on_it():
     ({"format": "repository", "repository_password": "x", "destinations": ["far"]},
      {"destinations": {"far": {"type": "sftp", "host": "h", "user": "u", "password": "p",
                                "host_key_fingerprint": "SHA256:x"}}},
-     "jobs.j.destinations: destination 'far' is sftp: format: repository supports local, s3"),
+     "destinations.far.key_file: format: repository (job j) logs in to SFTP with a key: set key_file"),
     ({"format": "repository", "repository_password": "x", "databases": [
         {"name": "pg", "type": "postgres", "container": "c"}]}, {},
      "jobs.j.databases: database dumps are not supported with format: repository yet"),
@@ -172,3 +172,53 @@ def test_verify_hands_snapshots_to_the_restic_checker_and_leaves_their_status_al
     without = verify_backup(parse_config({}, env={}), catalog, {}, bid)
     assert not any(r.ok for r in without)
     assert {c.status for c in catalog.get(bid).artifacts[0].copies} == {"stored", "failed"}
+
+
+def test_an_sftp_destination_with_a_key_holds_a_repository():
+    data = config_of({"format": "repository", "repository_password": "x", "destinations": ["far"]})
+    data["destinations"]["far"] = {"type": "sftp", "host": "h", "user": "u", "key_file": "/k",
+                                   "host_key_fingerprint": "SHA256:x"}
+    assert parse_config(data, env={}).jobs["j"].format == "repository"
+
+
+class RecordingHost:
+    """Records the helper a Restic call would start."""
+
+    helper_image = "img"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], dict]] = []
+
+    def run_helper(self, command, mounts, purpose, caps=(), **options):
+        self.calls.append((command, options))
+        return ""
+
+
+def test_an_sftp_session_makes_its_ssh_files_on_a_tmpfs_and_keeps_secrets_out_of_the_command_line():
+    from backupd.repository import SECRETS_POINT, Repository, Restic
+
+    host = RecordingHost()
+    repo = Repository("far", "_restic/j", "sftp:u@h:/r/_restic/j", (),
+                      {"BACKUPD_SSH_KEY": "PRIVATE-KEY-BODY", "BACKUPD_KNOWN_HOSTS": "h ssh-ed25519 AAAA"},
+                      "host", "repo-password", ("-o", "sftp.command=ssh -i /run/backupd/ssh_key h -s sftp"),
+                      (("BACKUPD_SSH_KEY", "ssh_key"), ("BACKUPD_KNOWN_HOSTS", "known_hosts")))
+    Restic(host, parse_config({}, env={})).run(repo, ["snapshots", "--json"], "test")
+    [(command, options)] = host.calls
+    script = command[2]
+    assert script.startswith("umask 077 && ")
+    assert f'"$BACKUPD_SSH_KEY" >{SECRETS_POINT}/ssh_key' in script
+    # Every restic command of the session (unlock, then the one asked for) gets the ssh command.
+    assert script.count("restic -o 'sftp.command=ssh -i /run/backupd/ssh_key h -s sftp'") == 2
+    assert options["tmpfs"] == {SECRETS_POINT: "size=1m,mode=0700"}
+    assert options["environment"]["BACKUPD_SSH_KEY"] == "PRIVATE-KEY-BODY"
+    assert options["environment"]["RESTIC_PASSWORD"] == "repo-password"
+    assert not any(secret in part for part in command for secret in ("PRIVATE-KEY-BODY", "repo-password"))
+
+
+def test_a_repository_without_secret_files_gets_no_tmpfs():
+    from backupd.repository import Repository, Restic
+
+    host = RecordingHost()
+    Restic(host, parse_config({}, env={})).run(Repository("local", "_restic/j", "/repository"), ["check"], "t")
+    [(command, options)] = host.calls
+    assert options["tmpfs"] is None and "printf" not in command[2]
