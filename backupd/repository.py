@@ -59,7 +59,9 @@ SECRETS_TMPFS = {SECRETS_POINT: "size=1m,mode=0700"}
 SSH_KEY, KNOWN_HOSTS = "ssh_key", "known_hosts"
 # A backup into a local repository creates it first when its config is missing (looked at from
 # inside the helper: restic makes its files readable by root only, and backupd's sidecar is not root).
-CREATE_LOCAL = 'test -e "$RESTIC_REPOSITORY/config" || restic init --quiet || exit 1; '
+# One that receives copies takes the chunker parameters of the repository it copies from, so
+# that backups made into it directly later still deduplicate against what was copied.
+CREATE_LOCAL = 'test -e "$RESTIC_REPOSITORY/config" || restic init --quiet {} || exit 1; '
 
 
 class RepositoryError(BackupdError):
@@ -93,6 +95,11 @@ class Repository:
     password: str = field(default="", repr=False)
     options: tuple[str, ...] = ()  # restic's global options (-o ...): never secrets
     files: tuple[tuple[str, str], ...] = ()  # (variable of `env`, file under SECRETS_POINT) to make first
+
+    @property
+    def local(self) -> bool:
+        """On a bind mount (a local destination), rather than reached over the network."""
+        return self.location == REPOSITORY_POINT
 
 
 def open_repository(config: Config, host: DockerHost, job: str, destination: str) -> Repository:
@@ -190,20 +197,20 @@ class Restic:
                               "(it needs restic and glibc)") from None
 
     def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = (),
-            create: bool = False, unlock: bool = True, extra_env: dict[str, str] | None = None) -> str:
+            create: bool = False, unlock: bool = True, then: list[str] | None = None) -> str:
         """restic ARGS on the repository after removing dead runs' locks (see the module doc);
         stdout, or RepositoryError. With `create`, a local repository that does not exist yet is
-        initialised first."""
+        initialised first; `then`: restic's arguments for a second command in the same helper."""
         restic = shlex.join(["restic", *repo.options])
         session = "umask 077 && " + "".join(f'printf "%s\\n" "${var}" >{SECRETS_POINT}/{name} && '
                                             for var, name in repo.files)
-        if create and repo.mounts:
-            session += CREATE_LOCAL
+        if create and repo.local:
+            session += CREATE_LOCAL.format("--copy-chunker-params" if "RESTIC_FROM_REPOSITORY" in repo.env else "")
         if unlock:
             session += f"{restic} unlock --remove-all --quiet && "
-        session += f'exec {restic} "$@"'
+        session += f'{restic} "$@" && exec {restic} {shlex.join(then)}' if then else f'exec {restic} "$@"'
         env = {"RESTIC_REPOSITORY": repo.location, "RESTIC_PASSWORD": repo.password,
-               "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env, **(extra_env or {})}
+               "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env}
         cache = Mount(CACHE_POINT, CACHE_VOLUME, type="volume")
         log.debug("restic %s on %s", shlex.join(args), repo.destination)
         try:
@@ -217,7 +224,7 @@ class Restic:
     def exists(self, repo: Repository, store: Store) -> bool:
         """Does the repository's config object exist? A local one is looked at by a helper
         (see CREATE_LOCAL)."""
-        if not repo.mounts:
+        if not repo.local:
             return store.stat(f"{repo.key}/config") is not None
         out = self.host.run_helper(["sh", "-c", f'test -e "{REPOSITORY_POINT}/config" && echo yes || echo no'],
                                    [*repo.mounts], f"repository {repo.key}", caps=REPOSITORY_CAPS,
@@ -227,7 +234,7 @@ class Restic:
     def init_if_missing(self, repo: Repository, store: Store) -> None:
         """`restic init` a remote repository whose config object does not exist yet (a local one
         is created by its first backup's helper, which saves a helper start per run)."""
-        if repo.mounts or store.stat(f"{repo.key}/config") is not None:
+        if repo.local or store.stat(f"{repo.key}/config") is not None:
             return
         log.info("creating repository %s on %s", repo.key, repo.destination)
         self.run(repo, ["init", "--quiet"], f"init of {repo.key}", unlock=False)
@@ -246,6 +253,18 @@ class Restic:
                     return data
         raise RepositoryError(f"repository {repo.key} on {repo.destination}: restic backup printed no "
                               f"summary: {out[-300:]}")
+
+    def copy(self, session: Repository, snapshot_ids: list[str], backup_id: str) -> dict[str, str]:
+        """`restic copy` snapshots into the repository of a copy_session; which snapshot each
+        became there (by the source's id). Snapshots copied before are not copied again."""
+        out = self.run(session, ["copy", "--quiet", *snapshot_ids], f"copy to {session.key}", create=True,
+                       then=["snapshots", "--json", "--tag", f"backup={backup_id}"])
+        made = {}
+        for snap in json.loads(out[out.index("["):] if "[" in out else "[]"):
+            for original in snapshot_ids:
+                if str(snap.get("original", "")).startswith(original):
+                    made[original] = snap["short_id"]
+        return made
 
     def restore(self, repo: Repository, snapshot_id: str, name: str, volume: str) -> None:
         """Restore a volume's snapshot into a volume mounted where it was read from."""
@@ -267,11 +286,44 @@ class Restic:
         return json.loads(self.run(repo, ["snapshots", "--json"], f"snapshots of {repo.key}") or "[]")
 
 
-class SnapshotWriter:
-    """One run's repositories: opened (and created) once, each volume snapshotted into each.
+# Where a helper that copies between repositories sees a local source repository.
+SOURCE_REPOSITORY_POINT = "/from-repository"
+Snapshot = tuple[str, int | None, int]  # snapshot id, bytes it added (None: not known), bytes it holds
 
-    A destination whose repository cannot be opened fails its copies with that reason and is
-    not tried again in this run; the others carry on (the run is then partial).
+
+def copy_session(source: Repository, target: Repository) -> Repository | None:
+    """`target` as a helper sees it that also reaches `source` as the source of `restic copy`;
+    None when one helper cannot reach both (restic takes one set of S3 credentials, one ssh
+    command and one network per process)."""
+    env = dict(target.env)
+    for name, value in source.env.items():
+        if env.setdefault(name, value) != value:
+            return None
+    if source.network and target.network and source.network != target.network:
+        return None
+    if source.options and target.options and source.options != target.options:
+        return None
+    location, mounts = source.location, []
+    for mount in source.mounts:  # a local source moves aside: the target may be local too
+        mounts.append(Mount(SOURCE_REPOSITORY_POINT, mount["Source"], type="bind"))  # restic locks it: writable
+        location = SOURCE_REPOSITORY_POINT
+    env.update(RESTIC_FROM_REPOSITORY=location, RESTIC_FROM_PASSWORD=source.password)
+    return Repository(target.destination, target.key, target.location, (*target.mounts, *mounts), env,
+                      target.network or source.network, target.password, target.options or source.options,
+                      tuple(dict.fromkeys((*target.files, *source.files))))
+
+
+class SnapshotWriter:
+    """One run's repositories, opened (and created) once; each volume is read once.
+
+    Each volume is backed up into the primary repository (the first local destination, else the
+    first reachable one). After every volume is read (and stopped containers run again),
+    `finish` copies the run's snapshots from there to the other repositories with `restic copy`
+    and records every copy. A repository one helper cannot reach together with the primary
+    gets its own backup of each volume instead, as does every repository for a volume whose
+    backup into the primary failed. A destination whose repository cannot be opened fails its
+    copies with that reason and is not tried again in this run; the others carry on (the run
+    is then partial).
     """
 
     def __init__(self, config: Config, host: DockerHost, job: str, stores: dict[str, Store]) -> None:
@@ -287,30 +339,89 @@ class SnapshotWriter:
             except Exception as exc:  # noqa: BLE001 - one destination must not sink the others
                 self.broken[dest] = str(exc)
                 log.error("repository of job %s on %s is unusable: %s", job, dest, exc)
+        order = sorted(self.repos, key=lambda d: not self.repos[d].local)  # local ones first, else as listed
+        self.primary = order[0] if order else None
+        self.sessions: dict[str, Repository] = {}  # destination -> helper view for copies from the primary
+        self.direct: list[str] = []  # destinations backed up directly
+        for dest in order[1:]:
+            session = copy_session(self.repos[order[0]], self.repos[dest])
+            if session is None:
+                self.direct.append(dest)
+            else:
+                self.sessions[dest] = session
+        self.pending: list[tuple[int, dict[str, Snapshot], dict[str, str]]] = []
 
-    def snapshot(self, catalog: Catalog, backup_id: str, source: VolumeSource) -> str:
-        """Back up one volume into every repository; record one artifact, a copy per destination."""
+    def snapshot(self, catalog: Catalog, backup_id: str, source: VolumeSource) -> None:
+        """Back up one volume into the primary repository (and those it cannot be copied to);
+        its artifact is recorded when `finish` has copied it."""
         keys = {d: repository_key(self.job) for d in [*self.repos, *self.broken]}
         art_id = catalog.add_artifact(backup_id, "volume", source.name, f"{source.kind}:{source.source}",
                                       FORMAT, FORMAT, keys)
-        snapshots: dict[str, tuple[str, int, int]] = {}
+        snapshots: dict[str, Snapshot] = {}
         errors = dict(self.broken)
         try:
-            for dest, repo in self.repos.items():
-                try:
-                    summary = self.restic.backup(repo, source, self.job, backup_id)
-                except BackupdError as exc:
-                    errors[dest] = str(exc)
-                    log.error("volume %s to %s failed: %s", source.name, dest, exc)
-                    continue
-                snapshots[dest] = (summary["snapshot_id"], int(summary.get("data_added", 0)),
-                                   int(summary.get("total_bytes_processed", 0)))
-                log.info("volume %s: snapshot %s on %s, %d bytes added of %d", source.name,
-                         summary["snapshot_id"], dest, snapshots[dest][1], snapshots[dest][2])
+            targets = [self.primary, *self.direct] if self.primary else []
+            for dest in targets:
+                self._backup(dest, source, backup_id, snapshots, errors)
+            if self.primary is not None and self.primary not in snapshots:
+                for dest in self.sessions:  # nothing to copy from: each reads the volume itself
+                    self._backup(dest, source, backup_id, snapshots, errors)
         except BaseException as exc:
             catalog.fail_artifact(art_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
             raise
-        return catalog.finish_snapshots(art_id, snapshots, errors)
+        self.pending.append((art_id, snapshots, errors))
+
+    def _backup(self, dest: str, source: VolumeSource, backup_id: str, snapshots: dict[str, Snapshot],
+                errors: dict[str, str]) -> None:
+        try:
+            summary = self.restic.backup(self.repos[dest], source, self.job, backup_id)
+        except BackupdError as exc:
+            errors[dest] = str(exc)
+            log.error("volume %s to %s failed: %s", source.name, dest, exc)
+            return
+        snapshots[dest] = (summary["snapshot_id"], int(summary.get("data_added", 0)),
+                           int(summary.get("total_bytes_processed", 0)))
+        log.info("volume %s: snapshot %s on %s, %d bytes added of %d", source.name, summary["snapshot_id"],
+                 dest, snapshots[dest][1], snapshots[dest][2])
+
+    def finish(self, catalog: Catalog, backup_id: str) -> None:
+        """Copy the run's snapshots from the primary to the other repositories (one `restic copy`
+        per repository), then record every artifact with each destination's snapshot or error."""
+        try:
+            for dest, session in self.sessions.items():
+                todo = [(snaps, errs) for _, snaps, errs in self.pending
+                        if self.primary in snaps and dest not in snaps and dest not in errs]
+                if not todo:
+                    continue
+                assert self.primary is not None
+                originals = [snaps[self.primary][0] for snaps, _ in todo]
+                try:
+                    made = self.restic.copy(session, originals, backup_id)
+                except BackupdError as exc:
+                    log.error("copy of backup %s to %s failed: %s", backup_id, dest, exc)
+                    made, failure = {}, str(exc)
+                else:
+                    failure = "restic copy made no snapshot of it"
+                for snaps, errs in todo:
+                    original = snaps[self.primary]
+                    if original[0] in made:
+                        snaps[dest] = (made[original[0]], None, original[2])
+                    else:
+                        errs[dest] = failure
+                log.info("copied %d snapshot(s) of backup %s from %s to %s", len(made), backup_id,
+                         self.primary, dest)
+        except BaseException as exc:
+            self.abandon(catalog, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+            raise
+        for art_id, snaps, errs in self.pending:
+            catalog.finish_snapshots(art_id, snaps, errs)
+        self.pending = []
+
+    def abandon(self, catalog: Catalog, reason: str) -> None:
+        """The run stops before `finish`: record the snapshots made so far, the rest failed."""
+        for art_id, snaps, errs in self.pending:
+            catalog.finish_snapshots(art_id, snaps, {**{d: reason for d in self.repos}, **errs})
+        self.pending = []
 
 
 def stored_snapshots(artifact: ArtifactView) -> list[tuple[str, str, str]]:

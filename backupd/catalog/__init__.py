@@ -405,7 +405,7 @@ class Catalog:
                 art.error = "; ".join(f"{d}: {e}" for d, e in copy_errors.items())
             return art.status
 
-    def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int, int]],
+    def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int | None, int]],
                          copy_errors: dict[str, str]) -> str:
         """Repository mode: record each destination's snapshot (id, bytes added, bytes covered)
         or its error. The artifact's size is the bytes its first snapshot holds (what the

@@ -101,3 +101,121 @@ def test_a_pinned_host_key_fingerprint_works_and_another_servers_key_is_refused(
     assert copies["pinned"]["status"] == "stored" and copies["pinned"]["snapshot_id"]
     assert copies["impostor"]["status"] == "failed" and copies["impostor"]["snapshot_id"] is None
     assert "not the pinned" in copies["impostor"]["error"]
+
+
+def s3_destination(server, bucket: str) -> dict:
+    return {"type": "s3", "bucket": bucket, "prefix": "host1", "region": "us-east-1",
+            "endpoint_url": server.endpoint_url, "access_key_id": server.access_key,
+            "secret_access_key": server.secret_key}
+
+
+def s3_restic(server, bucket: str, password_file: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RESTIC_REPOSITORY": f"s3:{server.endpoint_url}/{bucket}/host1/_restic/j",
+           "RESTIC_PASSWORD_FILE": str(password_file), "RESTIC_CACHE_DIR": str(password_file.parent / "host-cache"),
+           "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
+    return subprocess.run(["restic", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_three_destinations_read_the_volume_once_keep_the_same_snapshots_and_forget_them_together(
+        docker_client, helper_image, restic_image, volume_factory, tmp_path, sftp_server,  # noqa: F811
+        s3_server, s3_bucket):
+    vol = volume_factory("repo-three")
+    root = mountpoint(docker_client, vol)
+    fill(root, 4, big_mb=4, small=60)
+    remote = f"{sftp_server.root_dir}/{uuid.uuid4().hex[:8]}"
+    # The local destination is listed last: it is still the one the volume is read into.
+    destinations = {"s3": s3_destination(s3_server, s3_bucket), "far": sftp_destination(sftp_server, remote),
+                    "local": {"type": "local", "path": str(tmp_path / "backups")}}
+    config, password = repo_config(tmp_path, helper_image, restic_image,
+                                   {"j": {"volumes": [vol], "retention": {"keep_last": 2}}}, destinations)
+    runs, trees = [], []
+    for i in range(3):
+        if i:
+            (root / "d" / f"f{i}.txt").write_text(f"changed in run {i}\n")
+        runs.append(backupd(config, "backup", "j"))
+        trees.append(snapshot(root))
+    assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr[-800:] for r in runs if r.returncode]
+    entries = list(reversed(listing(config)))
+    assert [e["status"] for e in entries] == ["succeeded"] * 3
+    for entry in entries:
+        copies = copies_of(entry)
+        assert {d: c["status"] for d, c in copies.items()} == {"s3": "stored", "far": "stored", "local": "stored"}
+        # Read once, into the local repository; the others got `restic copy` of that snapshot.
+        assert copies["local"]["bytes_added"] is not None
+        assert copies["s3"]["bytes_added"] is None and copies["far"]["bytes_added"] is None
+        assert len({c["bytes_covered"] for c in copies.values()}) == 1
+
+    pw_file = tmp_path / "password"
+    readers = {
+        "local": lambda *a: host_restic(tmp_path / "backups" / "_restic" / "j", pw_file, *a),
+        "s3": lambda *a: s3_restic(s3_server, s3_bucket, pw_file, *a),
+        "far": lambda *a: sftp_restic(sftp_server, f"{remote}/_restic/j", pw_file, *a),
+    }
+
+    def listed(dest: str) -> list[dict]:
+        out = readers[dest]("snapshots", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    local_ids = {s["short_id"]: s["id"] for s in listed("local")}
+    for dest in ("s3", "far"):
+        snaps = listed(dest)
+        assert [s["short_id"] for s in snaps] == [copies_of(e)[dest]["snapshot_id"] for e in entries]
+        # Each is the copy of the local snapshot of the same run, tagged with that run.
+        assert [s["original"] for s in snaps] == [local_ids[copies_of(e)["local"]["snapshot_id"]] for e in entries]
+        assert [f"backup={e['id']}" in s["tags"] for s, e in zip(snaps, entries)] == [True] * 3
+
+    # Every destination's snapshot of every run restores byte for byte with restic alone.
+    for dest in readers:
+        for entry, expected in zip(entries, trees):
+            target = tmp_path / f"restore-{dest}-{entry['id']}"
+            out = readers[dest]("restore", copies_of(entry)[dest]["snapshot_id"], "--target", str(target))
+            assert out.returncode == 0, out.stderr
+            assert snapshot(target / "data" / vol) == expected, (dest, entry["id"])
+
+    # Retention forgets exactly the oldest run's snapshot in all three repositories.
+    pruned = backupd(config, "prune", "--job", "j")
+    assert pruned.returncode == 0, pruned.stderr
+    kept = entries[1:]
+    assert [e["id"] for e in reversed(listing(config))] == [e["id"] for e in kept]
+    for dest in readers:
+        assert [s["short_id"] for s in listed(dest)] == [copies_of(e)[dest]["snapshot_id"] for e in kept], dest
+    gone = json.loads(backupd(config, "show", entries[0]["id"], "--json", check=True).stdout)
+    assert {c["status"] for c in gone["artifacts"][0]["destinations"]} == {"deleted"}
+
+    # backupd restores each kept run byte for byte too.
+    for entry, expected in zip(kept, trees[1:]):
+        target = f"{vol}-back-{uuid.uuid4().hex[:6]}"
+        try:
+            restored = backupd(config, "restore", entry["id"], "--volume", vol, "--to-volume", target)
+            runs.append(restored)
+            assert restored.returncode == 0, restored.stderr
+            assert snapshot(mountpoint(docker_client, target)) == expected
+        finally:
+            docker_client.volumes.get(target).remove(force=True)
+
+    logs = "".join(r.stdout + r.stderr for r in [*runs, pruned])
+    assert password not in logs and s3_server.secret_key not in logs
+    assert docker_client.containers.list(all=True, filters={"label": HELPER_LABEL, "volume": vol}) == []
+
+
+def test_an_unreachable_sftp_server_makes_the_run_partial_and_the_others_get_their_copies(
+        docker_client, helper_image, restic_image, volume_factory, tmp_path, sftp_server,  # noqa: F811
+        s3_server, s3_bucket):
+    from tests.integration.services import free_ports
+
+    vol = volume_factory("repo-down")
+    (mountpoint(docker_client, vol) / "a.txt").write_text("a\n")
+    [closed] = free_ports(1)
+    down = {**sftp_destination(sftp_server, sftp_server.root_dir), "port": closed}
+    destinations = {"local": {"type": "local", "path": str(tmp_path / "backups")},
+                    "down": down, "s3": s3_destination(s3_server, s3_bucket)}
+    config, _ = repo_config(tmp_path, helper_image, restic_image, {"j": {"volumes": [vol]}}, destinations)
+    run = backupd(config, "backup", "j")
+    assert run.returncode != 0
+    [entry] = listing(config)
+    assert entry["status"] == "partial"
+    copies = copies_of(entry)
+    assert copies["local"]["status"] == copies["s3"]["status"] == "stored"
+    assert copies["s3"]["snapshot_id"] and copies["local"]["snapshot_id"]
+    assert copies["down"]["status"] == "failed" and "cannot connect" in copies["down"]["error"]
