@@ -23,15 +23,17 @@ import ipaddress
 import json
 import logging
 import posixpath
+import re
 import shlex
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
 from docker.types import Mount
 
-from backupd.catalog import DELETED, STORED, ArtifactView, Catalog
+from backupd.catalog import DELETED, STORED, SUCCEEDED, ArtifactView, Catalog
 from backupd.config import Config, LocalDestination, S3Destination, SftpDestination
 from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
@@ -530,6 +532,61 @@ def compact_job(config: Config, host: DockerHost, job: str, stores: dict[str, St
         freed = [line.strip() for line in out.splitlines() if "this removes" in line or "remaining" in line]
         done.append(f"{dest}: repository compacted" + (f" ({'; '.join(freed)})" if freed else ""))
     return done
+
+
+BACKUP_ID = re.compile(r"^(\d{8}T\d{6}Z)-[0-9a-f]{6}$")  # catalog.new_backup_id's shape
+
+
+def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, job: str,
+                            destination: str) -> tuple[list[str], list[str]]:
+    """`catalog rebuild` for a repository job: re-create its backups from the snapshots in its
+    repository on one destination. Returns (imported ids, ids already in the catalog).
+
+    backupd tags every snapshot `backupd,job=J,backup=ID` and reads each volume at
+    /data/<name>, so a snapshot names its job, run and volume; the run's start time is in its
+    id. Snapshots of one run become one backup, `succeeded`, with one artifact per volume and
+    a stored copy on this destination (size unknown: restic keeps no summary in 0.14). A run
+    the catalog already holds gains this destination's snapshot of each volume it knows.
+    Snapshots made otherwise (another job, by hand) are left out, each with a warning.
+    """
+    restic = Restic(host, config)
+    repo = open_repository(config, host, job, destination)
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for snap in restic.snapshots(repo):
+        tags = snap.get("tags") or []
+        backup_id = next((t.partition("=")[2] for t in tags if t.startswith("backup=")), "")
+        paths = snap.get("paths") or []
+        name = paths[0][len(SOURCE_ROOT) + 1:] if len(paths) == 1 and paths[0].startswith(SOURCE_ROOT + "/") else ""
+        if "backupd" not in tags or f"job={job}" not in tags or not BACKUP_ID.match(backup_id) \
+                or not name or "/" in name:
+            log.warning("catalog rebuild: snapshot %s in %s on %s was not made by backupd for job %s: left out",
+                        snap.get("short_id"), repo.key, destination, job)
+            continue
+        runs.setdefault(backup_id, {}).setdefault(name, snap)
+    imported, skipped = [], []
+    key = repository_key(job)
+    for backup_id, volumes in sorted(runs.items()):
+        match = BACKUP_ID.match(backup_id)
+        assert match is not None
+        started = datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        artifacts = [{"kind": "volume", "name": name, "source": "", "compression": FORMAT, "encryption": FORMAT,
+                      "status": SUCCEEDED, "size": None, "sha256": None,
+                      "destinations": [{"destination": destination, "key": key, "status": STORED,
+                                        "snapshot_id": snap["short_id"]}]}
+                     for name, snap in sorted(volumes.items())]
+        data = {"id": backup_id, "job": job, "status": SUCCEEDED, "started_at": started.isoformat(),
+                "finished_at": max(str(s.get("time", "")) for s in volumes.values()) or None,
+                "host": "", "artifacts": artifacts}
+        if catalog.import_backup(data):
+            imported.append(backup_id)
+            continue
+        skipped.append(backup_id)
+        known = {a.name for a in catalog.get(backup_id).artifacts if a.kind == "volume"}
+        added = catalog.add_copies(backup_id, [("volume", name, destination, key, STORED, None, snap["short_id"])
+                                               for name, snap in volumes.items() if name in known])
+        if added:
+            log.info("catalog rebuild: added %d snapshot(s) on %s to backup %s", added, destination, backup_id)
+    return imported, skipped
 
 
 READ_DATA_SUBSET = "10%"  # what `verify` reads back of each repository's data, chosen at random by restic

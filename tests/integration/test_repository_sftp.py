@@ -219,3 +219,54 @@ def test_an_unreachable_sftp_server_makes_the_run_partial_and_the_others_get_the
     assert copies["local"]["status"] == copies["s3"]["status"] == "stored"
     assert copies["s3"]["snapshot_id"] and copies["local"]["snapshot_id"]
     assert copies["down"]["status"] == "failed" and "cannot connect" in copies["down"]["error"]
+
+
+def test_catalog_rebuild_recovers_runs_from_the_repository_snapshots_and_restores_from_them(
+        docker_client, helper_image, restic_image, volume_factory, tmp_path, sftp_server):  # noqa: F811
+    vol_a, vol_b = volume_factory("rebuild-a"), volume_factory("rebuild-b")
+    (mountpoint(docker_client, vol_a) / "a.txt").write_text("a\n")
+    fill(mountpoint(docker_client, vol_b), 5, big_mb=1, small=20)
+    expected = snapshot(mountpoint(docker_client, vol_b))
+    remote = f"{sftp_server.root_dir}/{uuid.uuid4().hex[:8]}"
+    destinations = {"local": {"type": "local", "path": str(tmp_path / "backups")},
+                    "far": sftp_destination(sftp_server, remote)}
+    config, password = repo_config(tmp_path, helper_image, restic_image, {"j": {"volumes": [vol_a, vol_b]}},
+                                   destinations)
+    ids = [backupd(config, "backup", "j", check=True).stdout.strip() for _ in range(2)]
+    before = {e["id"]: e for e in listing(config)}
+    # A snapshot someone made by hand in the same repository is not taken for a backup.
+    stray = sftp_restic(sftp_server, f"{remote}/_restic/j", tmp_path / "password", "backup", "--tag", "mine",
+                        str(tmp_path / "password"))
+    assert stray.returncode == 0, stray.stderr
+
+    (tmp_path / "catalog.db").unlink()  # the catalog is lost; the repositories are not
+    rebuilt = backupd(config, "catalog", "rebuild", "--destination", "far")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "imported 2 backup(s) of job j from its repository on far" in rebuilt.stdout
+    assert "was not made by backupd" in rebuilt.stderr
+    after = {e["id"]: e for e in listing(config)}
+    assert set(after) == set(ids)
+    for backup_id in ids:
+        got, was = after[backup_id], before[backup_id]
+        assert got["job"] == "j" and got["status"] == "succeeded"
+        assert got["started_at"][:19] == was["started_at"][:19]
+        assert {a["name"]: [(c["destination"], c["snapshot_id"]) for c in a["destinations"]] for a in got["artifacts"]} \
+            == {a["name"]: [("far", copies["far"]["snapshot_id"])] for a in was["artifacts"]
+                for copies in [{c["destination"]: c for c in a["destinations"]}]}
+
+    # The other destination adds its snapshots to the runs it finds already there.
+    again = backupd(config, "catalog", "rebuild", "--destination", "local")
+    assert again.returncode == 0 and "2 already in the catalog" in again.stdout, again.stderr
+    restored_from = {(c["destination"], c["snapshot_id"]) for a in listing(config)[0]["artifacts"]
+                     for c in a["destinations"]}
+    assert restored_from == {(c["destination"], c["snapshot_id"]) for a in before[ids[1]]["artifacts"]
+                             for c in a["destinations"]}
+
+    target = f"{vol_b}-rebuilt"
+    try:
+        restored = backupd(config, "restore", ids[1], "--volume", vol_b, "--to-volume", target)
+        assert restored.returncode == 0, restored.stderr
+        assert snapshot(mountpoint(docker_client, target)) == expected
+    finally:
+        docker_client.volumes.get(target).remove(force=True)
+    assert password not in rebuilt.stdout + rebuilt.stderr + again.stdout + again.stderr
