@@ -270,3 +270,40 @@ def test_catalog_rebuild_recovers_runs_from_the_repository_snapshots_and_restore
     finally:
         docker_client.volumes.get(target).remove(force=True)
     assert password not in rebuilt.stdout + rebuilt.stderr + again.stdout + again.stderr
+
+
+def test_ssh_in_the_helper_trusts_only_the_host_key_backupd_verified(
+        docker_client, helper_image, restic_image, volume_factory, tmp_path, sftp_server):  # noqa: F811
+    """The second line of defence: were backupd to hand ssh another key than the server's, ssh
+    itself refuses to connect (StrictHostKeyChecking), it never learns the server's key."""
+    import dataclasses
+
+    from backupd.app import App
+    from backupd.config import load_config
+    from backupd.repository import Restic, RepositoryError, open_repository
+
+    vol = volume_factory("repo-sftp-strict")
+    (mountpoint(docker_client, vol) / "a.txt").write_text("a\n")
+    remote = f"{sftp_server.root_dir}/{uuid.uuid4().hex[:8]}"
+    config_path, _ = repo_config(tmp_path, helper_image, restic_image, {"j": {"volumes": [vol]}},
+                                 {"far": sftp_destination(sftp_server, remote)})
+    backupd(config_path, "backup", "j", check=True)  # the repository exists
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    other_b64 = other.with_suffix(".pub").read_text().split()[1]
+
+    config = load_config(config_path)
+    app = App(config, "test")
+    try:
+        restic = Restic(app.host, config)
+        repo = open_repository(config, app.host, "j", "far")
+        assert len(json.loads(restic.run(repo, ["snapshots", "--json"], "listing"))) == 1
+        known = repo.env["BACKUPD_KNOWN_HOSTS"].rsplit(" ", 1)[0]
+        forged = dataclasses.replace(repo, env={**repo.env, "BACKUPD_KNOWN_HOSTS": f"{known} {other_b64}"})
+        unknown = dataclasses.replace(repo, env={**repo.env, "BACKUPD_KNOWN_HOSTS": f"elsewhere ssh-ed25519 {other_b64}"})
+        for wrong in (forged, unknown):  # a changed key, and no key known for the server at all
+            with pytest.raises(RepositoryError) as refused:
+                restic.run(wrong, ["snapshots", "--json"], "listing")
+            assert "Host key verification failed" in str(refused.value)
+    finally:
+        app.close()
