@@ -261,8 +261,9 @@ class Restic:
         became there (by the source's id). Snapshots copied before are not copied again."""
         out = self.run(session, ["copy", "--quiet", *snapshot_ids], f"copy to {session.key}", create=True,
                        then=["snapshots", "--json", "--tag", f"backup={backup_id}"])
+        listed = next((line for line in reversed(out.splitlines()) if line.startswith("[")), "[]")
         made = {}
-        for snap in json.loads(out[out.index("["):] if "[" in out else "[]"):
+        for snap in json.loads(listed):
             for original in snapshot_ids:
                 if str(snap.get("original", "")).startswith(original):
                     made[original] = snap["short_id"]

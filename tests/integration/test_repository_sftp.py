@@ -182,6 +182,12 @@ def test_three_destinations_read_the_volume_once_keep_the_same_snapshots_and_for
         assert [s["short_id"] for s in listed(dest)] == [copies_of(e)[dest]["snapshot_id"] for e in kept], dest
     gone = json.loads(backupd(config, "show", entries[0]["id"], "--json", check=True).stdout)
     assert {c["status"] for c in gone["artifacts"][0]["destinations"]} == {"deleted"}
+    compacted = backupd(config, "prune", "--job", "j", "--compact")
+    assert compacted.returncode == 0, compacted.stderr
+    assert all(f"{dest}: repository compacted" in compacted.stdout for dest in readers), compacted.stdout
+    for dest in readers:
+        checked = readers[dest]("check")
+        assert checked.returncode == 0 and "no errors were found" in checked.stdout, (dest, checked.stderr)
 
     # backupd restores each kept run byte for byte too.
     for entry, expected in zip(kept, trees[1:]):
@@ -194,7 +200,7 @@ def test_three_destinations_read_the_volume_once_keep_the_same_snapshots_and_for
         finally:
             docker_client.volumes.get(target).remove(force=True)
 
-    logs = "".join(r.stdout + r.stderr for r in [*runs, pruned])
+    logs = "".join(r.stdout + r.stderr for r in [*runs, pruned, compacted])
     assert password not in logs and s3_server.secret_key not in logs
     assert docker_client.containers.list(all=True, filters={"label": HELPER_LABEL, "volume": vol}) == []
 
