@@ -23,7 +23,6 @@ import ipaddress
 import json
 import logging
 import posixpath
-import re
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ from urllib.parse import urlparse
 
 from docker.types import Mount
 
-from backupd.catalog import DELETED, STORED, SUCCEEDED, ArtifactView, Catalog
+from backupd.catalog import BACKUP_ID_RE, DELETED, STORED, SUCCEEDED, ArtifactView, Catalog
 from backupd.config import Config, LocalDestination, S3Destination, SftpDestination
 from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
@@ -535,9 +534,6 @@ def compact_job(config: Config, host: DockerHost, job: str, stores: dict[str, St
     return done
 
 
-BACKUP_ID = re.compile(r"^(\d{8}T\d{6}Z)-[0-9a-f]{6}$")  # catalog.new_backup_id's shape
-
-
 def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, job: str,
                             destination: str) -> tuple[list[str], list[str]]:
     """`catalog rebuild` for a repository job: re-create its backups from the snapshots in its
@@ -558,7 +554,7 @@ def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, 
         backup_id = next((t.partition("=")[2] for t in tags if t.startswith("backup=")), "")
         paths = snap.get("paths") or []
         name = paths[0][len(SOURCE_ROOT) + 1:] if len(paths) == 1 and paths[0].startswith(SOURCE_ROOT + "/") else ""
-        if "backupd" not in tags or f"job={job}" not in tags or not BACKUP_ID.match(backup_id) \
+        if "backupd" not in tags or f"job={job}" not in tags or not BACKUP_ID_RE.fullmatch(backup_id) \
                 or not name or "/" in name:
             log.warning("catalog rebuild: snapshot %s in %s on %s was not made by backupd for job %s: left out",
                         snap.get("short_id"), repo.key, destination, job)
@@ -567,9 +563,7 @@ def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, 
     imported, skipped = [], []
     key = repository_key(job)
     for backup_id, volumes in sorted(runs.items()):
-        match = BACKUP_ID.match(backup_id)
-        assert match is not None
-        started = datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        started = datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
         artifacts = [{"kind": "volume", "name": name, "source": "", "compression": FORMAT, "encryption": FORMAT,
                       "status": SUCCEEDED, "size": None, "sha256": None,
                       "destinations": [{"destination": destination, "key": key, "status": STORED,
