@@ -244,6 +244,16 @@ def cmd_catalog_rebuild(ctx: Context) -> int:
         raise ConfigError(f"--destination: '{dest}' is not defined (defined: {', '.join(ctx.config.destinations)})")
     imported, skipped = rebuild_catalog(ctx.catalog, dest, ctx.app.stores([dest])[dest])
     print(f"imported {len(imported)} backup(s) from {dest}; {len(skipped)} already in the catalog")
+    for job in [j for j, spec in ctx.config.jobs.items()
+                if spec.format == "repository" and dest in ctx.config.job_destinations(j)]:
+        from backupd.app import job_lease
+        from backupd.repository import rebuild_from_repository
+
+        with ctx.app.leases.hold([job_lease(job)], f"catalog rebuild of job {job}",
+                                 on_wait=lambda c: log.info("waiting: %s", c)):  # no backup writes meanwhile
+            imported, skipped = rebuild_from_repository(ctx.config, ctx.catalog, ctx.app.host, job, dest)
+        print(f"imported {len(imported)} backup(s) of job {job} from its repository on {dest}; "
+              f"{len(skipped)} already in the catalog")
     return 0
 
 

@@ -461,7 +461,7 @@ class Config(_Model):
         return found
 
 
-REPOSITORY_DESTINATIONS = ("local", "s3")
+REPOSITORY_DESTINATIONS = ("local", "s3", "sftp")
 
 
 def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
@@ -479,6 +479,12 @@ def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
             raise _KeyedError(f"{where}.destinations",
                               f"destination '{name}' is {dest.type}: format: repository supports "
                               f"{', '.join(REPOSITORY_DESTINATIONS)}")
+        if dest.type == "sftp" and dest.key_file is None:
+            # restic reaches SFTP through OpenSSH's ssh, which would need a terminal (or an askpass
+            # program) for a password; a key file reaches it as a file in the helper.
+            raise _KeyedError(f"destinations.{name}.key_file",
+                              f"format: repository (job {job_name}) logs in to SFTP with a key: "
+                              f"set key_file (a password login works for format: archive only)")
         if job.repository_password is None and dest.repository_password is None:
             raise _KeyedError(f"{where}.repository_password",
                               f"format: repository needs a password: set repository_password_file here "

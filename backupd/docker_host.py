@@ -346,8 +346,9 @@ class DockerHost:
     def _create_helper(self, command: list[str], mounts: list[Mount], stdin: bool = False,
                        purpose: str = "", caps: Iterable[str] = (), image: str | None = None,
                        environment: dict[str, str] | None = None, network: str | None = None,
-                       hostname: str | None = None) -> str:
-        """A helper container (not started) with only the capabilities `caps`."""
+                       hostname: str | None = None, tmpfs: dict[str, str] | None = None) -> str:
+        """A helper container (not started) with only the capabilities `caps`; `tmpfs`: in-memory
+        mounts (path: options) for files that must never reach a disk."""
         # Named up front: if we are interrupted while the engine creates it, we can still remove it.
         name = f"backupd-helper-{uuid.uuid4().hex[:12]}"
         try:
@@ -373,7 +374,7 @@ class DockerHost:
                 host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none"),
                                                         mem_limit=self.helper_memory, network_mode=network,
                                                         cap_drop=["ALL"], cap_add=list(caps) or None,
-                                                        security_opt=HELPER_SECURITY_OPT),
+                                                        security_opt=HELPER_SECURITY_OPT, tmpfs=tmpfs),
             )
         except ImageNotFound:
             key = "repository_image" if image else "helper_image"

@@ -289,7 +289,7 @@ def _add_copies(catalog: Catalog, record: BackupManifest, copies: list[list[Copy
             log.warning("catalog rebuild: the manifest of backup %s on %s disagrees with the catalog about "
                         "%s '%s': its copies there are not added", record.id, destination, art.kind, art.name)
             continue
-        rows += [(art.kind, art.name, c.destination, c.key, c.status, c.error) for c in own]
+        rows += [(art.kind, art.name, c.destination, c.key, c.status, c.error, None) for c in own]
     added = catalog.add_copies(record.id, rows)
     if added:
         log.info("catalog rebuild: added %d copies on %s to backup %s", added, destination, record.id)

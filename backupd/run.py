@@ -110,13 +110,13 @@ def run_backup(
 
     errors: list[str] = []
     warnings: list[str] = []
+    snapshots = None
     try:
         logger.info("step 1/6: before hooks (%d)", len(hooks.before))
         warnings += run_hooks(hooks.before, "before", host, where)
         logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
         for dump in plan.dumps:
             store("database", dump.artifact, dump.source, dump.open)
-        snapshots = None
         if repository and plan.volumes:  # repositories opened (and created) before anything stops
             from backupd.repository import SnapshotWriter
 
@@ -134,8 +134,12 @@ def run_backup(
         if plan.stop:
             logger.info("containers were stopped for %.1f s", time.monotonic() - stopped_at)
         errors += restart_problems
+        if snapshots is not None:  # the volumes are read: copies to the other repositories need no downtime
+            snapshots.finish(catalog, backup_id)
     except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
         errors.append(str(exc) or type(exc).__name__)
+        if snapshots is not None:
+            snapshots.abandon(catalog, str(exc) or type(exc).__name__)
         if not isinstance(exc, Exception):
             _after_hooks(hooks.after, host, where, errors, warnings, logger)
             catalog.add_warnings(backup_id, warnings)

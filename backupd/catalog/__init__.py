@@ -409,7 +409,7 @@ class Catalog:
                 art.error = "; ".join(f"{d}: {e}" for d, e in copy_errors.items())
             return art.status
 
-    def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int, int]],
+    def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int | None, int]],
                          copy_errors: dict[str, str]) -> str:
         """Repository mode: record each destination's snapshot (id, bytes added, bytes covered)
         or its error. The artifact's size is the bytes its first snapshot holds (what the
@@ -559,20 +559,22 @@ class Catalog:
                     s.add(ArtifactBlocksRow(artifact_id=art_row.id, block_size=known[0], digests=known[1]))
             return True
 
-    def add_copies(self, backup_id: str, copies: Iterable[tuple[str, str, str, str, str, str | None]]) -> int:
+    def add_copies(self, backup_id: str,
+                   copies: Iterable[tuple[str, str, str, str, str, str | None, str | None]]) -> int:
         """Record more copies of a known backup's artifacts: (kind, name, destination, key,
-        status, error) each. Copies already recorded (same destination and key) are left as
-        they are. Returns how many were added."""
+        status, error, snapshot id or None) each. Copies already recorded (same destination
+        and key) are left as they are. Returns how many were added."""
         added = 0
         with self._session.begin() as s:
             artifacts = {(a.kind, a.name): a for a in s.scalars(
                 select(ArtifactRow).where(ArtifactRow.backup_id == backup_id)
                 .options(selectinload(ArtifactRow.copies)))}
-            for kind, name, destination, key, status, error in copies:
+            for kind, name, destination, key, status, error, snapshot_id in copies:
                 art = artifacts[(kind, name)]
                 if any((c.destination, c.key) == (destination, key) for c in art.copies):
                     continue
-                art.copies.append(CopyRow(destination=destination, key=key, status=status, error=error))
+                art.copies.append(CopyRow(destination=destination, key=key, status=status, error=error,
+                                          snapshot_id=snapshot_id))
                 added += 1
         return added
 

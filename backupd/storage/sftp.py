@@ -132,6 +132,13 @@ class SftpStore(Store):
                                    f"{self.spec.host}:{self.spec.port}: {exc}") from None
         return self._sftp
 
+    def host_key(self) -> paramiko.PKey:
+        """The server's host key, verified as for every connection (known_hosts or the pinned
+        fingerprint): what another SSH client may be told to trust, and nothing else."""
+        self.sftp()
+        assert self._transport is not None
+        return self._transport.get_remote_server_key()
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
