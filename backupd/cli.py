@@ -287,8 +287,11 @@ def _describe(b: BackupView) -> str:
     lines += [f"warning   {w}" for w in b.warnings]
     for a in b.artifacts:
         enc = f", {a.encryption}" if a.encryption else ""
+        files = f", {a.file_count} files" if a.file_count is not None else ""
         lines.append(f"  {a.kind} {a.name} ({a.source}): {a.status}, "
-                     f"{human_bytes(a.size or 0)}, {a.compression}{enc}, sha256 {a.sha256 or '-'}")
+                     f"{human_bytes(a.size or 0)}{files}, {a.compression}{enc}, sha256 {a.sha256 or '-'}")
+        if a.excludes:
+            lines.append(f"    excludes: {', '.join(a.excludes)}")
         for c in a.copies:
             err = f" ({c.error})" if c.error else ""
             lines.append(f"    {c.destination}: {c.status} {c.key}{err}")

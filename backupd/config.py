@@ -176,8 +176,15 @@ class VolumeSelector(_Model):
     container: str | None = None
     path: str | None = None
     as_name: str | None = Field(default=None, alias="as")
+    # GNU tar patterns anchored at the volume's root (backupd.excludes); the job's `exclude:` adds to them.
+    exclude: list[str] = []
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        return _exclude_patterns(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -199,6 +206,12 @@ class VolumeSelector(_Model):
         if self.as_name is not None and not NAME_RE.match(self.as_name):
             raise ValueError(f"as '{self.as_name}' must match {NAME_RE.pattern}")
         return self
+
+
+def _exclude_patterns(value: list[str]) -> list[str]:
+    from backupd.excludes import normalize
+
+    return [normalize(p) for p in value]
 
 
 class ContainerSelector(_Model):
@@ -322,6 +335,7 @@ class Job(_RepositoryPassword):
     timezone: str = "UTC"
     jitter: Duration | None = None
     volumes: list[VolumeSelector] = []
+    exclude: list[str] = []  # for every volume of the job, besides each volume's own
     databases: list[DatabaseSpec] = []
     stop_containers: list[ContainerSelector] = []
     hooks: Hooks = Hooks()
@@ -331,6 +345,11 @@ class Job(_RepositoryPassword):
     encryption: Encryption | None = None
     verify_schedule: str | None = None
     notify_on_success: bool | None = None
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        return _exclude_patterns(value)
 
     @field_validator("timezone")
     @classmethod
@@ -472,6 +491,8 @@ def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
                                                  "age encryption applies to format: archive only")
     if job.databases:
         raise _KeyedError(f"{where}.databases", "database dumps are not supported with format: repository yet")
+    if job.exclude or any(v.exclude for v in job.volumes):
+        raise _KeyedError(f"{where}.exclude", "excludes are not supported with format: repository yet")
     for name in job.destinations or list(config.destinations):
         dest = config.destinations[name]
         if dest.type not in REPOSITORY_DESTINATIONS:

@@ -24,7 +24,7 @@ import time
 import uuid
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -42,6 +42,7 @@ from docker.types import LogConfig, Mount  # noqa: E402
 
 from backupd.config import VolumeSelector
 from backupd.errors import BackupdError, ConfigError, NotFoundError
+from backupd.excludes import merged, tar_args
 from backupd.private import private_dir
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ STDERR_KEEP = 16 * 1024
 METADATA = ["--xattrs", "--acls", "--selinux"]
 TAR_CREATE = ["tar", "--create", "--file=-", "--directory", MOUNT_POINT, "--numeric-owner",
               "--sparse", "--format=posix", *METADATA, "--blocking-factor=2048", "."]
+
+
+def tar_create(exclude: Iterable[str] = ()) -> list[str]:
+    """TAR_CREATE, leaving out what the patterns name (their options go before the `.` they apply to)."""
+    return [*TAR_CREATE[:-1], *tar_args(exclude), TAR_CREATE[-1]]
 # 1 MiB records: tar writes file contents in 1 MiB writes instead of 64 KiB ones (a 2 GiB
 # unpack took 3.8 s instead of 4.2-4.8 s, measured); --read-full-records takes the
 # pipe's short reads and an archive whose last record is short.
@@ -110,6 +116,7 @@ class VolumeSource:
     kind: str  # "volume" or "bind"
     source: str  # volume name or host path
     where: str  # config key path that selected it, for messages
+    exclude: tuple[str, ...] = ()  # normalized patterns anchored at its root (backupd.excludes)
 
     def mount(self, read_only: bool = True) -> Mount:
         return Mount(MOUNT_POINT, self.source, type=self.kind, read_only=read_only)
@@ -272,12 +279,17 @@ class DockerHost:
 
     # ------------------------------------------------------------ resolve
 
-    def resolve_volumes(self, job: str, selectors: list[VolumeSelector]) -> list[VolumeSource]:
-        """Turn a job's `volumes:` into concrete sources; unknown names fail here, before anything runs."""
+    def resolve_volumes(self, job: str, selectors: list[VolumeSelector],
+                        exclude: Iterable[str] = ()) -> list[VolumeSource]:
+        """Turn a job's `volumes:` into concrete sources, each with the job's `exclude` patterns
+        and its own; unknown names fail here, before anything runs."""
         found: dict[str, VolumeSource] = {}
+        exclude = tuple(exclude)
         for i, sel in enumerate(selectors):
             where = f"jobs.{job}.volumes[{i}]"
+            patterns = merged(exclude, sel.exclude)
             for src in self._resolve_one(sel, where):
+                src = replace(src, exclude=patterns) if patterns else src
                 prior = found.get(src.name)
                 if prior is not None and (prior.kind, prior.source) != (src.kind, src.source):
                     raise ConfigError(
@@ -452,7 +464,8 @@ class DockerHost:
         purpose = f"{source.kind} '{source.source}'"
         fifo_dir = self.fifo_dir()
         if fifo_dir is None:
-            cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose, caps=READ_CAPS)
+            cid = self._create_helper(tar_create(source.exclude), [source.mount(read_only=True)], purpose=purpose,
+                                      caps=READ_CAPS)
             raw = None
             try:
                 sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
@@ -468,7 +481,7 @@ class DockerHost:
                 self._remove(cid)
             return
         with _fifo(fifo_dir, helper_writes=True) as (local, inside):
-            command = [f"--file={inside}" if a == "--file=-" else a for a in TAR_CREATE]
+            command = [f"--file={inside}" if a == "--file=-" else a for a in tar_create(source.exclude)]
             cid = self._create_helper(command, [source.mount(read_only=True), fifo_dir.mount], purpose=purpose,
                                       caps=READ_CAPS)
             fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK)  # before start: tar's open never blocks
