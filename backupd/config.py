@@ -232,8 +232,10 @@ class ContainerSelector(_Model):
 
 class DatabaseSpec(_Model):
     name: str
-    type: Literal["postgres", "postgresql", "mysql", "mariadb"]
+    type: Literal["postgres", "postgresql", "mysql", "mariadb", "sqlite", "redis"]
     container: str | None = None
+    path: str | None = None  # sqlite: the database file, as its container sees it
+    image: str | None = None  # sqlite: image of the helper that copies it (python3); None: helper_image
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     user: str | None = None
@@ -250,11 +252,23 @@ class DatabaseSpec(_Model):
             raise ValueError(f"name '{self.name}' must match {NAME_RE.pattern}")
         if (self.container is None) == (self.host is None):
             raise ValueError("give exactly one of container (docker exec) or host (network)")
+        if self.type == "sqlite":
+            if self.container is None:
+                raise ValueError("sqlite: give the container whose volume holds the file (host: is not supported)")
+            if not self.path or not self.path.startswith("/") or "\0" in self.path or self.path.endswith("/"):
+                raise ValueError("sqlite: path must be the absolute path of the database file inside the container")
+            if self.options:
+                raise ValueError("sqlite: options do not apply (the copy is made with SQLite's backup API)")
+        elif self.path is not None or self.image is not None:
+            raise ValueError("path and image apply to type: sqlite only")
+        if self.type in ("sqlite", "redis") and self.database != "all":
+            raise ValueError(f"{self.type}: database does not apply (the whole "
+                             f"{'file' if self.type == 'sqlite' else 'server'} is copied)")
         return self
 
     @property
     def kind(self) -> str:
-        """postgres or mysql: mariadb and postgresql are aliases."""
+        """postgres, mysql, sqlite or redis: mariadb and postgresql are aliases."""
         return {"postgresql": "postgres", "mariadb": "mysql"}.get(self.type, self.type)
 
 

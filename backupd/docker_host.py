@@ -108,6 +108,10 @@ class HelperError(BackupdError):
     """A helper container failed; the message carries its exit code and stderr."""
 
 
+class HelperStartError(HelperError):
+    """The engine could not start a helper's command (most often: its image lacks it)."""
+
+
 @dataclass(frozen=True)
 class VolumeSource:
     """Something to archive: a named volume or a host path, and its artifact name."""
@@ -589,6 +593,45 @@ class DockerHost:
         finally:
             self._remove(cid)
 
+    @contextmanager
+    def helper_stream(self, command: list[str], mounts: list[Mount], purpose: str, caps: Iterable[str] = (),
+                      image: str | None = None, stdin: Iterable[bytes] | None = None) -> Iterator["ExecStream"]:
+        """Run a helper and hand over its stdout as a stream (and feed it `stdin`), as exec_stream
+        does for a command in a running container: for work on a volume whose own container has
+        no tool for it, or is stopped (a database file put back). Removed afterwards, always."""
+        cid = self._create_helper(command, mounts, stdin=stdin is not None, purpose=purpose, caps=caps, image=image)
+        raw = None
+        try:
+            params = {"stdout": 1, "stderr": 1, "stream": 1, **({"stdin": 1} if stdin is not None else {})}
+            sock = self.api.attach_socket(cid, params=params)
+            raw = _raw_socket(sock)
+            try:
+                self.api.start(cid)
+            except APIError as exc:  # most often: the image has no such command
+                raise HelperStartError(f"cannot run {command[0]} in image '{image or self.helper_image}' for "
+                                  f"{purpose}: {exc.explanation or exc}") from None
+            yield HelperStream(sock, _Waiter(self.api, cid), stdin)
+        finally:
+            if raw is not None:
+                _hang_up(raw)  # abandoned mid-stream: or the remove waits on a helper blocked writing
+            self._remove(cid)
+
+    def mount_holding(self, container: Any, path: str, where: str) -> Mount:
+        """The volume or bind mount of `container` that holds `path` (a path inside it), to mount
+        at the same place in a helper; NotFoundError when the path is in no mount (then it lives
+        in the container's own layer, and no helper can reach it)."""
+        best: dict[str, Any] | None = None
+        for m in container.attrs.get("Mounts", []):
+            dest = m.get("Destination", "").rstrip("/")
+            if m.get("Type") in ("volume", "bind") and path.startswith(dest + "/") and \
+                    (best is None or len(dest) > len(best["Destination"].rstrip("/"))):
+                best = m
+        if best is None:
+            raise NotFoundError(f"{where}: '{path}' is not on a volume or bind mount of container "
+                                f"'{container.name}' (mount its directory as a volume)")
+        source = best["Name"] if best["Type"] == "volume" else best["Source"]
+        return Mount(best["Destination"], source, type=best["Type"], read_only=False)
+
     # ------------------------------------------------------------ exec in containers
 
     def container(self, name: str, where: str) -> Any:
@@ -749,6 +792,19 @@ class ExecStream:
 
     def close(self) -> None:
         _hang_up(self.raw)
+
+
+class HelperStream(ExecStream):
+    """A helper container's stdout (and stdin), read like an exec's; its exit code from the engine's wait."""
+
+    def __init__(self, sock: Any, waiter: "_Waiter", stdin: Iterable[bytes] | None) -> None:
+        super().__init__(None, "", sock, stdin)
+        self.waiter = waiter
+
+    def exit_code(self, timeout: float = 30) -> int:
+        if self._feeder is not None:
+            self._feeder.join()
+        return self.waiter.result(timeout)
 
 
 @contextmanager

@@ -1,0 +1,171 @@
+"""SQLite and Redis on the real engine, through the CLI: a live SQLite written to all through
+the backup, a real redis-server; dumps proven consistent, restores with the container stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tests.integration.services import DB_IMAGE, TEST_LABELS, wait_until
+from tests.integration.test_volumes import backupd, listing, mountpoint, write_config
+
+pytestmark = pytest.mark.integration
+
+APP_UID = 1000
+# A writer that never pauses: every transaction adds and deletes rows and keeps a running total
+# in the same transaction, so any copy of one moment has total.rows == count(*) and
+# total.s == sum(n). It records each start, and exits on SIGTERM like a real service.
+WRITER = r'''
+import random, signal, sqlite3, sys, time
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+db = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
+db.execute("PRAGMA journal_mode=" + sys.argv[2])
+db.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB, n INTEGER)")
+db.execute("CREATE TABLE IF NOT EXISTS total(k INTEGER PRIMARY KEY, rows INTEGER, s INTEGER)")
+db.execute("CREATE TABLE IF NOT EXISTS starts(at REAL)")
+db.execute("INSERT OR IGNORE INTO total VALUES (1, 0, 0)")
+db.execute("INSERT INTO starts VALUES (?)", (time.time(),))
+while True:
+    db.execute("BEGIN IMMEDIATE")
+    added = [random.randrange(1000) for _ in range(40)]
+    db.executemany("INSERT INTO t(v, n) VALUES (randomblob(1500), ?)", [(n,) for n in added])
+    gone = db.execute("SELECT count(*), coalesce(sum(n), 0) FROM (SELECT n FROM t ORDER BY id LIMIT 20)").fetchone()
+    db.execute("DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY id LIMIT 20)")
+    db.execute("UPDATE total SET rows = rows + ? - ?, s = s + ? - ?", (len(added), gone[0], sum(added), gone[1]))
+    db.execute("COMMIT")
+    time.sleep(0.002)
+'''
+
+
+def consistent(path: Path) -> tuple[int, int]:
+    """(rows, starts) of a database file that passes integrity_check and whose totals add up."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        rows, total = db.execute("SELECT count(*), coalesce(sum(n), 0) FROM t").fetchone()
+        assert db.execute("SELECT rows, s FROM total").fetchone() == (rows, total), "a torn copy"
+        return rows, db.execute("SELECT count(*) FROM starts").fetchone()[0]
+    finally:
+        db.close()
+
+
+def live_rows(container) -> int:
+    out = container.exec_run(["python3", "-c", "import sqlite3; print(sqlite3.connect('/data/app.db', timeout=60)"
+                              ".execute('SELECT rows FROM total').fetchone()[0])"], user=str(APP_UID))
+    assert out.exit_code == 0, out.output
+    return int(out.output)
+
+
+@pytest.fixture(params=["wal", "delete"])
+def sqlite_app(request, docker_client, volume_factory):
+    """A container (uid 1000) writing /data/app.db without pause, in WAL or rollback-journal mode."""
+    vol = volume_factory("sqlite")
+    script = (f"chown {APP_UID}:{APP_UID} /data && exec setpriv --reuid {APP_UID} --regid {APP_UID} "
+              f"--clear-groups python3 -c \"$WRITER\" /data/app.db {request.param}")
+    app = docker_client.containers.run(DB_IMAGE, ["sh", "-c", script], detach=True, labels=TEST_LABELS,
+                                       name=f"backupd-test-sqlite-{uuid.uuid4().hex[:8]}",
+                                       environment={"WRITER": WRITER}, volumes={vol: {"bind": "/data", "mode": "rw"}})
+    try:
+        wait_until(lambda: app.exec_run(["test", "-s", "/data/app.db"]).exit_code == 0 and live_rows(app) > 2000,
+                   "the SQLite writer", 60)
+        yield app, vol
+    finally:
+        app.remove(force=True)
+
+
+def stored_dump(tmp_path: Path, artifact: dict, into: Path) -> Path:
+    [copy] = artifact["destinations"]
+    raw = (tmp_path / "backups" / copy["key"]).read_bytes()
+    into.write_bytes(zstandard.ZstdDecompressor().decompressobj().decompress(raw))
+    return into
+
+
+def test_sqlite_copied_while_written_is_consistent_and_restores_with_the_app_stopped(
+        docker_client, helper_image, sqlite_app, tmp_path):
+    app, vol = sqlite_app
+    config = write_config(tmp_path, helper_image, {"j": {"databases": [
+        {"name": "appdb", "type": "sqlite", "container": app.name, "path": "/data/app.db", "image": DB_IMAGE}]}})
+    before = live_rows(app)
+    proc = backupd(config, "backup", "j", check=True)
+    backup_id = proc.stdout.strip()
+    assert live_rows(app) > before, "the application kept writing"
+    app.reload()
+    assert app.status == "running"
+
+    [art] = listing(config)[0]["artifacts"]
+    assert art["kind"] == "database" and art["name"] == "appdb" and art["source"].startswith("sqlite:")
+    rows, starts = consistent(stored_dump(tmp_path, art, tmp_path / "copy.db"))
+    assert rows > 0 and starts == 1
+
+    # Written after the backup: a restore must take it away.
+    app.exec_run(["python3", "-c", "import sqlite3; d = sqlite3.connect('/data/app.db', timeout=60); "
+                  "d.execute('CREATE TABLE marker(x)'); d.commit()"], user=str(APP_UID))
+    refused = backupd(config, "restore", backup_id, "--database", "appdb")
+    assert refused.returncode == 3 and "not empty" in refused.stderr and "--force" in refused.stderr
+    started = app.attrs["State"]["StartedAt"]
+
+    backupd(config, "restore", backup_id, "--database", "appdb", "--force", check=True)
+    app.reload()
+    assert app.status == "running" and app.attrs["State"]["StartedAt"] != started, "stopped and started again"
+    wait_until(lambda: live_rows(app) >= 0, "the writer after the restore", 30)
+    data = mountpoint(docker_client, vol)
+    assert (data / "app.db").stat().st_uid == APP_UID, "the restored file belongs to the application"
+    assert not [p.name for p in data.iterdir() if ".backupd-" in p.name], "no temporary file left"
+    app.stop(timeout=10)  # a still file to inspect
+    rows_after, starts_after = consistent(data / "app.db")
+    assert starts_after == starts + 1, "the restored database is the backed-up one, started once more"
+    db = sqlite3.connect(f"file:{data / 'app.db'}?mode=ro", uri=True)
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'marker'").fetchone() == (0,)
+    db.close()
+
+
+def test_sqlite_restore_that_fails_starts_the_app_again_and_keeps_its_file(
+        docker_client, helper_image, volume_factory, tmp_path, request):
+    """A dump that is not a database fails integrity_check in the helper: the live file stays, the app runs."""
+    vol = volume_factory("sqlite-bad")
+    app = docker_client.containers.run(
+        DB_IMAGE, ["python3", "-c", "import signal, sqlite3, sys, time; signal.signal(signal.SIGTERM, "
+                   "lambda *a: sys.exit(0)); d = sqlite3.connect('/data/app.db'); d.execute('CREATE TABLE IF NOT EXISTS t(x)'); "
+                   "d.commit(); time.sleep(3600)"],
+        detach=True, labels=TEST_LABELS, name=f"backupd-test-sqlite-{uuid.uuid4().hex[:8]}",
+        volumes={vol: {"bind": "/data", "mode": "rw"}})
+    request.addfinalizer(lambda: app.remove(force=True))
+    wait_until(lambda: app.exec_run(["test", "-s", "/data/app.db"]).exit_code == 0, "the app's database", 30)
+    config = write_config(tmp_path, helper_image, {"j": {"databases": [
+        {"name": "appdb", "type": "sqlite", "container": app.name, "path": "/data/app.db", "image": DB_IMAGE}]}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    [art] = listing(config)[0]["artifacts"]
+    # Forge the stored dump *and* its catalog record, so only the helper's own check can catch it.
+    junk = zstandard.ZstdCompressor().compress(b"not a database" * 1000)
+    path = tmp_path / "backups" / art["destinations"][0]["key"]
+    path.write_bytes(junk)
+    db = sqlite3.connect(tmp_path / "catalog.db")
+    db.execute("UPDATE artifacts SET size = ?, sha256 = ? WHERE name = 'appdb'", (len(junk), hashlib.sha256(junk).hexdigest()))
+    db.execute("DELETE FROM artifact_blocks")
+    db.commit()
+    db.close()
+    before = (mountpoint(docker_client, vol) / "app.db").read_bytes()
+    started = app.attrs["State"]["StartedAt"]
+
+    proc = backupd(config, "restore", backup_id, "--database", "appdb", "--force")
+    assert proc.returncode == 1 and "file is not a database" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    app.reload()
+    assert app.status == "running" and app.attrs["State"]["StartedAt"] != started, "started again after the failure"
+    assert (mountpoint(docker_client, vol) / "app.db").read_bytes() == before
+    assert not [p.name for p in mountpoint(docker_client, vol).iterdir() if ".backupd-" in p.name]
+
+
+def test_sqlite_helper_image_without_python_is_a_clear_error(docker_client, helper_image, sqlite_app, tmp_path):
+    app, _ = sqlite_app
+    config = write_config(tmp_path, helper_image, {"j": {"databases": [
+        {"name": "appdb", "type": "sqlite", "container": app.name, "path": "/data/app.db"}]}})
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode != 0 and "python3" in proc.stderr and helper_image in proc.stderr, proc.stderr
+    assert listing(config)[0]["status"] == "failed"
