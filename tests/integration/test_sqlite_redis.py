@@ -169,3 +169,95 @@ def test_sqlite_helper_image_without_python_is_a_clear_error(docker_client, help
     proc = backupd(config, "backup", "j")
     assert proc.returncode != 0 and "python3" in proc.stderr and helper_image in proc.stderr, proc.stderr
     assert listing(config)[0]["status"] == "failed"
+
+
+REDIS_SCRIPT = ("chown redis:redis /data && exec setpriv --reuid redis --regid redis --init-groups "
+                "redis-server --dir /data --requirepass \"$REDIS_PASSWORD\"")
+
+
+def redis_cli(container, password: str, *words: str) -> str:
+    res = container.exec_run(["redis-cli", "--no-auth-warning", "--raw", *words],
+                             environment={"REDISCLI_AUTH": password})
+    assert res.exit_code == 0, res.output
+    return res.output.decode().strip()
+
+
+@pytest.fixture
+def redis_server(docker_client, volume_factory):
+    vol = volume_factory("redis")
+    password = uuid.uuid4().hex
+    c = docker_client.containers.run(DB_IMAGE, ["sh", "-c", REDIS_SCRIPT], detach=True, labels=TEST_LABELS,
+                                     name=f"backupd-test-redis-{uuid.uuid4().hex[:8]}",
+                                     environment={"REDIS_PASSWORD": password},
+                                     volumes={vol: {"bind": "/data", "mode": "rw"}})
+    try:
+        wait_until(lambda: c.exec_run(["redis-cli", "--no-auth-warning", "ping"],
+                                      environment={"REDISCLI_AUTH": password}).output.strip() == b"PONG",
+                   "redis-server", 30)
+        redis_cli(c, password, "EVAL", "for i=1,1000 do redis.call('SET', 'key:'..i, i) end", "0")
+        redis_cli(c, password, "HSET", "h", "zażółć", "✓")
+        yield c, vol, password
+    finally:
+        c.remove(force=True)
+
+
+def test_redis_dump_and_restore_with_redis_stopped(docker_client, helper_image, redis_server, tmp_path):
+    c, vol, password = redis_server
+    config = write_config(tmp_path, helper_image, {"j": {"databases": [
+        {"name": "cache", "type": "redis", "container": c.name}]}})
+    proc = backupd(config, "backup", "j", check=True)
+    backup_id = proc.stdout.strip()
+    assert password not in proc.stderr
+    [art] = listing(config)[0]["artifacts"]
+    assert art["source"] == f"redis:{c.name}/*all" and art["status"] == "succeeded"
+    assert stored_dump(tmp_path, art, tmp_path / "dump.rdb").read_bytes()[:5] == b"REDIS"
+    assert password.encode() not in (tmp_path / "catalog.db").read_bytes()
+
+    redis_cli(c, password, "FLUSHALL")
+    redis_cli(c, password, "SET", "marker", "after the backup")
+    refused = backupd(config, "restore", backup_id, "--database", "cache")
+    assert refused.returncode == 3 and "holds 1 keys" in refused.stderr
+    c.reload()
+    started = c.attrs["State"]["StartedAt"]
+
+    backupd(config, "restore", backup_id, "--database", "cache", "--force", check=True)
+    c.reload()
+    assert c.status == "running" and c.attrs["State"]["StartedAt"] != started
+    wait_until(lambda: c.exec_run(["redis-cli", "--no-auth-warning", "ping"],
+                                  environment={"REDISCLI_AUTH": password}).output.strip() == b"PONG",
+               "redis-server after the restore", 30)
+    assert redis_cli(c, password, "DBSIZE") == "1001"
+    assert redis_cli(c, password, "GET", "key:500") == "500"
+    assert redis_cli(c, password, "HGET", "h", "zażółć") == "✓"
+    assert redis_cli(c, password, "EXISTS", "marker") == "0"
+    rdb = mountpoint(docker_client, vol) / "dump.rdb"
+    owner = c.exec_run(["id", "-u", "redis"]).output.decode().strip()
+    assert str(rdb.stat().st_uid) == owner, "the file belongs to the server's user"
+    assert not [p.name for p in rdb.parent.iterdir() if ".backupd-" in p.name]
+
+
+def test_redis_with_appendonly_is_refused_before_anything_stops(docker_client, helper_image, redis_server, tmp_path):
+    c, _, password = redis_server
+    config = write_config(tmp_path, helper_image, {"j": {"databases": [
+        {"name": "cache", "type": "redis", "container": c.name}]}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    redis_cli(c, password, "CONFIG", "SET", "appendonly", "yes")
+    c.reload()
+    started = c.attrs["State"]["StartedAt"]
+    proc = backupd(config, "restore", backup_id, "--database", "cache", "--force")
+    assert proc.returncode == 3 and "appendonly yes" in proc.stderr
+    c.reload()
+    assert c.status == "running" and c.attrs["State"]["StartedAt"] == started
+
+
+def test_redis_wrong_password_fails_the_dump_with_redis_message_and_no_password(
+        docker_client, helper_image, redis_server, tmp_path):
+    c, _, password = redis_server
+    (tmp_path / "pw").write_text("wrong-password-1234\n")
+    config = write_config(tmp_path, helper_image, {"j": {"databases": [
+        {"name": "cache", "type": "redis", "container": c.name, "password_file": str(tmp_path / "pw")}]}})
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 1
+    error = listing(config)[0]["error"]
+    assert "WRONGPASS" in error or "NOAUTH" in error or "invalid" in error, error
+    assert "wrong-password-1234" not in proc.stderr + error
