@@ -18,9 +18,9 @@ DB_IMAGE=${DB_IMAGE:-dbbase:test}
 BASE_IMAGE=${BASE_IMAGE:-backupd-base:test}
 CACHE=${TESTENV_CACHE:-/var/cache/backupd-test}
 # restic, borgbackup: peers for benchmarks/; python3-venv: .ci/run's venv if python3 is Debian's.
-# postgresql-client: pg_dump for databases reached over the network (host: entries).
+# postgresql-client, redis-tools: pg_dump and redis-cli for databases reached over the network (host: entries).
 APT_PACKAGES=(docker.io docker-compose busybox-static debootstrap openssh-server openssh-client zstd age pigz time
-              restic borgbackup python3-venv postgresql-client)
+              restic borgbackup python3-venv postgresql-client redis-tools)
 DB_PACKAGES=postgresql-15,mariadb-server,python3,redis-server
 DB_PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 BUSYBOX_APPLETS=(sh find ls cat rm mkdir sleep head echo true false env stat chmod chown wc sync

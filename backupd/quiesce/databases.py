@@ -107,6 +107,9 @@ def _checked(proc, tool: str, target: Target, timeout: float | None = None) -> I
                         f"timeout:) and was killed")
     if code != 0 or reports_error(stderr):
         raise DumpError(f"{tool} in {target.runner.where} failed (exit {code}): {stderr[-500:] or 'no message'}")
+    progress = getattr(target.kind, "PROGRESS", None)
+    if progress is not None:  # a tool's own progress lines are no warning
+        stderr = "\n".join(line for line in stderr.splitlines() if not progress.match(line.strip())).strip()
     if stderr:
         log.warning("%s said: %s", tool, stderr[-500:])
 

@@ -49,6 +49,8 @@ def restore_file(*, spec: DatabaseSpec, source: Source, host: DockerHost, catalo
         put = sqlite.command("restore", path)
         what = path
     else:
+        # Asked inside the container it is restored into, whatever host: the entry dumped from.
+        spec = spec.model_copy(update={"host": None, "port": None, "container": container})
         target = connect(spec, host, where, container=container)
         if _ask(target.runner, redis.query(spec, "CONFIG", "GET", "appendonly"), "CONFIG GET appendonly",
                 target, line=1) == "yes":

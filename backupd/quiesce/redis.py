@@ -16,12 +16,17 @@ its append-only file instead and ignore the dump: that is refused.
 
 from __future__ import annotations
 
+import re
+
 from backupd.config import DatabaseSpec
 
 KIND = "redis"
 PASSWORD_VARS = ("REDIS_PASSWORD",)
 SYSTEM_DATABASES: frozenset[str] = frozenset()
 TOOL_CANDIDATES = {"cli": ("redis-cli",)}
+# What redis-cli --rdb says on stderr when all goes well: not worth a warning per run.
+PROGRESS = re.compile(r"^(sending REPLCONF (capa eof|rdb-only 1)|SYNC sent to master, .*|"
+                      r"Transfer finished with success.*)$")
 # Write the file as the owner of its directory (the server's user), whatever the helper runs as.
 RESTORE_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER")
 # sh, cat, stat, chown, chmod, sync, mv: what every helper image (busybox included) has.

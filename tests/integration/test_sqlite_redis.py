@@ -261,3 +261,26 @@ def test_redis_wrong_password_fails_the_dump_with_redis_message_and_no_password(
     error = listing(config)[0]["error"]
     assert "WRONGPASS" in error or "NOAUTH" in error or "invalid" in error, error
     assert "wrong-password-1234" not in proc.stderr + error
+
+
+def test_redis_reached_over_the_network_is_dumped_from_backupd_and_restored_into_a_container(
+        docker_client, helper_image, redis_server, tmp_path):
+    c, _, password = redis_server
+    c.reload()
+    ip = c.attrs["NetworkSettings"]["IPAddress"]
+    (tmp_path / "pw").write_text(password + "\n")
+    config = write_config(tmp_path, helper_image, {"j": {"databases": [
+        {"name": "cache", "type": "redis", "host": ip, "password_file": str(tmp_path / "pw")}]}})
+    proc = backupd(config, "backup", "j", check=True)
+    backup_id = proc.stdout.strip()
+    assert "redis-cli said" not in proc.stderr, "its progress lines are no warning"
+    [art] = listing(config)[0]["artifacts"]
+    assert art["source"] == f"redis:{ip}:/*all"
+    refused = backupd(config, "restore", backup_id, "--database", "cache")
+    assert refused.returncode == 2 and "--to-container" in refused.stderr
+    redis_cli(c, password, "FLUSHALL")
+    backupd(config, "restore", backup_id, "--database", "cache", "--to-container", c.name, check=True)
+    wait_until(lambda: c.exec_run(["redis-cli", "--no-auth-warning", "ping"],
+                                  environment={"REDISCLI_AUTH": password}).output.strip() == b"PONG",
+               "redis-server after the restore", 30)
+    assert redis_cli(c, password, "DBSIZE") == "1001"
