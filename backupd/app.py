@@ -266,12 +266,17 @@ class App:
 
     def guard_shrinkage(self, config: Config, job: str, backup_id: str) -> str | None:
         """Flag a new backup that is much smaller than the job's recent ones (backupd.shrinkage)."""
-        from backupd.shrinkage import WINDOW, judge
+        from backupd.shrinkage import WINDOW, judge, judge_files
 
         retention = config.job_retention(job)
+        share = retention.shrinkage if retention else 0.5
         backup = self.catalog.get(backup_id)
-        earlier = self.catalog.recent_sizes(job, backup.started_at, WINDOW)
-        suspicion = judge(backup.size, earlier, retention.shrinkage if retention else 0.5)
+        reasons = [judge(backup.size, self.catalog.recent_sizes(job, backup.started_at, WINDOW), share)]
+        counts = [a.file_count for a in backup.artifacts if a.file_count is not None]
+        if counts:  # volume archives counted their members
+            reasons.append(judge_files(sum(counts), self.catalog.recent_file_counts(job, backup.started_at, WINDOW),
+                                       share))
+        suspicion = "; ".join(r for r in reasons if r is not None) or None
         if suspicion is not None:
             self.catalog.set_suspicion(backup_id, suspicion)
             log.warning("backup %s of job %s is suspicious: %s; retention of the job deletes nothing until "

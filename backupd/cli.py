@@ -150,8 +150,16 @@ def cmd_restore(ctx: Context) -> int:
         return 0
     from backupd.quiesce.restore import restore_database
 
-    # The job's lease: its own backups dump from the database being replaced.
-    with app.hold_for_restore(None, args.to_container, wait, job=app.catalog.get(args.backup_id).job):
+    from backupd.quiesce.databases import WHOLE, parse_source
+
+    # The job's lease: its own backups dump from the database being replaced. A SQLite or Redis
+    # restore also stops its container: held, so no other run stops, starts or dumps from it meanwhile.
+    backup = app.catalog.get(args.backup_id)
+    container = args.to_container
+    source = parse_source(backup.artifact("database", args.database).source)
+    if container is None and source.kind in WHOLE and ":" not in source.server:
+        container = source.server
+    with app.hold_for_restore(None, container, wait, job=backup.job):
         target = restore_database(config=ctx.config, catalog=app.catalog, host=app.host,
                                   backup_id=args.backup_id, name=args.database,
                                   to_container=args.to_container, force=args.force, identity=args.identity)
@@ -316,8 +324,11 @@ def _describe(b: BackupView) -> str:
     lines += [f"warning   {w}" for w in b.warnings]
     for a in b.artifacts:
         enc = f", {a.encryption}" if a.encryption else ""
+        files = f", {a.file_count} files" if a.file_count is not None else ""
         lines.append(f"  {a.kind} {a.name} ({a.source}): {a.status}, "
-                     f"{human_bytes(a.size or 0)}, {a.compression}{enc}, sha256 {a.sha256 or '-'}")
+                     f"{human_bytes(a.size or 0)}{files}, {a.compression}{enc}, sha256 {a.sha256 or '-'}")
+        if a.excludes:
+            lines.append(f"    excludes: {', '.join(a.excludes)}")
         for c in a.copies:
             err = f" ({c.error})" if c.error else ""
             lines.append(f"    {c.destination}: {c.status} {c.key}{err}")

@@ -54,7 +54,7 @@ class RunResult:
 def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
     """Resolve names and open destinations; raises before any side effect."""
     job = config.job(job_name)
-    volumes = host.resolve_volumes(job_name, list(job.volumes))
+    volumes = host.resolve_volumes(job_name, list(job.volumes), job.exclude)
     if volumes:
         host.check_helper_image()
         host.fifo_dir()  # an unsafe named-pipe directory fails the plan, not each volume
@@ -97,12 +97,13 @@ def run_backup(
     where = f"jobs.{job_name}"
     repository = config.jobs[job_name].format == "repository"
 
-    def store(kind: str, name: str, source: str, opener: Any) -> None:
+    def store(kind: str, name: str, source: str, opener: Any, excludes: tuple[str, ...] = ()) -> None:
         try:
             store_artifact(catalog=catalog, backup_id=backup_id, job=job_name, kind=kind, name=name,
                            source=source, open_source=opener, stores=plan.stores,
                            compression=compression, encryption=encryption, cancel=cancel,
-                           check_tar=kind == "volume")  # judged now as restore will judge it
+                           check_tar=kind == "volume",  # judged now as restore will judge it
+                           excludes=excludes)
         except Cancelled:
             raise
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
@@ -129,7 +130,8 @@ def run_backup(
                 if snapshots is not None:
                     snapshots.snapshot(catalog, backup_id, src)
                 else:
-                    store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
+                    store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src),
+                          src.exclude)
             logger.info("step 5/6: start containers")
         if plan.stop:
             logger.info("containers were stopped for %.1f s", time.monotonic() - stopped_at)

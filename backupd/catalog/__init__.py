@@ -81,10 +81,13 @@ class ArtifactView:
     sha256: str | None
     error: str | None
     copies: tuple[CopyView, ...]
+    excludes: tuple[str, ...] = ()  # volumes: the patterns left out of the archive
+    file_count: int | None = None  # volumes: members of the archive (None: a dump, or not counted)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["destinations"] = data.pop("copies")
+        data["excludes"] = list(self.excludes)
         del data["id"]
         return data
 
@@ -184,6 +187,8 @@ def _view(row: BackupRow) -> BackupView:
                 error=a.error,
                 copies=tuple(CopyView(c.destination, c.key, c.status, c.error, c.snapshot_id, c.bytes_added,
                                       c.bytes_covered) for c in a.copies),
+                excludes=tuple(json.loads(a.excludes)) if a.excludes else (),
+                file_count=a.file_count,
             )
             for a in row.artifacts
         ),
@@ -252,7 +257,13 @@ def _v6(conn: Connection) -> None:
     _add_missing_columns(conn, "copies", (CopyRow.snapshot_id, CopyRow.bytes_added, CopyRow.bytes_covered), None)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(conn: Connection) -> None:
+    """Volume archives record their exclude patterns and member count (the shrinkage guard
+    compares file counts too)."""
+    _add_missing_columns(conn, "artifacts", (ArtifactRow.excludes, ArtifactRow.file_count), None)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 MIGRATION_LOCK = 0x6261636B757064  # "backupd": PostgreSQL advisory lock key
 
 
@@ -372,11 +383,14 @@ class Catalog:
         compression: str,
         encryption: str | None,
         keys: dict[str, str],
+        excludes: Iterable[str] = (),
     ) -> int:
         """Record an artifact about to be written, with a pending copy per destination."""
+        excludes = list(excludes)
         with self._session.begin() as s:
             art = ArtifactRow(backup_id=backup_id, kind=kind, name=name, source=source,
-                              compression=compression, encryption=encryption, status=RUNNING)
+                              compression=compression, encryption=encryption, status=RUNNING,
+                              excludes=json.dumps(excludes) if excludes else None)
             art.copies = [CopyRow(destination=d, key=k, status=PENDING) for d, k in keys.items()]
             s.add(art)
             s.execute(update(BackupRow).where(BackupRow.id == backup_id)
@@ -386,14 +400,15 @@ class Catalog:
 
     def finish_artifact(
         self, artifact_id: int, size: int, sha256: str, copy_errors: dict[str, str],
-        blocks: tuple[int, bytes] | None = None,
+        blocks: tuple[int, bytes] | None = None, file_count: int | None = None,
     ) -> str:
-        """Record the stored size/hash (and block size and digests); copies without an error are stored."""
+        """Record the stored size/hash (and block size and digests, and a volume's member
+        count); copies without an error are stored."""
         with self._session.begin() as s:
             art = s.get_one(ArtifactRow, artifact_id)
             if art.size is not None:
                 raise BackupdError(f"artifact {artifact_id} of backup {art.backup_id} is already finished")
-            art.size, art.sha256 = size, sha256
+            art.size, art.sha256, art.file_count = size, sha256, file_count
             s.execute(update(BackupRow).where(BackupRow.id == art.backup_id)
                       .values(total_size=BackupRow.total_size + size))
             if blocks is not None:
@@ -547,7 +562,8 @@ class Catalog:
                     kind=art["kind"], name=art["name"], source=art.get("source", ""),
                     compression=art["compression"], encryption=art.get("encryption"),
                     status=art["status"], size=art.get("size"), sha256=art.get("sha256"),
-                    error=art.get("error"),
+                    error=art.get("error"), file_count=art.get("file_count"),
+                    excludes=json.dumps(art["excludes"]) if art.get("excludes") else None,
                     copies=[CopyRow(destination=c["destination"], key=c["key"], status=c["status"],
                                     error=c.get("error"), snapshot_id=c.get("snapshot_id"),
                                     bytes_added=c.get("bytes_added"), bytes_covered=c.get("bytes_covered"))
@@ -701,6 +717,21 @@ class Catalog:
                  .order_by(BackupRow.started_at.desc()).limit(count))
         with self.engine.connect() as conn:
             return [size for (size,) in conn.execute(query)]
+
+    def recent_file_counts(self, job: str, before: datetime, count: int) -> list[int]:
+        """Members of the volume archives of the job's `count` newest trusted successes started
+        before `before` that counted them (newest first): the shrinkage guard's other yardstick."""
+        recent = (select(BackupRow.id, BackupRow.started_at)
+                  .where(*_listed(job), BackupRow.status == SUCCEEDED, BackupRow.suspicion.is_(None),
+                         BackupRow.started_at < before,
+                         select(ArtifactRow.id).where(ArtifactRow.backup_id == BackupRow.id,
+                                                      ArtifactRow.file_count.is_not(None)).exists())
+                  .order_by(BackupRow.started_at.desc()).limit(count).subquery())
+        query = (select(func.sum(ArtifactRow.file_count))
+                 .join(recent, recent.c.id == ArtifactRow.backup_id)
+                 .group_by(recent.c.id, recent.c.started_at).order_by(recent.c.started_at.desc()))
+        with self.engine.connect() as conn:
+            return [int(n) for (n,) in conn.execute(query)]
 
     def set_suspicion(self, backup_id: str, reason: str | None) -> None:
         """Flag a backup as suspicious (with why), or clear the flag (`backupd accept`)."""

@@ -90,6 +90,10 @@ class ArtifactRow(Base):
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # PostgreSQL's INTEGER stops at 2 GiB
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
+    # Volumes (v7): the exclude patterns the archive was made with (a JSON list), and how many
+    # members its tar holds (counted by the tar guard as it passed; the shrinkage guard compares it).
+    excludes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    file_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     backup: Mapped[BackupRow] = relationship(back_populates="artifacts")
     copies: Mapped[list["CopyRow"]] = relationship(
         back_populates="artifact", order_by="CopyRow.id", cascade="all, delete-orphan"

@@ -9,7 +9,8 @@ from backupd.catalog import Catalog
 from backupd.config import Config, DatabaseSpec
 from backupd.docker_host import DockerHost
 from backupd.errors import ConfigError
-from backupd.quiesce.databases import connect, parse_source, restore_dump
+from backupd.quiesce.databases import WHOLE, connect, parse_source, restore_dump
+from backupd.quiesce.file_restore import restore_file
 from backupd.restore import configured_stores, find_good_copy, preference
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,10 @@ def _spec_for(config: Config, job: str, artifact: str, kind: str, server: str) -
         if artifact == spec.name or artifact.startswith(spec.name + "."):
             return spec
     container = None if ":" in server else server
+    # (for SQLite, the file's path is in the artifact's source; this is only a placeholder)
     return DatabaseSpec(name=artifact.split(".")[0], type=kind, container=container,
-                        host=server.split(":")[0] if container is None else None)
+                        host=server.split(":")[0] if container is None else None,
+                        path="/restore.db" if kind == "sqlite" else None)
 
 
 def restore_database(
@@ -45,10 +48,20 @@ def restore_database(
     if to_container is None and spec.container is None and spec.host is None:
         raise ConfigError(f"'{name}' came from {source.server}; pass --to-container C")
     where = f"restore {name}"
-    target = connect(spec, host, where, container=to_container)
     stores = configured_stores(config)
-    store, copy, blocks = find_good_copy(backup, artifact, stores, preference(config, backup.job),
-                                         identity, check_tar=False, known=catalog.blocks(artifact.id))
+
+    def good_copy() -> tuple:
+        return find_good_copy(backup, artifact, stores, preference(config, backup.job),
+                              identity, check_tar=False, known=catalog.blocks(artifact.id))
+
+    if source.kind in WHOLE:  # a file the server holds open: put back with its container stopped
+        found: list = []
+        return restore_file(spec=spec, source=source, host=host, catalog=catalog, backup_id=backup_id,
+                            container=to_container, force=force, where=where,
+                            prove=lambda: found.extend(good_copy()),
+                            chunks=lambda: read_copy(found[0], found[1], artifact, identity, found[2]))
+    target = connect(spec, host, where, container=to_container)
+    store, copy, blocks = good_copy()
     log.info("restoring dump %s of backup %s (copy on %s) into %s", name, backup_id,
              copy.destination, target.runner.where)
     # Proven whole above; proven again block by block as it is fed (the copy may have changed since).
