@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -362,6 +363,24 @@ def validate_cron(expr: str) -> None:
         raise ValueError(f"schedule '{expr}' is not valid cron: {exc}") from None
 
 
+class Discovery(_Model):
+    """Defaults for the jobs containers declare with `backupd.*` labels (backupd.discovery).
+
+    Labels say what to back up; where, when and how long to keep it stays the operator's
+    call, here. Off unless enabled: a label on a container must not start backups no
+    operator asked for."""
+
+    enabled: bool = False
+    schedule: str | None = None  # None: discovered jobs run only on `backupd backup JOB`
+    timezone: str = "UTC"
+    format: Literal["archive", "repository"] = "archive"
+    destinations: list[str] | None = None  # None: every configured destination
+    retention: Retention | None = None  # None: the top-level retention
+
+    _cron = field_validator("schedule")(Job._cron.__func__)  # type: ignore[attr-defined]
+    _known_timezone = field_validator("timezone")(Job._known_timezone.__func__)  # type: ignore[attr-defined]
+
+
 class Http(_Model):
     enabled: bool = False
     host: str = "0.0.0.0"
@@ -407,28 +426,19 @@ class Config(_Model):
     http: Http = Http()
     notifications: Notifications = Notifications()
     scheduler: Scheduler = Scheduler()
+    discovery: Discovery = Discovery()
+    # Names of the jobs backupd.discovery added from container labels (empty as loaded).
+    _discovered_jobs: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Config":
         for name in list(self.destinations) + list(self.jobs):
             if not NAME_RE.match(name):
                 raise ValueError(f"name '{name}' must match {NAME_RE.pattern}")
+        for i, dest in enumerate(self.discovery.destinations or []):
+            _check_destination(self, f"discovery.destinations[{i}]", dest)
         for job_name, job in self.jobs.items():
-            for i, dest in enumerate(job.destinations or []):
-                if dest not in self.destinations:
-                    known = ", ".join(sorted(self.destinations)) or "none"
-                    raise _KeyedError(
-                        f"jobs.{job_name}.destinations[{i}]",
-                        f"destination '{dest}' is not defined (defined: {known})",
-                    )
-            if not job.volumes and not job.databases:
-                raise _KeyedError(f"jobs.{job_name}", "job backs up nothing: add volumes or databases")
-            if job.format == "repository":
-                _check_repository_job(self, job_name, job)
-            names = [d.name for d in job.databases]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise _KeyedError(f"jobs.{job_name}.databases", f"duplicate name '{dupes[0]}'")
+            check_job(self, job_name, job)
         return self
 
     def job(self, name: str) -> Job:
@@ -458,6 +468,28 @@ class Config(_Model):
         if found is None:
             raise ConfigError(f"jobs.{job_name}.repository_password: not set (nor on destination {destination})")
         return found
+
+
+def check_job(config: "Config", job_name: str, job: Job) -> None:
+    """What a job must satisfy beyond its own keys; shared by configured and discovered jobs.
+
+    Raises a ValueError whose `path` is the key path (jobs.NAME...)."""
+    for i, dest in enumerate(job.destinations or []):
+        _check_destination(config, f"jobs.{job_name}.destinations[{i}]", dest)
+    if not job.volumes and not job.databases:
+        raise _KeyedError(f"jobs.{job_name}", "job backs up nothing: add volumes or databases")
+    if job.format == "repository":
+        _check_repository_job(config, job_name, job)
+    names = [d.name for d in job.databases]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise _KeyedError(f"jobs.{job_name}.databases", f"duplicate name '{dupes[0]}'")
+
+
+def _check_destination(config: "Config", path: str, dest: str) -> None:
+    if dest not in config.destinations:
+        known = ", ".join(sorted(config.destinations)) or "none"
+        raise _KeyedError(path, f"destination '{dest}' is not defined (defined: {known})")
 
 
 REPOSITORY_DESTINATIONS = ("local", "s3")
