@@ -93,8 +93,8 @@ def _secret_from_file(model: Any, field: str) -> Any:
     file_value = getattr(model, f"{field}_file")
     if file_value is None:
         return model
-    if getattr(model, field) is not None:
-        raise ValueError(f"set either {field} or {field}_file, not both")
+    if getattr(model, field) is not None and field in model.model_fields_set:
+        raise ValueError(f"set either {field} or {field}_file, not both")  # (not: filled from the file before)
     object.__setattr__(model, field, read_secret_file(file_value))
     return model
 

@@ -211,14 +211,29 @@ def read_containers(client: Any) -> list[Container]:
     from backupd.labels import ENABLE as enable
 
     found = []
+    image_labels: dict[str, dict[str, str]] = {}
     for c in client.containers.list(all=True, filters={"label": enable}, ignore_removed=True):
         mounts = c.attrs.get("Mounts") or []
+        labels = dict(c.labels or {})
+        image = c.attrs.get("Image", "")
+        if image not in image_labels:
+            image_labels[image] = _image_labels(client, image)
         found.append(Container(
-            name=c.name, labels=dict(c.labels or {}),
+            name=c.name, labels=labels,
+            inherited=frozenset(k for k, v in image_labels[image].items() if labels.get(k) == v),
             volumes=tuple(m["Name"] for m in mounts if m.get("Type") == "volume" and m.get("Name")),
             binds=tuple(m["Source"] for m in mounts if m.get("Type") == "bind"
                         and m.get("Source") != "/var/run/docker.sock")))
     return found
+
+
+def _image_labels(client: Any, image: str) -> dict[str, str]:
+    from docker.errors import DockerException
+
+    try:
+        return dict(client.images.get(image).labels or {})
+    except DockerException:  # removed meanwhile: judge every label as the container's own
+        return {}
 
 
 def log_changes(before: Discovered | None, after: Discovered) -> None:

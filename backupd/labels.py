@@ -44,6 +44,9 @@ class Container:
     labels: Mapping[str, str]
     volumes: tuple[str, ...] = ()  # names of the named volumes it mounts
     binds: tuple[str, ...] = ()  # host paths it bind-mounts
+    # Labels its image set (and the container did not change): an image's own `backupd.*`
+    # labels are the image author's, not a request to this backupd, so unknown ones are ignored.
+    inherited: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -70,7 +73,7 @@ def read_container(container: Container) -> Contribution | None:
     Raises LabelError for the first bad label."""
     labels = {k: v for k, v in container.labels.items() if k.startswith(PREFIX) and k not in RESERVED}
     for key in sorted(labels):
-        if key not in KNOWN and not key.startswith(DATABASE + "."):
+        if key not in KNOWN and not key.startswith(DATABASE + ".") and key not in container.inherited:
             raise LabelError(container.name, key, f"unknown label (known: {', '.join(KNOWN)}, "
                                                   f"{DATABASE}.<option>)")
     if not _flag(container, ENABLE, labels.get(ENABLE)):

@@ -222,3 +222,22 @@ def test_the_daemon_adds_replaces_and_removes_scheduled_jobs_as_labels_change(tm
         assert sidecar.entries() == [] and sidecar.scheduler.get_jobs() == []
     finally:
         sidecar.stop(grace=0)
+
+
+def test_an_unknown_backupd_label_the_image_set_is_the_image_authors_and_ignored() -> None:
+    labels = {**ON, "backupd.recipe": "abc"}
+    assert read_container(Container("c", labels, ("v",), inherited=frozenset({"backupd.recipe"}))) is not None
+    with pytest.raises(LabelError, match="unknown label"):
+        read_container(Container("c", labels, ("v",)))
+
+
+def test_a_spec_whose_password_came_from_its_file_validates_again_inside_a_job(tmp_path: Any) -> None:
+    from backupd.config import DatabaseSpec, Job
+
+    (tmp_path / "pw").write_text("x")
+    spec = DatabaseSpec.model_validate({"name": "a", "type": "postgres", "container": "c",
+                                        "password_file": str(tmp_path / "pw")})
+    assert Job.model_validate({"databases": [spec]}).databases[0].password is not None
+    with pytest.raises(ValueError, match="not both"):
+        DatabaseSpec.model_validate({"name": "a", "type": "postgres", "container": "c", "password": "y",
+                                     "password_file": str(tmp_path / "pw")})
