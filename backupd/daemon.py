@@ -102,6 +102,15 @@ def refresh_labels(sidecar: Sidecar, jobs: Jobs) -> None:
         log.error("discovered jobs not updated: %s", exc)
 
 
+def with_discovery(health: tuple[bool, dict[str, Any]], jobs: Jobs) -> tuple[bool, dict[str, Any]]:
+    """/healthz also lists the label errors that keep discovered jobs from running (they do not
+    make it 503: every job that exists still runs)."""
+    healthy, report = health
+    if jobs.written.discovery.enabled:
+        report["discovery"] = {"label_errors": [str(e) for e in jobs.last.errors()] if jobs.last else []}
+    return healthy, report
+
+
 RECOVER_EVERY = 60.0  # seconds: a CLI command killed while the daemon runs is undone this soon
 
 
@@ -134,7 +143,7 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
     if config.discovery.enabled:
         watcher.start()
     if bind is not None:
-        endpoint = HttpEndpoint(bind[0], bind[1], sidecar.health, metrics.render,
+        endpoint = HttpEndpoint(bind[0], bind[1], lambda: with_discovery(sidecar.health(), jobs), metrics.render,
                                 lambda: sidecar.config.http.token())  # a reload may change the token
     grace = config.scheduler.stop_grace.total_seconds()
     log.info("backupd running: %d scheduled entr%s; SIGHUP reloads %s, SIGTERM stops "

@@ -154,6 +154,7 @@ def test_the_daemon_protects_a_container_started_after_it_and_a_bad_label_breaks
         assert any(f"'{bad}-app'" in e.get("message", "") and "backupd.stop" in e.get("message", "")
                    and e.get("level") in ("error", "ERROR") for e in logged), daemon.text()[-3000:]
         assert bad not in health(port)["jobs"]
+        assert any(f"'{bad}-app', label backupd.stop" in e for e in health(port)["discovery"]["label_errors"])
 
         def succeeded() -> dict[str, dict]:
             done = {b["job"]: b for b in listing(config) if b["status"] == "succeeded"}
@@ -332,3 +333,95 @@ def test_real_compose_labels_make_one_job_per_project_and_stop_the_service_aroun
             made.client.volumes.get(f"{project}_restored").remove(force=True)
         except Exception:  # noqa: BLE001 - not made when the test failed before the restore
             pass
+
+
+class SocketProxy:
+    """A unix socket in front of the engine's, whose open connections a test can cut."""
+
+    def __init__(self, path: Path, target: str = "/var/run/docker.sock") -> None:
+        import threading
+
+        self.path, self.target = path, target
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(16)
+        self.open: list[socket.socket] = []
+        self.accepted = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self.target)
+            with self._lock:
+                self.open += [client, upstream]
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """Break every open connection, as an engine restart would."""
+        with self._lock:
+            cut, self.open = self.open, []
+        for s in cut:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_the_event_thread_sees_real_engine_events_and_reopens_a_stream_the_engine_side_broke(
+        tmp_path: Path, made: Made) -> None:
+    import docker
+
+    from backupd.events import EventWatcher
+
+    proxy = SocketProxy(tmp_path / "docker.sock")
+    client = docker.DockerClient(base_url=f"unix://{tmp_path / 'docker.sock'}", timeout=60)
+    watcher = EventWatcher(lambda: client, debounce=0.5, retry_first=0.2)
+    watcher.start()
+    try:
+        wait_until(lambda: watcher.connections == 1, "the event stream", 10)
+        made.container(f"ev-{made.run}-a", {"backupd.enable": "true"}, {f"ev-{made.run}-a": "/data"})
+        wait_until(lambda: watcher.events >= 2, "create and start events of a labelled container", 10)
+        wait_until(watcher.due, "the burst due once quiet", 5)
+        helper = made.container(f"ev-{made.run}-b", {}, None)  # no backupd.enable: no event
+        helper.remove(force=True)
+        seen = watcher.events
+        proxy.cut()
+        wait_until(lambda: watcher.connections == 2, "the stream reopened", 10)
+        wait_until(watcher.due, "a change noted after reconnecting (events may have been missed)", 5)
+        assert watcher.events == seen
+        made.container(f"ev-{made.run}-c", {"backupd.enable": "true"}, {f"ev-{made.run}-c": "/data"})
+        wait_until(lambda: watcher.events > seen, "events on the reopened stream", 10)
+    finally:
+        stopped = time.monotonic()
+        assert watcher.stop(timeout=5)
+        assert time.monotonic() - stopped < 2
+        client.close()
+        proxy.close()
