@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from backupd.config import VolumeSelector
 from tests.integration.services import APP_COMMAND, DB_IMAGE, MARIADB_SCRIPT, PG_DATA, PG_SCRIPT, TEST_LABELS, \
     require_image
 from tests.integration.test_daemon import wait_until
@@ -253,6 +254,9 @@ def test_a_password_in_a_label_is_refused_and_named_without_showing_it(tmp_path:
     proc = backupd(config, "backup", job)
     assert proc.returncode == 2 and "backupd.database.password" in proc.stderr
     assert "hunter2-in-a-label" not in proc.stderr + json.dumps(row) + json.dumps(listing(config))
+    unknown = backupd(config, "backup", f"nosuch-{made.run}")
+    assert unknown.returncode == 2 and "nor declared by container labels" in unknown.stderr
+    assert not [b for b in listing(config) if b["job"] == f"nosuch-{made.run}"]
 
 
 COMPOSE = """
@@ -264,6 +268,7 @@ services:
       backupd.enable: "true"
       backupd.volumes: "uploads"
       backupd.stop: "true"
+      backupd.exclude: "tmp/*"
       {run_label}: "{run}"
     volumes:
       - uploads:/data
@@ -303,7 +308,7 @@ def test_real_compose_labels_make_one_job_per_project_and_stop_the_service_aroun
         web = made.client.containers.get(f"{project}_web_1")
         fill(web, "/data/upload", "an upload")
         started = web.attrs["State"]["StartedAt"]
-        config = write(tmp_path, made.helper_image, schedule="0 3 * * *")
+        config = write(tmp_path, made.helper_image, schedule="0 3 * * *", retention={"keep_last": 3})
 
         row = jobs_listing(config)[project]
         assert row["containers"] == [f"{project}_web_1"]
@@ -312,6 +317,15 @@ def test_real_compose_labels_make_one_job_per_project_and_stop_the_service_aroun
                                  "from": f"label backupd.volumes on container {project}_web_1"}]
         assert s["stop_containers"] == [{"value": {"name": f"{project}_web_1"},
                                          "from": f"label backupd.stop on container {project}_web_1"}]
+
+        if "exclude" in VolumeSelector.model_fields:  # per-volume excludes exist: the label is carried
+            assert s["volumes"][0]["value"]["exclude"] == ["tmp/*"]
+        else:
+            assert row["notes"] == [f"label backupd.exclude on container {project}_web_1: excludes are not "
+                                    "supported yet by this backupd; the whole volume is backed up"]
+        schedule = json.loads(backupd(config, "list", "--schedule", "--json", check=True).stdout)
+        assert {"job": project, "action": "backup", "schedule": "0 3 * * *"}.items() <= \
+            next(e for e in schedule if e["job"] == project).items()
 
         backup = backupd(config, "backup", project)
         assert backup.returncode == 0, backup.stderr
@@ -327,6 +341,8 @@ def test_real_compose_labels_make_one_job_per_project_and_stop_the_service_aroun
                                            labels=made.labels,
                                            volumes={f"{project}_restored": {"bind": "/r", "mode": "ro"}})
         assert check == b"an upload"
+        pruned = backupd(config, "prune", "--job", project, "--dry-run")  # discovery.retention applies
+        assert pruned.returncode == 0 and f"job {project}" in pruned.stdout, pruned.stderr
     finally:
         compose("down", "-v", "--remove-orphans")
         try:

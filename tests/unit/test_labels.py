@@ -241,3 +241,26 @@ def test_a_spec_whose_password_came_from_its_file_validates_again_inside_a_job(t
     with pytest.raises(ValueError, match="not both"):
         DatabaseSpec.model_validate({"name": "a", "type": "postgres", "container": "c", "password": "y",
                                      "password_file": str(tmp_path / "pw")})
+
+
+def test_sighup_reads_the_new_file_and_the_labels_again(tmp_path: Any) -> None:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from backupd.catalog import Catalog
+    from backupd.daemon import Jobs, reload_config
+    from backupd.scheduler import Sidecar
+
+    jobs = Jobs(config(), lambda written: discover(written, [app()]))
+    sidecar = Sidecar(jobs.current(), object(), Catalog(f"sqlite:///{tmp_path / 'c.db'}"),  # type: ignore[arg-type]
+                      scheduler=BackgroundScheduler())
+    sidecar.start()
+    try:
+        new = config(schedule="0 5 * * *")
+        assert reload_config(sidecar, "unused", load=lambda path: new, jobs=jobs)
+        assert jobs.written is new and sidecar.config.job("shop").schedule == "0 5 * * *"
+        off = parse_config({"discovery": {"enabled": False}, "jobs": {"a": {"schedule": "0 1 * * *",
+                                                                           "volumes": ["v"]}}})
+        assert reload_config(sidecar, "unused", load=lambda path: off, jobs=jobs)
+        assert [e.id for e in sidecar.entries()] == ["backup:a"]
+    finally:
+        sidecar.stop(grace=0)
