@@ -437,6 +437,8 @@ class Config(_Model):
                 raise ValueError(f"name '{name}' must match {NAME_RE.pattern}")
         for i, dest in enumerate(self.discovery.destinations or []):
             _check_destination(self, f"discovery.destinations[{i}]", dest)
+        if self.discovery.format == "repository":
+            _check_repository_discovery(self)
         for job_name, job in self.jobs.items():
             check_job(self, job_name, job)
         return self
@@ -514,6 +516,18 @@ def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
             raise _KeyedError(f"{where}.repository_password",
                               f"format: repository needs a password: set repository_password_file here "
                               f"or on destination '{name}'")
+
+
+def _check_repository_discovery(config: "Config") -> None:
+    """Discovered jobs have no password of their own: each destination must hold one."""
+    for name in config.discovery.destinations or list(config.destinations):
+        dest = config.destinations[name]
+        if dest.type not in REPOSITORY_DESTINATIONS:
+            raise _KeyedError("discovery.destinations", f"destination '{name}' is {dest.type}: format: repository "
+                                                        f"supports {', '.join(REPOSITORY_DESTINATIONS)}")
+        if dest.repository_password is None:
+            raise _KeyedError("discovery.format", f"format: repository needs a password: set "
+                                                  f"repository_password_file on destination '{name}'")
 
 
 class _KeyedError(ValueError):

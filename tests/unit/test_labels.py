@@ -264,3 +264,12 @@ def test_sighup_reads_the_new_file_and_the_labels_again(tmp_path: Any) -> None:
         assert [e.id for e in sidecar.entries()] == ["backup:a"]
     finally:
         sidecar.stop(grace=0)
+
+
+def test_repository_discovery_needs_a_password_on_each_destination_when_the_config_loads() -> None:
+    with pytest.raises(ConfigError, match=r"discovery\.format: .*destination 'local'"):
+        parse_config({"discovery": {"enabled": True, "format": "repository"}})
+    with pytest.raises(ConfigError, match=r"discovery\.destinations\[0\]: destination 'x' is not defined"):
+        parse_config({"discovery": {"destinations": ["x"]}})
+    parse_config({"destinations": {"local": {"type": "local", "repository_password": "p"}},
+                  "discovery": {"enabled": True, "format": "repository"}})
