@@ -170,11 +170,12 @@ def cmd_restore(ctx: Context) -> int:
 
 
 def cmd_verify(ctx: Context) -> int:
+    from backupd.app import job_lease
     from backupd.verify import restore_drill, verify_backup
 
     app, backup_id = ctx.app, ctx.args.backup_id
     job = app.catalog.get(backup_id).job
-    with app.leases.hold([f"job:{job}"], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
+    with app.leases.hold([job_lease(job)], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
         from backupd.repository import snapshot_checker
 
         results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity,
@@ -191,19 +192,11 @@ def cmd_verify(ctx: Context) -> int:
 
 
 def cmd_prune(ctx: Context) -> int:
-    from backupd.prune import find_orphans
     from backupd.retention import summarize
 
-    config, args, app = ctx.config, ctx.args, ctx.app
+    args, app = ctx.args, ctx.app
     if args.orphans:
-        report = find_orphans(app.catalog, app.stores(), delete=args.delete)
-        for dest, key in report.orphans:
-            print(f"orphan   {dest}: {key}{' (deleted)' if (dest, key) in report.removed else ''}")
-        for backup_id, dest, key in report.missing:
-            print(f"missing  {dest}: {key} (backup {backup_id}; marked missing)")
-        if not report.orphans and not report.missing:
-            print("no orphans, no missing copies")
-        return 0
+        return _prune_orphans(app, args.dry_run, args.delete)
     config = ctx.with_labels()
     jobs = [args.job] if args.job else [j for j in config.jobs if config.job_retention(j)]
     if args.job:
@@ -226,6 +219,32 @@ def cmd_prune(ctx: Context) -> int:
     for failure in failures:
         print(redact(f"backupd: could not delete {failure}"), file=sys.stderr)
     return EXIT_FAILED if failures else 0
+
+
+def _prune_orphans(app: App, dry_run: bool, delete: bool) -> int:
+    """Leftovers of interrupted uploads (removed unless dry), objects the catalog does not
+    know (deleted only with --delete), copies whose object vanished (marked missing)."""
+    from backupd.prune import find_orphans
+
+    swept = app.sweep_leftovers(dry_run=dry_run)
+    for found in swept.found:
+        if found.keep is not None:
+            state = f"kept: {found.keep}"
+        else:
+            state = "would be removed" if dry_run else "removed" if found in swept.removed else "NOT removed"
+        print(f"leftover {found.describe()}: {state}")
+    report = find_orphans(app.catalog, app.stores(), delete=delete, dry_run=dry_run)
+    for dest, key in report.orphans:
+        done = " (deleted)" if (dest, key) in report.removed else " (would be deleted)" if dry_run and delete else ""
+        print(f"orphan   {dest}: {key}{done}")
+    for backup_id, dest, key in report.missing:
+        print(f"missing  {dest}: {key} (backup {backup_id}; "
+              f"{'would be marked missing' if dry_run else 'marked missing'})")
+    if not swept.found and not report.orphans and not report.missing:
+        print("no leftovers, no orphans, no missing copies")
+    for failure in swept.failures:
+        print(redact(f"backupd: leftovers on {failure}"), file=sys.stderr)
+    return EXIT_FAILED if swept.failures else 0
 
 
 def cmd_catalog_rebuild(ctx: Context) -> int:
@@ -402,10 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prune", cmd_prune, "apply retention: delete backups no rule keeps, from every destination")
     p.add_argument("--job", help="only this job (default: every job with a retention policy)")
-    p.add_argument("--dry-run", action="store_true", help="print the decision, delete nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the decision, delete nothing (with --orphans: list, remove and mark nothing)")
     p.add_argument("--orphans", action="store_true",
-                   help="instead, list objects the catalog does not know and copies that vanished")
-    p.add_argument("--delete", action="store_true", help="with --orphans: delete the orphaned objects")
+                   help="instead, remove the leftovers of interrupted uploads (.partial- files, open "
+                        "multipart uploads) that no running backup owns, list objects the catalog does "
+                        "not know, and mark copies that vanished as missing")
+    p.add_argument("--delete", action="store_true",
+                   help="with --orphans: also delete the objects the catalog does not know")
     p.add_argument("--compact", action="store_true",
                    help="repository-mode jobs: then free the space of forgotten snapshots (restic prune, "
                         "leaving up to 10%% unused so that little is repacked)")

@@ -130,7 +130,8 @@ class S3Destination(_RepositoryPassword):
     storage_class: str | None = None
     server_side_encryption: str | None = None  # "AES256" or "aws:kms"
     sse_kms_key_id: str | None = None
-    part_size_mb: int = Field(default=64, ge=5, le=5120)
+    part_size_mb: int = Field(default=5, ge=5, le=5120)
+    concurrency: int = Field(default=4, ge=1, le=64)  # parts uploaded at once
 
     @model_validator(mode="after")
     def _secrets(self) -> "S3Destination":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import socket
 from dataclasses import asdict, dataclass
@@ -51,6 +52,9 @@ def utcnow() -> datetime:
 def new_backup_id(now: datetime) -> str:
     """Sortable by time, unique without coordination, short enough to type."""
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+BACKUP_ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")  # what new_backup_id makes (fullmatch)
 
 
 @dataclass(frozen=True)
@@ -500,6 +504,20 @@ class Catalog:
                 row.status, row.error, row.finished_at = FAILED, "interrupted: backupd stopped mid-run", utcnow()
                 failed.append(row.id)
         return failed
+
+    def running(self) -> list[tuple[str, str | None, datetime]]:
+        """(id, owner, started) of every backup still recorded running."""
+        with self._session() as s:
+            return [(i, o, t) for i, o, t in s.execute(
+                select(BackupRow.id, BackupRow.owner, BackupRow.started_at).where(BackupRow.status == RUNNING))]
+
+    def known(self, backup_ids: Iterable[str]) -> set[str]:
+        """Which of these backups the catalog has a row for (deleted ones included)."""
+        ids, found = sorted(set(backup_ids)), set()
+        with self._session() as s:
+            for start in range(0, len(ids), 500):  # bound the IN list
+                found.update(s.scalars(select(BackupRow.id).where(BackupRow.id.in_(ids[start:start + 500]))))
+        return found
 
     def refers_to_owner(self, owner_id: str) -> bool:
         """Does a running backup or an unreleased held container still name this owner?"""

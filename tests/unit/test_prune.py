@@ -158,6 +158,20 @@ def test_orphans_are_found_and_vanished_copies_marked_missing(env):
     assert report.removed == [("a", "j/20200101T000000Z-abcdef/volume-v.tar.zst")] and not stray.exists()
 
 
+def test_a_dry_run_for_orphans_deletes_and_marks_nothing(env):
+    config, catalog, stores, tmp = env
+    bid = make_backup(catalog, stores, NOW - timedelta(days=1))
+    stray = tmp / "a" / "j" / "20200101T000000Z-abcdef" / "volume-v.tar.zst"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"unknown")
+    (tmp / "b" / f"j/{bid}/volume-v.tar.zst").unlink()
+    report = find_orphans(catalog, stores, delete=True, dry_run=True)
+    assert report.orphans == [("a", "j/20200101T000000Z-abcdef/volume-v.tar.zst")] and report.removed == []
+    assert report.missing == [(bid, "b", f"j/{bid}/volume-v.tar.zst")]
+    assert stray.exists()
+    assert {c.destination: c.status for c in catalog.get(bid).artifacts[0].copies} == {"a": "stored", "b": "stored"}
+
+
 def test_catalog_rebuilt_from_a_destination_after_the_database_is_lost(env):
     config, catalog, stores, tmp = env
     ids = [make_backup(catalog, stores, NOW - timedelta(days=d)) for d in (3, 2, 1)]
