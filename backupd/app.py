@@ -293,6 +293,7 @@ class App:
     def discover(self, config: Config | None = None) -> "Discovered":
         """The config with the jobs container labels declare (backupd.discovery), read now."""
         from docker.errors import DockerException
+        from requests import RequestException
 
         from backupd.discovery import Discovered, configured, discover, read_containers
 
@@ -301,8 +302,9 @@ class App:
             return Discovered(configured(config))
         try:
             containers = read_containers(self.host.client)
-        except DockerException as exc:
-            raise BackupdError(f"cannot read container labels from the Docker engine: {exc}") from None
+        except (DockerException, RequestException) as exc:  # an engine gone away raises the latter
+            raise BackupdError(f"cannot read container labels from the Docker engine: "
+                               f"{type(exc).__name__}: {exc}") from None
         return discover(config, containers)
 
     def guard_shrinkage(self, config: Config, job: str, backup_id: str) -> str | None:

@@ -100,6 +100,8 @@ def refresh_labels(sidecar: Sidecar, jobs: Jobs) -> None:
             sidecar.reload(config, why="container labels changed")
     except BackupdError as exc:
         log.error("discovered jobs not updated: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - the main loop must outlive any surprise from the engine
+        log.exception("discovered jobs not updated: %s: %s", type(exc).__name__, exc)
 
 
 def with_discovery(health: tuple[bool, dict[str, Any]], jobs: Jobs) -> tuple[bool, dict[str, Any]]:

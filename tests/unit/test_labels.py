@@ -273,3 +273,30 @@ def test_repository_discovery_needs_a_password_on_each_destination_when_the_conf
         parse_config({"discovery": {"destinations": ["x"]}})
     parse_config({"destinations": {"local": {"type": "local", "repository_password": "p"}},
                   "discovery": {"enabled": True, "format": "repository"}})
+
+
+def test_an_engine_gone_away_while_labels_are_read_is_a_backupd_error_and_the_jobs_found_last_stay(
+        tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    import requests
+
+    from backupd.app import App
+    from backupd.daemon import Jobs
+    from backupd.errors import BackupdError
+
+    base = config().model_copy(update={"catalog": f"sqlite:///{tmp_path / 'c.db'}"})
+    app_ = App(base, "test")
+    try:
+        def gone(**_: Any) -> Any:
+            raise requests.exceptions.ConnectionError("Connection aborted.")
+
+        app_._host = SimpleNamespace(client=SimpleNamespace(api=SimpleNamespace(containers=gone)))
+        with pytest.raises(BackupdError, match="cannot read container labels.*ConnectionError"):
+            app_.discover()
+        jobs = Jobs(base, lambda written: discover(written, [app()]))
+        assert set(jobs.current().jobs) == {"shop"}
+        jobs._discover = lambda written: app_.discover(written)
+        assert set(jobs.current().jobs) == {"shop"}
+    finally:
+        app_.close()
