@@ -31,6 +31,7 @@ from backupd.identity import Identity, Liveness, this_process
 from backupd.stream import human_bytes
 
 if TYPE_CHECKING:
+    from backupd.discovery import Discovered
     from backupd.leftovers import LeftoverReport
 
 log = logging.getLogger(__name__)
@@ -237,16 +238,25 @@ class App:
         from backupd.run import make_plan, run_backup
 
         config = config or self.config
+        if self._labels_decide(config, job):
+            try:  # labels are read again at each run: the container may have changed since
+                found = self.discover(config)
+            except BackupdError as exc:
+                return self._failed_before_start(job, exc)
+            broken = found.broken(job)
+            if broken is not None:
+                return self._failed_before_start(job, broken)
+            config = found.config
+            if job not in config.jobs:
+                from backupd.discovery import unknown_job
+
+                raise unknown_job(config, job)
         spec = config.job(job)
         try:
             host = self.host
             plan = make_plan(config, job, host)
         except BackupdError as exc:
-            backup_id = self.catalog.record_failed_run(job, f"planning failed: {exc}", self.clock(),
-                                                       self.leases.register())
-            log.error("backup of job %s failed before it started: %s", job, exc,
-                      extra={"job": job, "backup_id": backup_id})
-            return BackupOutcome(job, backup_id, FAILED, [str(exc)], planning_error=exc)
+            return self._failed_before_start(job, exc)
         try:
             self._first_use(plan.stores)
             with self.leases.hold(resources_of(job, spec, plan.volumes, plan.stop), f"backup of job {job}",
@@ -263,6 +273,39 @@ class App:
             if suspicion is not None:
                 warnings.append(f"suspicious: {suspicion}")
         return BackupOutcome(job, result.backup_id, result.status, result.errors, warnings)
+
+    def _failed_before_start(self, job: str, exc: BackupdError) -> BackupOutcome:
+        """A run that failed while planning is recorded failed with its cause, like any other."""
+        backup_id = self.catalog.record_failed_run(job, f"planning failed: {exc}", self.clock(),
+                                                   self.leases.register())
+        log.error("backup of job %s failed before it started: %s", job, exc,
+                  extra={"job": job, "backup_id": backup_id})
+        return BackupOutcome(job, backup_id, FAILED, [str(exc)], planning_error=exc)
+
+    @staticmethod
+    def _labels_decide(config: Config, job: str) -> bool:
+        """Whether container labels define this job (or may): discovery is on and the config
+        file does not name it."""
+        from backupd.discovery import is_discovered
+
+        return config.discovery.enabled and (job not in config.jobs or is_discovered(config, job))
+
+    def discover(self, config: Config | None = None) -> "Discovered":
+        """The config with the jobs container labels declare (backupd.discovery), read now."""
+        from docker.errors import DockerException
+        from requests import RequestException
+
+        from backupd.discovery import Discovered, configured, discover, read_containers
+
+        config = config or self.config
+        if not config.discovery.enabled:
+            return Discovered(configured(config))
+        try:
+            containers = read_containers(self.host.client)
+        except (DockerException, RequestException) as exc:  # an engine gone away raises the latter
+            raise BackupdError(f"cannot read container labels from the Docker engine: "
+                               f"{type(exc).__name__}: {exc}") from None
+        return discover(config, containers)
 
     def guard_shrinkage(self, config: Config, job: str, backup_id: str) -> str | None:
         """Flag a new backup that is much smaller than the job's recent ones (backupd.shrinkage)."""

@@ -58,6 +58,13 @@ class Context:
             self._app = App(self.config, self.args.command)
         return self._app
 
+    def with_labels(self) -> Config:
+        """The config with the jobs container labels declare, read now (backupd.discovery);
+        as written when discovery is off, without asking the engine."""
+        if not self.config.discovery.enabled:
+            return self.config
+        return self.app.discover(self.config).config
+
     @property
     def catalog(self) -> Catalog:
         return self.app.catalog
@@ -72,7 +79,8 @@ class Context:
 
 def cmd_backup(ctx: Context) -> int:
     job = ctx.args.job
-    ctx.config.job(job)
+    if not ctx.config.discovery.enabled:  # else container labels may declare it: App.backup decides
+        ctx.config.job(job)
     result = ctx.app.backup(job, wait=0 if ctx.args.no_wait else None)
     if result.planning_error is not None:
         raise result.planning_error  # recorded failed in the catalog as result.backup_id
@@ -96,8 +104,10 @@ def cmd_run(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
+    if ctx.args.jobs:
+        return _print_jobs(ctx)
     if ctx.args.schedule:
-        return _print_schedule(ctx.config, ctx.args.json)
+        return _print_schedule(ctx.with_labels(), ctx.args.json)
     if ctx.args.json:
         json.dump([b.to_json() for b in ctx.catalog.list(job=ctx.args.job)], sys.stdout, indent=2)
         print()
@@ -192,23 +202,24 @@ def cmd_verify(ctx: Context) -> int:
 def cmd_prune(ctx: Context) -> int:
     from backupd.retention import summarize
 
-    config, args, app = ctx.config, ctx.args, ctx.app
+    args, app = ctx.args, ctx.app
     if args.orphans:
         return _prune_orphans(app, args.dry_run, args.delete)
+    config = ctx.with_labels()
     jobs = [args.job] if args.job else [j for j in config.jobs if config.job_retention(j)]
     if args.job:
         config.job(args.job)
     failures = []
     for job in jobs:
         # A dry run deletes nothing, so it opens no destination (nor imports boto3/paramiko).
-        report = app.prune(job, dry_run=args.dry_run)
+        report = app.prune(job, config=config, dry_run=args.dry_run)
         print(f"job {job}{' (dry run: nothing deleted)' if args.dry_run else ''}")
         with paused_gc():
             print(summarize(report.decisions))
         if not args.dry_run:
             print(f"deleted {len(report.deleted)} backup(s)")
         if args.compact and not args.dry_run:
-            for line in app.compact(job):
+            for line in app.compact(job, config=config):
                 print(line)
                 if "prune failed" in line:
                     failures.append(f"compaction of job {job}: {line}")
@@ -306,6 +317,40 @@ def _print_schedule(config: Config, as_json: bool) -> int:
     return 0
 
 
+def _print_jobs(ctx: Context) -> int:
+    """Every job, configured or declared by container labels, and where each setting came from."""
+    from backupd.discovery import describe
+
+    rows = describe(ctx.app.discover(ctx.config))
+    if ctx.args.job:
+        rows = [r for r in rows if r["job"] == ctx.args.job]
+    if ctx.args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    for row in rows:
+        containers = f": {', '.join(row['containers'])}" if row["containers"] else ""
+        print(f"{row['job']}  (from {row['origin']}{containers})")
+        if row["error"]:
+            print(f"  error: {row['error']}")
+        for note in row["notes"]:
+            print(f"  note: {note}")
+        cells = [(key, _setting_text(item["value"]), item["from"])
+                 for key, value in (row.get("settings") or {}).items()
+                 for item in (value if isinstance(value, list) else [value])]
+        if cells:
+            print("\n".join("  " + line for line in format_table(cells).splitlines()))
+    return 0
+
+
+def _setting_text(value: object) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return "-" if value is None else str(value)
+
+
 def _describe(b: BackupView) -> str:
     lines = [
         f"backup    {b.id}",
@@ -368,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.add_argument("--schedule", action="store_true", help="list scheduled entries and their next run instead")
+    p.add_argument("--jobs", action="store_true",
+                   help="list jobs instead, configured or declared by container labels, with where each "
+                        "setting came from")
 
     p = add("show", cmd_show, "show one backup with its artifacts and copies")
     p.add_argument("backup_id")

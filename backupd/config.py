@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -92,8 +93,8 @@ def _secret_from_file(model: Any, field: str) -> Any:
     file_value = getattr(model, f"{field}_file")
     if file_value is None:
         return model
-    if getattr(model, field) is not None:
-        raise ValueError(f"set either {field} or {field}_file, not both")
+    if getattr(model, field) is not None and field in model.model_fields_set:
+        raise ValueError(f"set either {field} or {field}_file, not both")  # (not: filled from the file before)
     object.__setattr__(model, field, read_secret_file(file_value))
     return model
 
@@ -396,6 +397,24 @@ def validate_cron(expr: str) -> None:
         raise ValueError(f"schedule '{expr}' is not valid cron: {exc}") from None
 
 
+class Discovery(_Model):
+    """Defaults for the jobs containers declare with `backupd.*` labels (backupd.discovery).
+
+    Labels say what to back up; where, when and how long to keep it stays the operator's
+    call, here. Off unless enabled: a label on a container must not start backups no
+    operator asked for."""
+
+    enabled: bool = False
+    schedule: str | None = None  # None: discovered jobs run only on `backupd backup JOB`
+    timezone: str = "UTC"
+    format: Literal["archive", "repository"] = "archive"
+    destinations: list[str] | None = None  # None: every configured destination
+    retention: Retention | None = None  # None: the top-level retention
+
+    _cron = field_validator("schedule")(Job._cron.__func__)  # type: ignore[attr-defined]
+    _known_timezone = field_validator("timezone")(Job._known_timezone.__func__)  # type: ignore[attr-defined]
+
+
 class Http(_Model):
     enabled: bool = False
     host: str = "0.0.0.0"
@@ -441,28 +460,21 @@ class Config(_Model):
     http: Http = Http()
     notifications: Notifications = Notifications()
     scheduler: Scheduler = Scheduler()
+    discovery: Discovery = Discovery()
+    # Names of the jobs backupd.discovery added from container labels (empty as loaded).
+    _discovered_jobs: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Config":
         for name in list(self.destinations) + list(self.jobs):
             if not NAME_RE.match(name):
                 raise ValueError(f"name '{name}' must match {NAME_RE.pattern}")
+        for i, dest in enumerate(self.discovery.destinations or []):
+            _check_destination(self, f"discovery.destinations[{i}]", dest)
+        if self.discovery.format == "repository":
+            _check_repository_discovery(self)
         for job_name, job in self.jobs.items():
-            for i, dest in enumerate(job.destinations or []):
-                if dest not in self.destinations:
-                    known = ", ".join(sorted(self.destinations)) or "none"
-                    raise _KeyedError(
-                        f"jobs.{job_name}.destinations[{i}]",
-                        f"destination '{dest}' is not defined (defined: {known})",
-                    )
-            if not job.volumes and not job.databases:
-                raise _KeyedError(f"jobs.{job_name}", "job backs up nothing: add volumes or databases")
-            if job.format == "repository":
-                _check_repository_job(self, job_name, job)
-            names = [d.name for d in job.databases]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise _KeyedError(f"jobs.{job_name}.databases", f"duplicate name '{dupes[0]}'")
+            check_job(self, job_name, job)
         return self
 
     def job(self, name: str) -> Job:
@@ -492,6 +504,28 @@ class Config(_Model):
         if found is None:
             raise ConfigError(f"jobs.{job_name}.repository_password: not set (nor on destination {destination})")
         return found
+
+
+def check_job(config: "Config", job_name: str, job: Job) -> None:
+    """What a job must satisfy beyond its own keys; shared by configured and discovered jobs.
+
+    Raises a ValueError whose `path` is the key path (jobs.NAME...)."""
+    for i, dest in enumerate(job.destinations or []):
+        _check_destination(config, f"jobs.{job_name}.destinations[{i}]", dest)
+    if not job.volumes and not job.databases:
+        raise _KeyedError(f"jobs.{job_name}", "job backs up nothing: add volumes or databases")
+    if job.format == "repository":
+        _check_repository_job(config, job_name, job)
+    names = [d.name for d in job.databases]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise _KeyedError(f"jobs.{job_name}.databases", f"duplicate name '{dupes[0]}'")
+
+
+def _check_destination(config: "Config", path: str, dest: str) -> None:
+    if dest not in config.destinations:
+        known = ", ".join(sorted(config.destinations)) or "none"
+        raise _KeyedError(path, f"destination '{dest}' is not defined (defined: {known})")
 
 
 REPOSITORY_DESTINATIONS = ("local", "s3", "sftp")
@@ -524,6 +558,18 @@ def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
             raise _KeyedError(f"{where}.repository_password",
                               f"format: repository needs a password: set repository_password_file here "
                               f"or on destination '{name}'")
+
+
+def _check_repository_discovery(config: "Config") -> None:
+    """Discovered jobs have no password of their own: each destination must hold one."""
+    for name in config.discovery.destinations or list(config.destinations):
+        dest = config.destinations[name]
+        if dest.type not in REPOSITORY_DESTINATIONS:
+            raise _KeyedError("discovery.destinations", f"destination '{name}' is {dest.type}: format: repository "
+                                                        f"supports {', '.join(REPOSITORY_DESTINATIONS)}")
+        if dest.repository_password is None:
+            raise _KeyedError("discovery.format", f"format: repository needs a password: set "
+                                                  f"repository_password_file on destination '{name}'")
 
 
 class _KeyedError(ValueError):

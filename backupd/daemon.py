@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 from backupd.app import App
 from backupd.config import Config, load_config
+from backupd.discovery import Discovered, discover, log_changes
 from backupd.errors import BackupdError
+from backupd.events import EventWatcher
 from backupd.http import HttpEndpoint, parse_bind
 from backupd.metrics import Metrics
 from backupd.scheduler import CANCEL_WAIT, Sidecar
@@ -47,14 +49,68 @@ class Signals:
         self.wake.set()
 
 
-def reload_config(sidecar: Sidecar, path: str, load: Callable[[str], Config] = load_config) -> bool:
+class Jobs:
+    """The daemon's jobs: the config file's, plus those container labels declare, kept current.
+
+    `written` is the config as loaded (SIGHUP replaces it); `discover` adds the labelled jobs
+    (App.discover). When the engine cannot be read, the jobs discovered last stay."""
+
+    def __init__(self, written: Config, discover: Callable[[Config], Discovered]) -> None:
+        self.written = written
+        self._discover = discover
+        self.last: Discovered | None = None
+
+    def current(self) -> Config:
+        if not self.written.discovery.enabled:
+            self.last = None
+            return self.written
+        try:
+            found = self._discover(self.written)
+        except BackupdError as exc:
+            log.warning("container labels not read, keeping the jobs discovered before: %s", exc)
+            if self.last is None:
+                return self.written
+            return discover(self.written, self.last.containers).config
+        log_changes(self.last, found)
+        self.last = found
+        return found.config
+
+
+def reload_config(sidecar: Sidecar, path: str, load: Callable[[str], Config] = load_config,
+                  jobs: Jobs | None = None) -> bool:
     """Swap in the config at `path`; on any error log it and keep the old one."""
     try:
-        sidecar.reload(load(path))
+        written = load(path)
+        if jobs is not None:
+            jobs.written = written
+            sidecar.reload(jobs.current())
+        else:
+            sidecar.reload(written)
         return True
     except BackupdError as exc:
         log.error("config reload refused, keeping the running config: %s", exc)
         return False
+
+
+def refresh_labels(sidecar: Sidecar, jobs: Jobs) -> None:
+    """Containers changed: read the labels again; reschedule only if the jobs changed."""
+    try:
+        config = jobs.current()
+        if config.jobs != sidecar.config.jobs:
+            sidecar.reload(config, why="container labels changed")
+    except BackupdError as exc:
+        log.error("discovered jobs not updated: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - the main loop must outlive any surprise from the engine
+        log.exception("discovered jobs not updated: %s: %s", type(exc).__name__, exc)
+
+
+def with_discovery(health: tuple[bool, dict[str, Any]], jobs: Jobs) -> tuple[bool, dict[str, Any]]:
+    """/healthz also lists the label errors that keep discovered jobs from running (they do not
+    make it 503: every job that exists still runs)."""
+    healthy, report = health
+    if jobs.written.discovery.enabled:
+        report["discovery"] = {"label_errors": [str(e) for e in jobs.last.errors()] if jobs.last else []}
+    return healthy, report
 
 
 RECOVER_EVERY = 60.0  # seconds: a CLI command killed while the daemon runs is undone this soon
@@ -75,7 +131,9 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
         signals.install()
     config = app.config
     app.host  # connect the engine and run start-up recovery before the first run
-    sidecar = Sidecar(config, app, app.catalog, clock=app.clock)
+    jobs = Jobs(config, lambda written: app.discover(written))
+    sidecar = Sidecar(jobs.current(), app, app.catalog, clock=app.clock)
+    watcher = EventWatcher(lambda: app.host.client, signals.wake.set)
     metrics = sidecar.metrics = Metrics(app.catalog, lambda: sidecar.config.jobs)
     endpoint = None
     bind: tuple[str, int] | None = None
@@ -84,8 +142,10 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
     elif config.http.enabled:
         bind = (config.http.host, config.http.port)
     sidecar.start()
+    if config.discovery.enabled:
+        watcher.start()
     if bind is not None:
-        endpoint = HttpEndpoint(bind[0], bind[1], sidecar.health, metrics.render,
+        endpoint = HttpEndpoint(bind[0], bind[1], lambda: with_discovery(sidecar.health(), jobs), metrics.render,
                                 lambda: sidecar.config.http.token())  # a reload may change the token
     grace = config.scheduler.stop_grace.total_seconds()
     log.info("backupd running: %d scheduled entr%s; SIGHUP reloads %s, SIGTERM stops "
@@ -95,19 +155,26 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
     next_recovery = time.monotonic() + RECOVER_EVERY
     try:
         while not signals.stop:
-            signals.wake.wait(timeout=5)
+            signals.wake.wait(timeout=watcher.wait_hint(5))
             signals.wake.clear()
+            if watcher.due() and not signals.stop and jobs.written.discovery.enabled:
+                refresh_labels(sidecar, jobs)
             if time.monotonic() >= next_recovery and not signals.stop:
                 next_recovery = time.monotonic() + RECOVER_EVERY
                 recover_quietly(app)
             if signals.reload and not signals.stop:
                 signals.reload = False
                 log.info("SIGHUP: reloading %s", config_path)
-                reload_config(sidecar, config_path)
+                reload_config(sidecar, config_path, jobs=jobs)
+                if jobs.written.discovery.enabled and not watcher.started:
+                    watcher.start()
         log.info("stop requested: no new runs")
+        if not watcher.stop():
+            log.warning("the Docker event stream did not close in time")
         clean = sidecar.stop()
         log.info("backupd stopped%s", "" if clean else " (running backups were cancelled)")
     finally:
+        watcher.stop()
         if endpoint is not None:
             endpoint.close()
     return 0

@@ -56,3 +56,15 @@ class PartialError(BackupdError):
     """Some artifacts or copies landed and others did not."""
 
     exit_code = 5
+
+
+class LabelError(ConfigError):
+    """A container's `backupd.*` label is wrong: the job it belongs to is not run, other jobs are.
+
+    Carries the container and the label, so `list --jobs` and the log can name both."""
+
+    def __init__(self, container: str, label: str, message: str) -> None:
+        super().__init__(f"container '{container}', label {label}: {message}")
+        self.container = container
+        self.label = label
+        self.message = message

@@ -220,15 +220,16 @@ class Sidecar:
                                        id=entry_id, name=entry_id, **options)
         self._entries = new
 
-    def reload(self, config: Config) -> None:
-        """Take a new config: entries added, removed or rescheduled; running runs keep the old one.
+    def reload(self, config: Config, why: str = "config reloaded") -> None:
+        """Take a new config (a reloaded file, or jobs container labels added, changed or
+        removed): entries added, removed or rescheduled; running runs keep the old one.
 
         Raises ConfigError (and changes nothing) if the new config's schedules are invalid.
         """
         new = {e.id: e for e in entries_of(config)}
         self.config = config
         self._apply(config, new)
-        log.info("config reloaded: %d scheduled entr%s", len(new), "y" if len(new) == 1 else "ies")
+        log.info("%s: %d scheduled entr%s", why, len(new), "y" if len(new) == 1 else "ies")
         self.log_next_runs()
 
     def entries(self) -> list[Entry]:

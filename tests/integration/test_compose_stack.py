@@ -1,6 +1,6 @@
 """The shipped docker-compose.yml, brought up by Compose (Debian's docker-compose) on a real
-engine, the way the README tells users to run it: a scheduled backup of the app's volume and
-of the database, /healthz, restores through `docker-compose exec backupd backupd restore`, and
+engine, the way the README tells users to run it: a scheduled backup of the app's volume, of
+the database and of the service that opts in with labels alone, /healthz, restores through `docker-compose exec backupd backupd restore`, and
 `down`.
 
 No registry is reachable here, so the file's image names are overridden with local stand-ins:
@@ -134,7 +134,7 @@ def stack(docker_client, sidecar_image, stand_in_images, tmp_path) -> Iterator[S
     remove_leftovers_of_earlier_runs(docker_client)
     port = free_port()
     config = yaml.safe_load((REPO / "config" / "compose.yml").read_text())
-    for job in config["jobs"].values():
+    for job in [*config["jobs"].values(), config["discovery"]]:
         job["schedule"] = "* * * * *"  # the shipped nightly schedule, every minute for the test
     config_file = tmp_path / "compose-test.yml"
     config_file.write_text(json.dumps(config))
@@ -165,9 +165,19 @@ def test_the_shipped_compose_file_backs_up_restores_and_comes_down(docker_client
         backups = json.loads(stack.backupd("list", "--json").stdout)
         done = {b["job"]: b for b in backups if b["status"] == "succeeded"
                 and (b["job"] != "db" or "shop.shop" in {a["name"] for a in b["artifacts"]})}
-        return done if {"app", "db"} <= set(done) else {}
+        return done if {"app", "db", stack.project} <= set(done) else {}
 
-    done = wait_until(succeeded, "scheduled backups of the volume and the database", 150, stack.logs)
+    done = wait_until(succeeded, "scheduled backups of the volume, the database and the labelled service",
+                      150, stack.logs)
+    # the `notes` service, protected by its labels alone: its job is the Compose project's
+    assert [a["name"] for a in done[stack.project]["artifacts"]] == ["shop_notesdata"]
+    jobs = {row["job"]: row for row in json.loads(stack.backupd("list", "--jobs", "--json").stdout)}
+    notes = f"{stack.project}_notes_1"
+    assert jobs[stack.project]["origin"] == "labels" and jobs[stack.project]["containers"] == [notes]
+    assert jobs[stack.project]["settings"]["stop_containers"] == [
+        {"value": {"name": notes}, "from": f"label backupd.stop on container {notes}"}]
+    assert jobs["app"]["origin"] == "config"
+    assert docker_client.containers.get(notes).status == "running"  # stopped for the copy, started again
     assert urllib.request.urlopen(health, timeout=5).status == 200
 
     # the database: drop a row, restore the dump over it through the running sidecar
@@ -187,7 +197,7 @@ def test_the_shipped_compose_file_backs_up_restores_and_comes_down(docker_client
             container.remove(force=True)
         docker_client.volumes.get(target).remove(force=True)
 
-    helpers = [c for volume in ("shop_appdata", "shop_backupd_state")
+    helpers = [c for volume in ("shop_appdata", "shop_notesdata", "shop_backupd_state")
                for c in docker_client.containers.list(all=True, filters={"volume": volume,
                                                                          "label": "backupd.helper"})]
     assert helpers == [], "no helper container is left holding the stack's volumes"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKED = ["backupd/app.py", "backupd/scheduler.py", "backupd/daemon.py", "backupd/catalog/leases.py",
-           "backupd/identity.py"]
+           "backupd/identity.py", "backupd/labels.py", "backupd/discovery.py", "backupd/events.py"]
 
 
 def test_the_composition_root_and_the_scheduler_type_check() -> None:
