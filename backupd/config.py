@@ -410,6 +410,8 @@ class Discovery(_Model):
     format: Literal["archive", "repository"] = "archive"
     destinations: list[str] | None = None  # None: every configured destination
     retention: Retention | None = None  # None: the top-level retention
+    # The only directory a `backupd.database.password_file` label may name a file in (None: none).
+    secrets_dir: Path | None = None
 
     _cron = field_validator("schedule")(Job._cron.__func__)  # type: ignore[attr-defined]
     _known_timezone = field_validator("timezone")(Job._known_timezone.__func__)  # type: ignore[attr-defined]

@@ -83,7 +83,7 @@ def discover(config: Config, containers: Iterable[Container]) -> Discovered:
     errors: list[LabelError] = []
     for container in sorted(containers, key=lambda c: c.name):
         try:
-            part = read_container(container)
+            part = read_container(container, config.discovery.secrets_dir)
         except LabelError as exc:
             errors.append(exc)
             name = _job_of_broken(container)
@@ -191,7 +191,7 @@ def describe(discovered: Discovered) -> list[dict[str, Any]]:
                                  "from": settings["destinations"]},
                 "retention": {"value": retention.model_dump(mode="json", exclude_defaults=True) if retention else None,
                               "from": settings["retention"]},
-                "volumes": [{"value": v.model_dump(by_alias=True, exclude_none=True), "from": src}
+                "volumes": [{"value": v.model_dump(by_alias=True, exclude_defaults=True), "from": src}
                             for v, src in zip(job.volumes, settings["volumes"])],
                 "databases": [{"value": {"name": d.name, "type": d.type, "container": d.container},
                                "from": src} for d, src in zip(job.databases, settings["databases"])],

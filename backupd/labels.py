@@ -14,6 +14,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from pydantic import SecretStr, ValidationError
@@ -68,8 +69,9 @@ def opted_in(labels: Mapping[str, str]) -> bool:
     return ENABLE in labels
 
 
-def read_container(container: Container) -> Contribution | None:
+def read_container(container: Container, secrets_dir: Path | None = None) -> Contribution | None:
     """The container's contribution to its job; None when `backupd.enable=false`.
+    `secrets_dir`: the only directory a label may name a secret file in (discovery.secrets_dir).
 
     Raises LabelError for the first bad label."""
     labels = {k: v for k, v in container.labels.items() if k.startswith(PREFIX) and k not in RESERVED}
@@ -83,7 +85,7 @@ def read_container(container: Container) -> Contribution | None:
     part = Contribution(job, container.name, job_source)
     on = f"on container {container.name}"
     if DATABASE in labels:
-        part.databases.append((_database(container, labels), f"label {DATABASE} {on}"))
+        part.databases.append((_database(container, labels, secrets_dir), f"label {DATABASE} {on}"))
     elif any(k.startswith(DATABASE + ".") for k in labels):
         key = min(k for k in labels if k.startswith(DATABASE + "."))
         raise LabelError(container.name, key, f"database options need {DATABASE}=<kind>")
@@ -160,7 +162,7 @@ def _with_excludes(container: Container, value: str,
                                             "exclude": patterns}), source) for sel, source in volumes]
 
 
-def _database(container: Container, labels: Mapping[str, str]) -> DatabaseSpec:
+def _database(container: Container, labels: Mapping[str, str], secrets_dir: Path | None) -> DatabaseSpec:
     """`backupd.database=<kind>` and `backupd.database.<option>=value` as a DatabaseSpec:
     the kind is its `type`, each option one of its keys, so every kind it knows works."""
     kind = labels[DATABASE].strip()
@@ -185,6 +187,8 @@ def _database(container: Container, labels: Mapping[str, str]) -> DatabaseSpec:
                              "a secret in a label is readable by anyone who can inspect the container: "
                              f"put it in a file backupd can read and name it with {key}_file")
         spec[option] = _option_value(info.annotation, labels[key])
+        if option.endswith("_file"):
+            spec[option] = _secret_file(container, key, spec[option], secrets_dir)
     try:
         return DatabaseSpec.model_validate(spec)
     except ValidationError as exc:
@@ -195,6 +199,20 @@ def _database(container: Container, labels: Mapping[str, str]) -> DatabaseSpec:
         if label == DATABASE and loc and loc[0] == "name":
             message = f"database name: {message} (set {DATABASE}.name)"
         raise LabelError(container.name, label, message) from None
+
+
+def _secret_file(container: Container, key: str, value: Any, secrets_dir: Path | None) -> Path:
+    """A secret file a label names, only inside the operator's `discovery.secrets_dir`: whoever
+    labels a container must not make backupd read its other secrets and hand them to that
+    container's tools. The file is read right after this check (DatabaseSpec)."""
+    if secrets_dir is None:
+        raise LabelError(container.name, key, "a label may name a secret file only inside "
+                                              "discovery.secrets_dir, which is not set")
+    path = Path(str(value))
+    resolved = (secrets_dir / path).resolve() if not path.is_absolute() else path.resolve()
+    if not resolved.is_relative_to(secrets_dir.resolve()):
+        raise LabelError(container.name, key, f"'{value}' is not inside discovery.secrets_dir ({secrets_dir})")
+    return resolved
 
 
 def _literal_values(annotation: Any) -> list[str]:

@@ -215,7 +215,8 @@ def test_database_labels_dump_real_postgres_and_mariadb_and_list_jobs_says_where
     secret.write_text(f"pw-{uuid.uuid4().hex}\n")
     secret.chmod(0o600)
     start_databases(made, job, secret)
-    config = write(tmp_path, made.helper_image, schedule="0 3 * * *", retention={"keep_last": 2})
+    config = write(tmp_path, made.helper_image, schedule="0 3 * * *", retention={"keep_last": 2},
+                   secrets_dir=str(tmp_path))
 
     proc = backupd(config, "list", "--jobs", "--json", check=True)
     assert secret.read_text().strip() not in proc.stdout

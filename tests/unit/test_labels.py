@@ -62,10 +62,32 @@ def test_a_database_label_is_a_dump_in_that_container_with_options_as_keys_and_n
 def test_mysql_kind_and_a_password_file_work_and_the_password_is_read_from_the_file(tmp_path: Any) -> None:
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
-    part = read_container(db(**{"backupd.database": "mariadb", "backupd.database.password_file": str(secret)}))
+    part = read_container(db(**{"backupd.database": "mariadb", "backupd.database.password_file": str(secret)}),
+                          secrets_dir=tmp_path)
     assert part is not None
     spec = part.databases[0][0]
     assert spec.kind == "mysql" and spec.password is not None and spec.password.get_secret_value() == "s3cret"
+
+
+def test_a_label_names_a_secret_file_only_inside_the_operators_secrets_dir(tmp_path: Any) -> None:
+    """Whoever labels a container must not make backupd read its other secrets (its S3 key, a
+    repository password) and hand them to that container's dump tool as a password."""
+    allowed, elsewhere = tmp_path / "labels", tmp_path / "backupd"
+    allowed.mkdir(), elsewhere.mkdir()
+    (allowed / "pg").write_text("fine\n")
+    (elsewhere / "s3_secret").write_text("not-for-labels\n")
+    (allowed / "sneaky").symlink_to(elsewhere / "s3_secret")
+    label = "backupd.database.password_file"
+    for value, words in [(str(elsewhere / "s3_secret"), "not inside discovery.secrets_dir"),
+                         (str(allowed / ".." / "backupd" / "s3_secret"), "not inside discovery.secrets_dir"),
+                         ("sneaky", "not inside discovery.secrets_dir")]:
+        with pytest.raises(LabelError, match=words) as err:
+            read_container(db(**{"backupd.database": "postgres", label: value}), secrets_dir=allowed)
+        assert err.value.label == label and "not-for-labels" not in str(err.value)
+    with pytest.raises(LabelError, match="discovery.secrets_dir, which is not set"):
+        read_container(db(**{"backupd.database": "postgres", label: str(allowed / "pg")}))
+    part = read_container(db(**{"backupd.database": "postgres", label: "pg"}), secrets_dir=allowed)
+    assert part is not None and part.databases[0][0].password.get_secret_value() == "fine"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("labels, label, words", [
