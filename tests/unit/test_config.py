@@ -6,6 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 
 from backupd.config import load_config, parse_config, parse_duration
 from backupd.errors import ConfigError
@@ -194,3 +195,10 @@ def test_s3_uploads_default_to_concurrent_parts_within_the_memory_budget():
     s3 = parse_config({"destinations": {"offsite": {"type": "s3", "bucket": "b"}}, **job()},
                       env={}).destinations["offsite"]
     assert s3.concurrency >= 2 and s3.concurrency * s3.part_size_mb <= 64
+
+
+def test_the_shipped_example_config_loads() -> None:
+    """config/backupd.example.yml is what users copy: it must stay a valid config."""
+    example = Path(__file__).resolve().parents[2] / "config" / "backupd.example.yml"
+    config = parse_config(yaml.safe_load(example.read_text()), str(example), env={"S3_BUCKET": "backups"})
+    assert config.jobs and config.discovery.enabled is False
