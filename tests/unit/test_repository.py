@@ -409,3 +409,33 @@ def test_rebuild_groups_backupd_snapshots_by_run_and_leaves_other_snapshots_out(
     assert imported == [] and len(skipped) == 2
     assert {c.destination: c.snapshot_id for c in catalog.get("20261123T030000Z-def456").artifacts[0].copies} \
         == {"far": "s3", "local": "s3"}
+
+
+def test_an_sftp_repository_hands_ssh_the_verified_key_only_and_no_secret_on_its_command_line(
+        tmp_path: Path, monkeypatch):
+    import paramiko
+
+    import backupd.repository as repository
+    from backupd.storage.sftp import SftpStore
+
+    server_key = paramiko.RSAKey.generate(1024)
+    monkeypatch.setattr(SftpStore, "host_key", lambda self: server_key)
+    (tmp_path / "id").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nSECRETBODY\n-----END OPENSSH PRIVATE KEY-----\n")
+    data = config_of({"format": "repository", "repository_password": "pw", "destinations": ["far"]})
+    data["destinations"]["far"] = {"type": "sftp", "host": "backup.example", "port": 2222, "user": "u",
+                                   "key_file": str(tmp_path / "id"), "path": "/srv/b",
+                                   "host_key_fingerprint": "SHA256:x"}
+    config = parse_config(data, env={})
+
+    class NoContainer:
+        def own_container(self): return None
+
+    repo = repository.open_repository(config, NoContainer(), "j", "far")
+    assert repo.location == "sftp:u@backup.example:/srv/b/_restic/j" and not repo.local
+    assert repo.network == "bridge"
+    assert repo.env["BACKUPD_KNOWN_HOSTS"] == f"[backup.example]:2222 ssh-rsa {server_key.get_base64()}"
+    assert "SECRETBODY" in repo.env["BACKUPD_SSH_KEY"]
+    [command] = [o.removeprefix("sftp.command=") for o in repo.options if o.startswith("sftp.command=")]
+    assert "StrictHostKeyChecking=yes" in command and "HostKeyAlgorithms=rsa-sha2-512,rsa-sha2-256,ssh-rsa" in command
+    assert "-p 2222 -l u backup.example -s sftp" in command and "SECRETBODY" not in command
+    assert "SECRETBODY" not in repr(repo)
