@@ -62,7 +62,7 @@ def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
              for d in plan_dumps(spec, host, f"jobs.{job_name}.databases[{i}]")]
     check_unique(dumps, f"jobs.{job_name}.databases")
     stop = resolve_containers(host, job_name, list(job.stop_containers))
-    if job.format == "repository" and volumes:
+    if job.format == "repository" and (volumes or dumps):
         from backupd.repository import Restic
 
         Restic(host, config).check_image()
@@ -108,19 +108,30 @@ def run_backup(
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
             pass
 
+    def stream_snapshot(snapshots: Any, kind: str, name: str, source: str, opener: Any) -> None:
+        try:
+            snapshots.stream(catalog, backup_id, kind, name, source, opener, cancel)
+        except Cancelled:
+            raise
+        except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
+            pass
+
     errors: list[str] = []
     warnings: list[str] = []
     try:
         logger.info("step 1/6: before hooks (%d)", len(hooks.before))
         warnings += run_hooks(hooks.before, "before", host, where)
-        logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
-        for dump in plan.dumps:
-            store("database", dump.artifact, dump.source, dump.open)
         snapshots = None
-        if repository and plan.volumes:  # repositories opened (and created) before anything stops
+        if repository:  # repositories opened (and created) before anything stops
             from backupd.repository import SnapshotWriter
 
             snapshots = SnapshotWriter(config, host, job_name, plan.stores)
+        logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
+        for dump in plan.dumps:
+            if snapshots is not None:
+                stream_snapshot(snapshots, "database", dump.artifact, dump.source, dump.open)
+            else:
+                store("database", dump.artifact, dump.source, dump.open)
         logger.info("step 3/6: stop containers (%s)", ", ".join(c.name for c in plan.stop) or "none")
         stopped_at = time.monotonic()
         with held(catalog, backup_id, plan.stop, owner, host.engine_id() if plan.stop else None) as restart_problems:

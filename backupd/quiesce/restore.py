@@ -10,6 +10,7 @@ from backupd.config import Config, DatabaseSpec
 from backupd.docker_host import DockerHost
 from backupd.errors import ConfigError
 from backupd.quiesce.databases import connect, parse_source, restore_dump
+from backupd.repository import is_snapshot, proven_input
 from backupd.restore import configured_stores, find_good_copy, preference
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ def restore_database(
         raise ConfigError(f"'{name}' came from {source.server}; pass --to-container C")
     where = f"restore {name}"
     target = connect(spec, host, where, container=to_container)
+    if is_snapshot(artifact):
+        # restic proves every blob as it reads; a snapshot is read back whole once before use.
+        chunks = proven_input(config=config, host=host, job=backup.job, backup_id=backup_id, artifact=artifact)
+        log.info("restoring dump %s of backup %s from its snapshot into %s", name, backup_id, target.runner.where)
+        restore_dump(target, source, chunks, force, where)
+        return target.runner.where
     stores = configured_stores(config)
     store, copy, blocks = find_good_copy(backup, artifact, stores, preference(config, backup.job),
                                          identity, check_tar=False, known=catalog.blocks(artifact.id))

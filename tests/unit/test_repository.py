@@ -49,9 +49,6 @@ def test_a_destinations_password_serves_every_repository_job_on_it():
      {"destinations": {"far": {"type": "sftp", "host": "h", "user": "u", "password": "p",
                                "host_key_fingerprint": "SHA256:x"}}},
      "jobs.j.destinations: destination 'far' is sftp: format: repository supports local, s3"),
-    ({"format": "repository", "repository_password": "x", "databases": [
-        {"name": "pg", "type": "postgres", "container": "c"}]}, {},
-     "jobs.j.databases: database dumps are not supported with format: repository yet"),
 ])
 def test_repository_config_errors_name_the_key(job, top, message):
     data = config_of(job)
@@ -59,6 +56,12 @@ def test_repository_config_errors_name_the_key(job, top, message):
     with pytest.raises(ConfigError) as err:
         parse_config(data, env={})
     assert message in str(err.value)
+
+
+def test_database_dumps_are_accepted_in_repository_mode():
+    config = parse_config(config_of({"format": "repository", "repository_password": "x", "databases": [
+        {"name": "pg", "type": "postgres", "container": "c"}]}), env={})
+    assert [d.name for d in config.jobs["j"].databases] == ["pg"]
 
 
 def test_a_v5_catalog_gains_the_snapshot_columns(tmp_path: Path):
