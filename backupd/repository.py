@@ -343,6 +343,9 @@ class SnapshotWriter:
                 reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
                 catalog.fail_artifact(art_id, reason)
                 log.error("%s %s failed, no snapshot kept: %s", kind, name, reason)
+                if isinstance(exc, Exception):
+                    for dest in feeds:
+                        self._unlock(dest)
                 raise
             for dest, feed in feeds.items():
                 repo = self.repos[dest]
@@ -360,6 +363,14 @@ class SnapshotWriter:
                 if dest in errors:
                     log.error("%s %s to %s failed: %s", kind, name, dest, errors[dest])
         return catalog.finish_snapshots(art_id, snapshots, errors)
+
+    def _unlock(self, dest: str) -> None:
+        """Remove the lock a killed helper's restic left (this run holds the job's lease, so
+        no other restic of backupd's uses the repository), so the repository is left clean."""
+        try:
+            self.restic.run(self.repos[dest], ["unlock"], f"unlock of {self.repos[dest].key}")
+        except BackupdError as exc:
+            log.warning("the next session on %s removes the lock a killed helper left: %s", dest, exc)
 
 
 def stored_snapshots(artifact: ArtifactView) -> list[tuple[str, str, str]]:
