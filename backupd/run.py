@@ -133,17 +133,25 @@ def run_backup(
             else:
                 store("database", dump.artifact, dump.source, dump.open)
         logger.info("step 3/6: stop containers (%s)", ", ".join(c.name for c in plan.stop) or "none")
+        # Only the volume copy happens while they are stopped: dumps came before, manifests and
+        # after-hooks come after. (The copy itself streams to the destinations: nothing is staged.)
         stopped_at = time.monotonic()
-        with held(catalog, backup_id, plan.stop, owner, host.engine_id() if plan.stop else None) as restart_problems:
-            logger.info("step 4/6: %s volumes (%d)", "snapshot" if repository else "archive", len(plan.volumes))
-            for src in plan.volumes:
-                if snapshots is not None:
-                    snapshots.snapshot(catalog, backup_id, src)
-                else:
-                    store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
-            logger.info("step 5/6: start containers")
-        if plan.stop:
-            logger.info("containers were stopped for %.1f s", time.monotonic() - stopped_at)
+        try:
+            with held(catalog, backup_id, plan.stop, owner,
+                      host.engine_id() if plan.stop else None) as restart_problems:
+                logger.info("step 4/6: %s volumes (%d)", "snapshot" if repository else "archive",
+                            len(plan.volumes))
+                for src in plan.volumes:
+                    if snapshots is not None:
+                        snapshots.snapshot(catalog, backup_id, src)
+                    else:
+                        store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
+                logger.info("step 5/6: start containers")
+        finally:
+            if plan.stop:
+                downtime = time.monotonic() - stopped_at
+                catalog.set_downtime(backup_id, downtime)
+                logger.info("containers were stopped for %.1f s", downtime)
         errors += restart_problems
     except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
         errors.append(str(exc) or type(exc).__name__)

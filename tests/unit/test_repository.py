@@ -70,7 +70,7 @@ def test_a_v5_catalog_gains_the_snapshot_columns(tmp_path: Path):
     db = sqlite3.connect(tmp_path / "c.db")
     for column in ("snapshot_id", "bytes_added", "bytes_covered"):
         db.execute(f"ALTER TABLE copies DROP COLUMN {column}")
-    db.execute("DELETE FROM backupd_schema WHERE version = 6")
+    db.execute("DELETE FROM backupd_schema WHERE version >= 6")
     db.commit()
     db.close()
     catalog = Catalog(url)
@@ -175,3 +175,108 @@ def test_verify_hands_snapshots_to_the_restic_checker_and_leaves_their_status_al
     without = verify_backup(parse_config({}, env={}), catalog, {}, bid)
     assert not any(r.ok for r in without)
     assert {c.status for c in catalog.get(bid).artifacts[0].copies} == {"stored", "failed"}
+
+
+# ------------------------------------------------------------------ dumps streamed into repositories
+
+
+class FakeFeed:
+    """A fed helper that keeps what it is given; `exits` makes its restic fail at finish."""
+
+    def __init__(self, dest: str, exits: bool = False) -> None:
+        self.dest, self.exits, self.data, self.events = dest, exits, bytearray(), []
+
+    def write(self, chunk: bytes) -> bool:
+        self.data += chunk
+        return True
+
+    def finish(self) -> str:
+        self.events.append("finish")
+        if self.exits:
+            from backupd.docker_host import HelperError
+
+            raise HelperError("helper for x exited 1: Fatal: unable to save snapshot")
+        return ('{"message_type":"summary","snapshot_id":"snap' + self.dest + '","data_added":7,'
+                f'"total_bytes_processed":{len(self.data)}}}\n')
+
+    def abort(self) -> None:
+        self.events.append("abort")
+
+
+def stream_writer(feeds: dict[str, FakeFeed], broken: dict[str, str] | None = None):
+    from contextlib import nullcontext
+
+    from backupd.repository import Repository, SnapshotWriter
+
+    class FakeRestic:
+        unlocked: list[str] = []
+
+        def backup_input(self, repo, path, job, backup_id, purpose):
+            assert path == "/database-pg.app"
+            return nullcontext(feeds[repo.destination])
+
+        def run(self, repo, args, purpose, *a, **k):
+            self.unlocked.append(repo.destination)
+            return ""
+
+    writer = object.__new__(SnapshotWriter)
+    writer.restic, writer.job, writer.broken = FakeRestic(), "j", dict(broken or {})
+    writer.repos = {d: Repository(d, "_restic/j", "/repository") for d in feeds}
+    return writer
+
+
+def dump_source(chunks: list[bytes], error: Exception | None = None):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def opener():
+        def gen():
+            yield from chunks
+            if error is not None:
+                raise error
+        yield gen()
+    return opener
+
+
+def test_a_dump_is_read_once_and_every_repository_gets_all_of_it(tmp_path: Path):
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    bid = catalog.start_backup("j")
+    feeds = {"local": FakeFeed("local"), "s3": FakeFeed("s3")}
+    status = stream_writer(feeds).stream(catalog, bid, "database", "pg.app", "postgres:pg/app",
+                                         dump_source([b"PGDMP", b"rest"]))
+    assert status == "succeeded"
+    assert [bytes(f.data) for f in feeds.values()] == [b"PGDMPrest"] * 2
+    [art] = catalog.get(bid).artifacts
+    assert (art.kind, art.compression, art.size) == ("database", "restic", 9)
+    assert {(c.destination, c.snapshot_id) for c in art.copies} == {("local", "snaplocal"), ("s3", "snaps3")}
+
+
+def test_a_failing_dump_kills_every_helper_before_it_finishes_and_fails_the_artifact(tmp_path: Path):
+    from backupd.quiesce.databases import DumpError
+
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    bid = catalog.start_backup("j")
+    feeds = {"local": FakeFeed("local"), "s3": FakeFeed("s3")}
+    writer = stream_writer(feeds)
+    with pytest.raises(DumpError):
+        writer.stream(catalog, bid, "database", "pg.app", "postgres:pg/app",
+                      dump_source([b"PGDMP", b"half"], DumpError("pg_dump in pg failed (exit 1): boom")))
+    assert [f.events for f in feeds.values()] == [["abort"], ["abort"]], "a cut dump must never be finished"
+    assert sorted(writer.restic.unlocked) == ["local", "s3"]  # the killed helpers' locks are removed
+    [art] = catalog.get(bid).artifacts
+    assert art.status == "failed" and "(exit 1): boom" in (art.error or "")
+    assert all(c.status == "failed" and c.snapshot_id is None for c in art.copies)
+
+
+def test_one_repository_refusing_the_dump_makes_it_partial_and_an_unusable_one_is_named(tmp_path: Path):
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    bid = catalog.start_backup("j")
+    feeds = {"local": FakeFeed("local"), "s3": FakeFeed("s3", exits=True)}
+    status = stream_writer(feeds, broken={"far": "repository unreachable"}).stream(
+        catalog, bid, "database", "pg.app", "postgres:pg/app", dump_source([b"x"]))
+    assert status == "partial"
+    [art] = catalog.get(bid).artifacts
+    copies = {c.destination: c for c in art.copies}
+    assert copies["local"].status == "stored"
+    assert copies["s3"].status == "failed" and "unable to save snapshot" in (copies["s3"].error or "")
+    assert copies["far"].status == "failed" and copies["far"].error == "repository unreachable"
