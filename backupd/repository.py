@@ -56,6 +56,10 @@ CACHE_POINT = "/cache"
 SNAPSHOT_HOST = "backupd"  # restic's --host: snapshots do not depend on the helper's random hostname
 # Removes the locks a dead run left (see the module doc), then runs restic with the given arguments.
 SESSION = 'restic unlock --remove-all --quiet && exec restic "$@"'
+# The same for a local repository, where a look at its locks directory saves a restic start (and
+# its key derivation) when there is none to remove: the common case.
+LOCAL_SESSION = ('{ [ -z "$(ls -A "$RESTIC_REPOSITORY/locks" 2>/dev/null)" ] || restic unlock --remove-all --quiet; } '
+                 '&& exec restic "$@"')
 # A backup into a local repository creates it first when its config is missing (looked at from
 # inside the helper: restic makes its files readable by root only, and backupd's sidecar is not root).
 CREATE_LOCAL = 'test -e "$RESTIC_REPOSITORY/config" || restic init --quiet || exit 1; '
@@ -149,7 +153,8 @@ class Restic:
     def _session(self, repo: Repository, args: list[str], mounts: Iterable[Mount] = (), create: bool = False,
                  discard: bool = False) -> tuple[list[str], list[Mount], dict[str, Any]]:
         """The helper's command, mounts and options for one restic session on the repository."""
-        session = (CREATE_LOCAL if create and repo.mounts else "") + SESSION + (" >/dev/null" if discard else "")
+        session = ((CREATE_LOCAL if create and repo.mounts else "") + (LOCAL_SESSION if repo.mounts else SESSION)
+                   + (" >/dev/null" if discard else ""))
         env = {"RESTIC_REPOSITORY": repo.location, "RESTIC_PASSWORD": repo.password,
                "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env}
         cache = Mount(CACHE_POINT, CACHE_VOLUME, type="volume")

@@ -55,7 +55,7 @@ def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
     """Resolve names and open destinations; raises before any side effect."""
     job = config.job(job_name)
     volumes = host.resolve_volumes(job_name, list(job.volumes))
-    if volumes:
+    if volumes and job.format != "repository":  # restic's helper reads a repository job's volumes
         host.check_helper_image()
         host.fifo_dir()  # an unsafe named-pipe directory fails the plan, not each volume
     dumps = [d for i, spec in enumerate(job.databases)
