@@ -360,6 +360,8 @@ def _describe(b: BackupView) -> str:
         f"finished  {b.finished_at.isoformat() if b.finished_at else '-'}",
         f"host      {b.host}",
     ]
+    if b.downtime is not None:
+        lines.append(f"downtime  {b.downtime:.1f} s (stop_containers held stopped)")
     if b.deleted_at:
         lines.append(f"deleted   {b.deleted_at.isoformat()}")
     if b.error:

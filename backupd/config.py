@@ -540,8 +540,6 @@ def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
     if job.encryption is not None:
         raise _KeyedError(f"{where}.encryption", "a repository is encrypted by restic with its password: "
                                                  "age encryption applies to format: archive only")
-    if job.databases:
-        raise _KeyedError(f"{where}.databases", "database dumps are not supported with format: repository yet")
     if job.exclude or any(v.exclude for v in job.volumes):
         raise _KeyedError(f"{where}.exclude", "excludes are not supported with format: repository yet")
     for name in job.destinations or list(config.destinations):

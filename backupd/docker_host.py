@@ -91,6 +91,8 @@ HELPER_SECURITY_OPT = ["no-new-privileges"]
 
 STATE_DIR = "/var/lib/backupd"  # in the image: the catalog's volume, shared with helpers for pipes
 FIFO_POINT = "/backupd-fifo"
+# Where a fed helper's shell waits, at end of input, for backupd's word that the input is whole.
+STDIN_GATE = "/tmp/backupd-input-complete"
 PIPE_CHUNK = 1 << 20
 # Smaller than a chunk on purpose: a 1 MiB chunk goes to the pipe as it is, only
 # smaller pieces are gathered (a buffer of PIPE_CHUNK copied every byte once more).
@@ -460,6 +462,50 @@ class DockerHost:
             self._remove(cid)
 
     @contextmanager
+    def helper_output(self, command: list[str], mounts: list[Mount], purpose: str, caps: Iterable[str] = (),
+                      **options: Any) -> Iterator[Iterator[bytes]]:
+        """Run a helper and yield its stdout as it comes (memory stays bounded, unlike run_helper);
+        HelperError when the iterator ends and the helper exited non-zero."""
+        cid = self._create_helper(command, mounts, purpose=purpose, caps=caps, **options)
+        raw = None
+        try:
+            sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
+            raw = _raw_socket(sock)
+            self.api.start(cid)
+            exit_code = _Waiter(self.api, cid)
+            yield self._stdout_then_check(exit_code, sock, purpose, strict=True)
+        finally:
+            if raw is not None:
+                _hang_up(raw)  # abandoned mid-stream: the engine's remove must not wait on it
+            self._remove(cid)
+
+    @contextmanager
+    def fed_helper(self, command: list[str], mounts: list[Mount], purpose: str, caps: Iterable[str] = (),
+                   **options: Any) -> Iterator["FedHelper"]:
+        """A started helper whose stdin backupd writes (FedHelper.write), for a consumer that
+        keeps whatever arrives before end of input (`restic backup --stdin`).
+
+        The command sees end of input only when FedHelper.finish says the stream is whole:
+        its stdin goes through a gate that, at end of input, also waits for finish's word.
+        A source that fails (FedHelper.abort), and a backupd that dies mid-stream (its attach
+        connection closes, which ends stdin too), leave the command waiting until the helper
+        is killed: it never takes a cut stream for a whole one. A command that exits early
+        ends the gate's `cat` at its next write, so the helper exits and writes stop.
+        """
+        gated = ["sh", "-c", f'mkfifo {STDIN_GATE} && {{ cat || exit; read _ < {STDIN_GATE}; }} | "$@"', "sh", *command]
+        cid = self._create_helper(gated, mounts, stdin=True, purpose=purpose, caps=caps, **options)
+        fed = None
+        try:
+            sock = self.api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            self.api.start(cid)
+            fed = FedHelper(self.api, cid, sock, _Waiter(self.api, cid), purpose)
+            yield fed
+        finally:
+            if fed is not None:
+                fed.close()
+            self._remove(cid)
+
+    @contextmanager
     def tar_stream(self, source: VolumeSource) -> Iterator[Iterator[bytes]]:
         """Yield an iterator of tar bytes of the source; raise HelperError if tar fails.
 
@@ -514,18 +560,20 @@ class DockerHost:
         output.closed.wait(30)
         self._check_exit(exit_code, output.text(), purpose)
 
-    def _stdout_then_check(self, exit_code: "_Waiter", sock: Any, purpose: str) -> Iterator[bytes]:
+    def _stdout_then_check(self, exit_code: "_Waiter", sock: Any, purpose: str,
+                           strict: bool = False) -> Iterator[bytes]:
         stderr = bytearray()
         reader = io.BufferedReader(sock, 1 << 20)
         try:
             yield from _demux(reader, stderr)
         finally:
             reader.close()
-        self._check_exit(exit_code, bytes(stderr).decode("utf-8", "replace").strip(), purpose)
+        self._check_exit(exit_code, bytes(stderr).decode("utf-8", "replace").strip(), purpose, strict)
 
-    def _check_exit(self, exit_code: "_Waiter", message: str, purpose: str) -> None:
+    def _check_exit(self, exit_code: "_Waiter", message: str, purpose: str, strict: bool = False) -> None:
+        """strict: any non-zero exit fails (otherwise exit 1 is GNU tar's "files changed")."""
         code = exit_code.result()
-        if code == 1:
+        if code == 1 and not strict:
             # GNU tar: "some files differ" (changed while read); the archive is whole.
             log.warning("tar of %s: files changed while being read: %s", purpose, message[-500:])
         elif code != 0:
@@ -714,6 +762,65 @@ class DockerHost:
     def running_containers_using(self, volume: str) -> list[Any]:
         return [c for c in self.client.containers.list(filters={"volume": volume})
                 if c.labels.get(HELPER_LABEL) is None]
+
+
+class FedHelper:
+    """The stdin of a helper started by DockerHost.fed_helper, and what it printed."""
+
+    def __init__(self, api: Any, cid: str, sock: Any, exit_code: "_Waiter", purpose: str) -> None:
+        self.api = api
+        self.cid = cid
+        self.raw = _raw_socket(sock)
+        self.exit_code = exit_code
+        self.purpose = purpose
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.open = True  # False once the helper stopped reading (it exited: finish says why)
+        self._reader = threading.Thread(target=self._read, args=(sock,), daemon=True)
+        self._reader.start()
+
+    def _read(self, sock: Any) -> None:
+        try:
+            for payload in _demux(io.BufferedReader(sock, 65536), self.stderr):
+                self.stdout.extend(payload)
+        except OSError:
+            pass
+
+    def write(self, chunk: bytes) -> bool:
+        """Hand the helper a chunk; False (and nothing more is sent) once it stopped reading."""
+        self.open = self.open and _send(self.raw, chunk, self.exit_code.done)
+        return self.open
+
+    def finish(self) -> str:
+        """The stream is whole: end the helper's input, wait for it and return its stdout
+        (HelperError if it exited non-zero)."""
+        try:
+            self.raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if not self.exit_code.done():
+            try:  # open the gate (blocks until the helper's shell waits at it; see fed_helper)
+                exec_id = self.api.exec_create(self.cid, ["sh", "-c", f": > {STDIN_GATE}"])["Id"]
+                self.api.exec_start(exec_id)
+            except (APIError, NotFound):
+                pass  # exited meanwhile: its exit code says how
+        code = self.exit_code.result()
+        self._reader.join(30)
+        if code != 0:
+            message = bytes(self.stderr[-STDERR_KEEP:]).decode("utf-8", "replace").strip()
+            raise HelperError(f"helper for {self.purpose} exited {code}: {message[-500:] or 'no message'}")
+        return bytes(self.stdout).decode("utf-8", "replace")
+
+    def abort(self) -> None:
+        """The stream is not whole: kill the helper before its command sees end of input."""
+        try:
+            self.api.kill(self.cid)
+            self.exit_code.result(30)
+        except (APIError, NotFound, HelperError):
+            pass  # gone already; fed_helper removes it in any case
+
+    def close(self) -> None:
+        _hang_up(self.raw)
 
 
 def _demux(reader: io.BufferedReader, stderr: bytearray) -> Iterator[bytes]:

@@ -19,6 +19,7 @@ from backupd.catalog import STORED, BackupView, Catalog
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, float("inf"))
+DOWNTIME_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
 
 
 class CatalogCollector(Collector):
@@ -58,6 +59,9 @@ class Metrics:
                             registry=self.registry)
         self.duration = Histogram("backupd_run_duration_seconds", "Wall time of backup runs", ["job"],
                                   buckets=DURATION_BUCKETS, registry=self.registry)
+        self.downtime = Histogram("backupd_container_downtime_seconds",
+                                  "How long a run held its stop_containers stopped (runs that stop some)",
+                                  ["job"], buckets=DOWNTIME_BUCKETS, registry=self.registry)
         self.bytes_written = Counter("backupd_bytes_written", "Bytes stored, per destination copy",
                                      ["job", "destination"], registry=self.registry)
         self.registry.register(CatalogCollector(catalog, jobs))
@@ -67,6 +71,8 @@ class Metrics:
         self.duration.labels(job).observe(seconds)
         if backup is None:
             return
+        if backup.downtime is not None:
+            self.downtime.labels(job).observe(backup.downtime)
         for a in backup.artifacts:
             for c in a.copies:
                 if c.status == STORED and a.size:

@@ -24,18 +24,22 @@ import json
 import logging
 import posixpath
 import shlex
+import threading
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
 from docker.types import Mount
 
+from backupd.artifact import Cancelled, SourceOpener
 from backupd.catalog import BACKUP_ID_RE, DELETED, STORED, SUCCEEDED, ArtifactView, Catalog
 from backupd.config import Config, LocalDestination, S3Destination, SftpDestination
-from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, HelperError, VolumeSource
+from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, FedHelper, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
+from backupd.names import encode_name
 from backupd.redaction import remember
 from backupd.storage import Store
 from backupd.storage.base import REPOSITORY_ROOT
@@ -197,30 +201,69 @@ class Restic:
             raise ConfigError(f"repository_image: image '{self.image}' is not present on the Docker engine "
                               "(it needs restic and glibc)") from None
 
-    def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = (),
-            create: bool = False, unlock: bool = True, then: list[str] | None = None) -> str:
-        """restic ARGS on the repository after removing dead runs' locks (see the module doc);
-        stdout, or RepositoryError. With `create`, a local repository that does not exist yet is
-        initialised first; `then`: restic's arguments for a second command in the same helper."""
+    def _session(self, repo: Repository, args: list[str], mounts: Iterable[Mount] = (), create: bool = False,
+                 unlock: bool = True, then: list[str] | None = None,
+                 discard: bool = False) -> tuple[list[str], list[Mount], dict[str, Any]]:
+        """The helper's command, mounts and options for one restic session on the repository:
+        its secret files written onto the tmpfs, a local repository created if asked, dead runs'
+        locks removed (see the module doc), then restic ARGS (and `then`, a second command)."""
         restic = shlex.join(["restic", *repo.options])
         session = "umask 077 && " + "".join(f'printf "%s\\n" "${var}" >{SECRETS_POINT}/{name} && '
                                             for var, name in repo.files)
         if create and repo.local:
             session += CREATE_LOCAL.format("--copy-chunker-params" if "RESTIC_FROM_REPOSITORY" in repo.env else "")
         if unlock:
-            session += f"{restic} unlock --remove-all --quiet && "
+            remove = f"{restic} unlock --remove-all --quiet"
+            # A local repository's locks directory is looked at first: when it is empty (the common
+            # case) that saves a restic start and its key derivation.
+            session += (f'{{ [ -z "$(ls -A "$RESTIC_REPOSITORY/locks" 2>/dev/null)" ] || {remove}; }} && '
+                        if repo.local else f"{remove} && ")
         session += f'{restic} "$@" && exec {restic} {shlex.join(then)}' if then else f'exec {restic} "$@"'
+        if discard:
+            session += " >/dev/null"
         env = {"RESTIC_REPOSITORY": repo.location, "RESTIC_PASSWORD": repo.password,
                "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env}
         cache = Mount(CACHE_POINT, CACHE_VOLUME, type="volume")
         log.debug("restic %s on %s", shlex.join(args), repo.destination)
+        options = {"caps": REPOSITORY_CAPS, "image": self.image, "environment": env, "network": repo.network,
+                   "hostname": SNAPSHOT_HOST, "tmpfs": SECRETS_TMPFS if repo.files else None}
+        return ["sh", "-c", session, "sh", *args], [*repo.mounts, cache, *mounts], options
+
+    def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = (),
+            create: bool = False, unlock: bool = True, then: list[str] | None = None,
+            discard: bool = False) -> str:
+        """restic ARGS on the repository (see _session); stdout, or RepositoryError. With
+        `discard`, stdout is thrown away inside the helper (a read that only proves data)."""
+        command, all_mounts, options = self._session(repo, args, mounts, create, unlock, then, discard)
         try:
-            return self.host.run_helper(["sh", "-c", session, "sh", *args], [*repo.mounts, cache, *mounts],
-                                        purpose, caps=REPOSITORY_CAPS, image=self.image, environment=env,
-                                        network=repo.network, hostname=SNAPSHOT_HOST,
-                                        tmpfs=SECRETS_TMPFS if repo.files else None)
+            return self.host.run_helper(command, all_mounts, purpose, **options)
         except HelperError as exc:
             raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
+
+    def backup_input(self, repo: Repository, path: str, job: str, backup_id: str,
+                     purpose: str) -> AbstractContextManager[FedHelper]:
+        """A helper running `restic backup --stdin` into the repository, stored as file `path`
+        (the same name every run, so restic's chunking finds what earlier runs stored). Its
+        snapshot exists only if FedHelper.finish is called (see DockerHost.fed_helper)."""
+        args = ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST, "--stdin", "--stdin-filename", path,
+                "--tag", f"backupd,job={job},backup={backup_id}"]
+        command, mounts, options = self._session(repo, args, create=True)
+        return self.host.fed_helper(command, mounts, purpose, **options)
+
+    @contextmanager
+    def read_file(self, repo: Repository, snapshot_id: str, path: str) -> Iterator[Iterator[bytes]]:
+        """The bytes of one file of a snapshot (`restic dump`), as they come; RepositoryError at
+        the end if restic failed (restic checks every blob it reads against its hash)."""
+        command, mounts, options = self._session(repo, ["dump", snapshot_id, path])
+
+        def checked(chunks: Iterable[bytes]) -> Iterator[bytes]:
+            try:
+                yield from chunks
+            except HelperError as exc:
+                raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
+
+        with self.host.helper_output(command, mounts, f"dump of {path} from {snapshot_id}", **options) as chunks:
+            yield checked(chunks)
 
     def exists(self, repo: Repository, store: Store) -> bool:
         """Does the repository's config object exist? A local one is looked at by a helper
@@ -247,13 +290,7 @@ class Restic:
                        f"backup of {source.kind} '{source.source}'",
                        [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)],
                        create=True)
-        for line in reversed(out.splitlines()):
-            if line.startswith("{"):
-                data = json.loads(line)
-                if data.get("message_type") == "summary" and data.get("snapshot_id"):
-                    return data
-        raise RepositoryError(f"repository {repo.key} on {repo.destination}: restic backup printed no "
-                              f"summary: {out[-300:]}")
+        return _summary(repo, out)
 
     def copy(self, session: Repository, snapshot_ids: list[str], backup_id: str) -> dict[str, str]:
         """`restic copy` snapshots into the repository of a copy_session; which snapshot each
@@ -291,6 +328,23 @@ class Restic:
 # Where a helper that copies between repositories sees a local source repository.
 SOURCE_REPOSITORY_POINT = "/from-repository"
 Snapshot = tuple[str, int | None, int]  # snapshot id, bytes it added (None: not known), bytes it holds
+
+
+def _summary(repo: Repository, out: str) -> dict[str, Any]:
+    """restic backup's JSON summary (snapshot_id, data_added, total_bytes_processed)."""
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            data = json.loads(line)
+            if data.get("message_type") == "summary" and data.get("snapshot_id"):
+                return data
+    raise RepositoryError(f"repository {repo.key} on {repo.destination}: restic backup printed no "
+                          f"summary: {out[-300:]}")
+
+
+def input_path(kind: str, name: str) -> str:
+    """The file a streamed artifact (a dump) is stored as in its snapshot: named by what it
+    holds, the same every run (encoded: a database called `a/b` is one file name)."""
+    return f"/{kind}-{encode_name(name)}"
 
 
 def copy_session(source: Repository, target: Repository) -> Repository | None:
@@ -425,6 +479,72 @@ class SnapshotWriter:
             catalog.finish_snapshots(art_id, snaps, {**{d: reason for d in self.repos}, **errs})
         self.pending = []
 
+    def stream(self, catalog: Catalog, backup_id: str, kind: str, name: str, source: str,
+               open_source: SourceOpener, cancel: threading.Event | None = None) -> str:
+        """Store a stream (a database dump, of any kind) as one file of a snapshot in every
+        repository, the source read once and fed to a helper per repository.
+
+        A source that fails (the dump tool's exit code, its timeout, a cancel) kills the
+        helpers before restic sees the end of its input, so no snapshot holds the cut stream;
+        the artifact fails with the source's reason, which is raised.
+        """
+        keys = {d: repository_key(self.job) for d in [*self.repos, *self.broken]}
+        art_id = catalog.add_artifact(backup_id, kind, name, source, FORMAT, FORMAT, keys)
+        path = input_path(kind, name)
+        errors = dict(self.broken)
+        snapshots: dict[str, tuple[str, int, int]] = {}
+        with ExitStack() as helpers:
+            feeds: dict[str, FedHelper] = {}
+            for dest, repo in self.repos.items():
+                try:
+                    feeds[dest] = helpers.enter_context(
+                        self.restic.backup_input(repo, path, self.job, backup_id, f"{kind} '{name}' into {dest}"))
+                except BackupdError as exc:
+                    errors[dest] = str(exc)
+            if not feeds:  # no repository to take it: the dump is not even started
+                return catalog.finish_snapshots(art_id, snapshots, errors)
+            try:
+                with open_source() as chunks:
+                    for chunk in chunks:
+                        if cancel is not None and cancel.is_set():
+                            raise Cancelled(f"{kind} '{name}': backup cancelled")
+                        for feed in feeds.values():
+                            feed.write(chunk)  # a helper that stopped reading says why at finish
+            except BaseException as exc:
+                for feed in feeds.values():
+                    feed.abort()
+                reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+                catalog.fail_artifact(art_id, reason)
+                log.error("%s %s failed, no snapshot kept: %s", kind, name, reason)
+                if isinstance(exc, Exception):
+                    for dest in feeds:
+                        self._unlock(dest)
+                raise
+            for dest, feed in feeds.items():
+                repo = self.repos[dest]
+                try:
+                    summary = _summary(repo, feed.finish())
+                except HelperError as exc:
+                    errors[dest] = f"repository {repo.key} on {dest}: {exc}"
+                except RepositoryError as exc:
+                    errors[dest] = str(exc)
+                else:
+                    snapshots[dest] = (summary["snapshot_id"], int(summary.get("data_added", 0)),
+                                       int(summary.get("total_bytes_processed", 0)))
+                    log.info("%s %s: snapshot %s on %s, %d bytes added of %d", kind, name, summary["snapshot_id"],
+                             dest, snapshots[dest][1], snapshots[dest][2])
+                if dest in errors:
+                    log.error("%s %s to %s failed: %s", kind, name, dest, errors[dest])
+        return catalog.finish_snapshots(art_id, snapshots, errors)
+
+    def _unlock(self, dest: str) -> None:
+        """Remove the lock a killed helper's restic left (this run holds the job's lease, so
+        no other restic of backupd's uses the repository), so the repository is left clean."""
+        try:
+            self.restic.run(self.repos[dest], ["unlock"], f"unlock of {self.repos[dest].key}")
+        except BackupdError as exc:
+            log.warning("the next session on %s removes the lock a killed helper left: %s", dest, exc)
+
 
 def stored_snapshots(artifact: ArtifactView) -> list[tuple[str, str, str]]:
     """(destination, repository key, snapshot id) of each stored snapshot of an artifact."""
@@ -482,6 +602,45 @@ def restore_snapshot(*, config: Config, catalog: Catalog, host: DockerHost, back
                 break  # the target was changed: do not try to pile another copy on top
     raise BackupdError(f"backup {backup_id}: no usable snapshot of volume '{artifact.name}': "
                        + "; ".join(problems))
+
+
+def proven_input(*, config: Config, host: DockerHost, job: str, backup_id: str,
+                 artifact: ArtifactView) -> Iterator[bytes]:
+    """The stream a snapshot holds (a dump), from the first destination (in the job's order)
+    whose snapshot reads back whole: it is read once inside a helper to prove it (restic checks
+    every blob), like an archive copy is proven before a database sees a byte of it. Returns a
+    lazy iterator: nothing is read again until the caller (restore) starts consuming it."""
+    from backupd.restore import preference
+
+    restic = Restic(host, config)
+    restic.check_image()
+    rank = {name: i for i, name in enumerate(preference(config, job))}
+    snapshots = sorted(stored_snapshots(artifact), key=lambda s: rank.get(s[0], len(rank)))
+    if not snapshots:
+        raise BackupdError(f"backup {backup_id}: {artifact.kind} '{artifact.name}' has no stored snapshot")
+    path = input_path(artifact.kind, artifact.name)
+    problems: list[str] = []
+    for dest, _key, snapshot_id in snapshots:
+        if dest not in config.destinations:
+            problems.append(f"{dest}: not in the current config")
+            continue
+        repo = open_repository(config, host, job, dest)
+        try:
+            restic.run(repo, ["dump", snapshot_id, path], f"proof of {path} in {snapshot_id}", discard=True)
+        except RepositoryError as exc:
+            problems.append(str(exc))
+            log.warning("snapshot %s on %s unusable: %s", snapshot_id, dest, exc)
+            continue
+        log.info("%s %s of backup %s: snapshot %s on %s reads back whole", artifact.kind, artifact.name,
+                 backup_id, snapshot_id, dest)
+        return _read_lazily(restic, repo, snapshot_id, path)
+    raise BackupdError(f"backup {backup_id}: no usable snapshot of {artifact.kind} '{artifact.name}': "
+                       + "; ".join(problems))
+
+
+def _read_lazily(restic: Restic, repo: Repository, snapshot_id: str, path: str) -> Iterator[bytes]:
+    with restic.read_file(repo, snapshot_id, path) as chunks:
+        yield from chunks
 
 
 def forget_doomed(config: Config, catalog: Catalog, host: DockerHost, backups: list[Any]) -> list[str]:

@@ -55,14 +55,14 @@ def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
     """Resolve names and open destinations; raises before any side effect."""
     job = config.job(job_name)
     volumes = host.resolve_volumes(job_name, list(job.volumes), job.exclude)
-    if volumes:
+    if volumes and job.format != "repository":  # restic's helper reads a repository job's volumes
         host.check_helper_image()
         host.fifo_dir()  # an unsafe named-pipe directory fails the plan, not each volume
     dumps = [d for i, spec in enumerate(job.databases)
              for d in plan_dumps(spec, host, f"jobs.{job_name}.databases[{i}]")]
     check_unique(dumps, f"jobs.{job_name}.databases")
     stop = resolve_containers(host, job_name, list(job.stop_containers))
-    if job.format == "repository" and volumes:
+    if job.format == "repository" and (volumes or dumps):
         from backupd.repository import Restic
 
         Restic(host, config).check_image()
@@ -109,32 +109,51 @@ def run_backup(
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
             pass
 
+    def stream_snapshot(snapshots: Any, kind: str, name: str, source: str, opener: Any) -> None:
+        try:
+            snapshots.stream(catalog, backup_id, kind, name, source, opener, cancel)
+        except Cancelled:
+            raise
+        except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
+            pass
+
     errors: list[str] = []
     warnings: list[str] = []
     snapshots = None
     try:
         logger.info("step 1/6: before hooks (%d)", len(hooks.before))
         warnings += run_hooks(hooks.before, "before", host, where)
-        logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
-        for dump in plan.dumps:
-            store("database", dump.artifact, dump.source, dump.open)
-        if repository and plan.volumes:  # repositories opened (and created) before anything stops
+        if repository:  # repositories opened (and created) before anything stops
             from backupd.repository import SnapshotWriter
 
             snapshots = SnapshotWriter(config, host, job_name, plan.stores)
+        logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
+        for dump in plan.dumps:
+            if snapshots is not None:
+                stream_snapshot(snapshots, "database", dump.artifact, dump.source, dump.open)
+            else:
+                store("database", dump.artifact, dump.source, dump.open)
         logger.info("step 3/6: stop containers (%s)", ", ".join(c.name for c in plan.stop) or "none")
+        # Only the volume copy happens while they are stopped: dumps came before, manifests and
+        # after-hooks come after. (The copy itself streams to the destinations: nothing is staged.)
         stopped_at = time.monotonic()
-        with held(catalog, backup_id, plan.stop, owner, host.engine_id() if plan.stop else None) as restart_problems:
-            logger.info("step 4/6: %s volumes (%d)", "snapshot" if repository else "archive", len(plan.volumes))
-            for src in plan.volumes:
-                if snapshots is not None:
-                    snapshots.snapshot(catalog, backup_id, src)
-                else:
-                    store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src),
-                          src.exclude)
-            logger.info("step 5/6: start containers")
-        if plan.stop:
-            logger.info("containers were stopped for %.1f s", time.monotonic() - stopped_at)
+        try:
+            with held(catalog, backup_id, plan.stop, owner,
+                      host.engine_id() if plan.stop else None) as restart_problems:
+                logger.info("step 4/6: %s volumes (%d)", "snapshot" if repository else "archive",
+                            len(plan.volumes))
+                for src in plan.volumes:
+                    if snapshots is not None:
+                        snapshots.snapshot(catalog, backup_id, src)
+                    else:
+                        store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src),
+                              src.exclude)
+                logger.info("step 5/6: start containers")
+        finally:
+            if plan.stop:
+                downtime = time.monotonic() - stopped_at
+                catalog.set_downtime(backup_id, downtime)
+                logger.info("containers were stopped for %.1f s", downtime)
         errors += restart_problems
         if snapshots is not None:  # the volumes are read: copies to the other repositories need no downtime
             snapshots.finish(catalog, backup_id)

@@ -245,11 +245,10 @@ def change_one_percent(root: Path, data: int, run: int) -> None:
         path.write_bytes(os.urandom(path.stat().st_size or 1))
 
 
-def downtime_of(log_text: str) -> float | None:
-    for line in log_text.splitlines():
-        if "containers were stopped for" in line:
-            return float(json.loads(line)["message"].split("for ")[1].split(" s")[0])
-    return None
+def recorded_downtime(python: str, config: Path, env: dict, backup_id: str) -> float:
+    """The downtime the run recorded in the catalog (what `show` and /metrics report)."""
+    shown = json.loads(sh(backupd_cmd(python, config, "show", backup_id, "--json"), env=env).stdout)
+    return float(shown["downtime_seconds"])
 
 
 def measure_repository(client, python: str, work: Path, volume: str, root: Path, data: int,
@@ -305,11 +304,13 @@ def measure_repository(client, python: str, work: Path, volume: str, root: Path,
         pairs.append(("restore", ours, theirs))
         # Downtime: a stop_containers job on the (now unchanged) volume, after one warm-up run.
         stop_env = {**os.environ, **env}
-        cmd = [python, "-m", "backupd", "--log-format", "json", "--log-level", "INFO", "--config", str(config),
-               "backup", "bench-stop"]
+        cmd = backupd_cmd(python, config, "backup", "bench-stop")
         sh(cmd, env=stop_env)
-        downtimes = [downtime_of(sh(cmd, env=stop_env).stderr) for _ in range(3)]
-        downtime = median(d for d in downtimes if d is not None)
+        downtimes = [recorded_downtime(python, config, stop_env, sh(cmd, env=stop_env).stdout.strip())
+                     for _ in range(3)]
+        print(f"  downtime of backupd repository: stop_containers, unchanged: "
+              + ", ".join(f"{d:.2f} s" for d in downtimes), flush=True)
+        downtime = median(downtimes)
     finally:
         app.remove(force=True)
     first = next(p for p in pairs if p[0] == "first, full")

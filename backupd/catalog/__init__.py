@@ -124,6 +124,7 @@ class BackupView:
     artifacts: tuple[ArtifactView, ...]
     warnings: tuple[str, ...] = ()
     suspicion: str | None = None
+    downtime: float | None = None  # seconds its stop_containers were held stopped
 
     @property
     def size(self) -> int:
@@ -141,6 +142,7 @@ class BackupView:
             "host": self.host,
             "warnings": list(self.warnings),
             "suspicion": self.suspicion,
+            "downtime_seconds": self.downtime,
             "size": self.size,
             "artifacts": [a.to_json() for a in self.artifacts],
         }
@@ -173,6 +175,7 @@ def _view(row: BackupRow) -> BackupView:
         host=row.host,
         warnings=tuple(json.loads(row.warnings)) if row.warnings else (),
         suspicion=row.suspicion,
+        downtime=row.downtime,
         artifacts=tuple(
             ArtifactView(
                 id=a.id,
@@ -263,7 +266,12 @@ def _v7(conn: Connection) -> None:
     _add_missing_columns(conn, "artifacts", (ArtifactRow.excludes, ArtifactRow.file_count), None)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+def _v8(conn: Connection) -> None:
+    """backups.downtime: how long each run held its stop_containers stopped."""
+    _add_missing_columns(conn, "backups", (BackupRow.downtime,), None)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 MIGRATION_LOCK = 0x6261636B757064  # "backupd": PostgreSQL advisory lock key
 
 
@@ -365,6 +373,11 @@ class Catalog:
             s.add(BackupRow(id=backup_id, job=job, status=FAILED, started_at=now, finished_at=utcnow(),
                             error=error, host=socket.gethostname(), process=process_token(), owner=owner))
         return backup_id
+
+    def set_downtime(self, backup_id: str, seconds: float) -> None:
+        """How long the run held its stop_containers stopped (first stop asked to last start done)."""
+        with self._session.begin() as s:
+            s.get_one(BackupRow, backup_id).downtime = seconds
 
     def add_warnings(self, backup_id: str, warnings: list[str]) -> None:
         """Problems that did not fail the run (`on_error: continue` hooks): kept on the run."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, TypeDecorator
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from backupd.redaction import redact
@@ -62,6 +62,8 @@ class BackupRow(Base):
     warnings: Mapped[str | None] = mapped_column(RedactedText, nullable=True)  # JSON list (v4)
     # Why a succeeded backup looks too small to trust (v5); cleared by `backupd accept`.
     suspicion: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Seconds the run held its stop_containers stopped (v7); None when it stopped none.
+    downtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Kept by the catalog as artifacts are added and finished (schema v3), so listing
     # 100k backups reads one index instead of joining and grouping their artifacts.
     total_size: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

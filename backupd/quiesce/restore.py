@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable, Iterator
 
 from backupd.artifact import read_copy
 from backupd.catalog import Catalog
@@ -11,6 +12,7 @@ from backupd.docker_host import DockerHost
 from backupd.errors import ConfigError
 from backupd.quiesce.databases import WHOLE, connect, parse_source, restore_dump
 from backupd.quiesce.file_restore import restore_file
+from backupd.repository import is_snapshot, proven_input
 from backupd.restore import configured_stores, find_good_copy, preference
 
 log = logging.getLogger(__name__)
@@ -50,21 +52,25 @@ def restore_database(
     where = f"restore {name}"
     stores = configured_stores(config)
 
-    def good_copy() -> tuple:
-        return find_good_copy(backup, artifact, stores, preference(config, backup.job),
-                              identity, check_tar=False, known=catalog.blocks(artifact.id))
+    def proven() -> Callable[[], Iterator[bytes]]:
+        """Prove a copy (archive mode) or a snapshot (repository mode) whole before anything
+        is touched; return how to read it."""
+        if is_snapshot(artifact):  # restic proves every blob as it reads it back whole once
+            chunks = proven_input(config=config, host=host, job=backup.job, backup_id=backup_id, artifact=artifact)
+            return lambda: chunks
+        store, copy, blocks = find_good_copy(backup, artifact, stores, preference(config, backup.job),
+                                             identity, check_tar=False, known=catalog.blocks(artifact.id))
+        log.info("dump %s of backup %s: the copy on %s reads back whole", name, backup_id, copy.destination)
+        # Proven whole here; proven again block by block as it is fed (the copy may have changed since).
+        return lambda: read_copy(store, copy, artifact, identity, blocks)
 
     if source.kind in WHOLE:  # a file the server holds open: put back with its container stopped
-        found: list = []
+        found: list[Callable[[], Iterator[bytes]]] = []
         return restore_file(spec=spec, source=source, host=host, catalog=catalog, backup_id=backup_id,
                             container=to_container, force=force, where=where,
-                            prove=lambda: found.extend(good_copy()),
-                            chunks=lambda: read_copy(found[0], found[1], artifact, identity, found[2]))
+                            prove=lambda: found.append(proven()), chunks=lambda: found[0]())
     target = connect(spec, host, where, container=to_container)
-    store, copy, blocks = good_copy()
-    log.info("restoring dump %s of backup %s (copy on %s) into %s", name, backup_id,
-             copy.destination, target.runner.where)
-    # Proven whole above; proven again block by block as it is fed (the copy may have changed since).
-    chunks = read_copy(store, copy, artifact, identity, blocks)
+    chunks = proven()()
+    log.info("restoring dump %s of backup %s into %s", name, backup_id, target.runner.where)
     restore_dump(target, source, chunks, force, where)
     return target.runner.where

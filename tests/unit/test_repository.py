@@ -49,9 +49,6 @@ def test_a_destinations_password_serves_every_repository_job_on_it():
      {"destinations": {"far": {"type": "sftp", "host": "h", "user": "u", "password": "p",
                                "host_key_fingerprint": "SHA256:x"}}},
      "destinations.far.key_file: format: repository (job j) logs in to SFTP with a key: set key_file"),
-    ({"format": "repository", "repository_password": "x", "databases": [
-        {"name": "pg", "type": "postgres", "container": "c"}]}, {},
-     "jobs.j.databases: database dumps are not supported with format: repository yet"),
 ])
 def test_repository_config_errors_name_the_key(job, top, message):
     data = config_of(job)
@@ -59,6 +56,12 @@ def test_repository_config_errors_name_the_key(job, top, message):
     with pytest.raises(ConfigError) as err:
         parse_config(data, env={})
     assert message in str(err.value)
+
+
+def test_database_dumps_are_accepted_in_repository_mode():
+    config = parse_config(config_of({"format": "repository", "repository_password": "x", "databases": [
+        {"name": "pg", "type": "postgres", "container": "c"}]}), env={})
+    assert [d.name for d in config.jobs["j"].databases] == ["pg"]
 
 
 def test_a_v5_catalog_gains_the_snapshot_columns(tmp_path: Path):
@@ -439,3 +442,106 @@ def test_an_sftp_repository_hands_ssh_the_verified_key_only_and_no_secret_on_its
     assert "StrictHostKeyChecking=yes" in command and "HostKeyAlgorithms=rsa-sha2-512,rsa-sha2-256,ssh-rsa" in command
     assert "-p 2222 -l u backup.example -s sftp" in command and "SECRETBODY" not in command
     assert "SECRETBODY" not in repr(repo)
+# ------------------------------------------------------------------ dumps streamed into repositories
+
+
+class FakeFeed:
+    """A fed helper that keeps what it is given; `exits` makes its restic fail at finish."""
+
+    def __init__(self, dest: str, exits: bool = False) -> None:
+        self.dest, self.exits, self.data, self.events = dest, exits, bytearray(), []
+
+    def write(self, chunk: bytes) -> bool:
+        self.data += chunk
+        return True
+
+    def finish(self) -> str:
+        self.events.append("finish")
+        if self.exits:
+            from backupd.docker_host import HelperError
+
+            raise HelperError("helper for x exited 1: Fatal: unable to save snapshot")
+        return ('{"message_type":"summary","snapshot_id":"snap' + self.dest + '","data_added":7,'
+                f'"total_bytes_processed":{len(self.data)}}}\n')
+
+    def abort(self) -> None:
+        self.events.append("abort")
+
+
+def stream_writer(feeds: dict[str, FakeFeed], broken: dict[str, str] | None = None):
+    from contextlib import nullcontext
+
+    from backupd.repository import Repository, SnapshotWriter
+
+    class FakeRestic:
+        unlocked: list[str] = []
+
+        def backup_input(self, repo, path, job, backup_id, purpose):
+            assert path == "/database-pg.app"
+            return nullcontext(feeds[repo.destination])
+
+        def run(self, repo, args, purpose, *a, **k):
+            self.unlocked.append(repo.destination)
+            return ""
+
+    writer = object.__new__(SnapshotWriter)
+    writer.restic, writer.job, writer.broken = FakeRestic(), "j", dict(broken or {})
+    writer.repos = {d: Repository(d, "_restic/j", "/repository") for d in feeds}
+    return writer
+
+
+def dump_source(chunks: list[bytes], error: Exception | None = None):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def opener():
+        def gen():
+            yield from chunks
+            if error is not None:
+                raise error
+        yield gen()
+    return opener
+
+
+def test_a_dump_is_read_once_and_every_repository_gets_all_of_it(tmp_path: Path):
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    bid = catalog.start_backup("j")
+    feeds = {"local": FakeFeed("local"), "s3": FakeFeed("s3")}
+    status = stream_writer(feeds).stream(catalog, bid, "database", "pg.app", "postgres:pg/app",
+                                         dump_source([b"PGDMP", b"rest"]))
+    assert status == "succeeded"
+    assert [bytes(f.data) for f in feeds.values()] == [b"PGDMPrest"] * 2
+    [art] = catalog.get(bid).artifacts
+    assert (art.kind, art.compression, art.size) == ("database", "restic", 9)
+    assert {(c.destination, c.snapshot_id) for c in art.copies} == {("local", "snaplocal"), ("s3", "snaps3")}
+
+
+def test_a_failing_dump_kills_every_helper_before_it_finishes_and_fails_the_artifact(tmp_path: Path):
+    from backupd.quiesce.databases import DumpError
+
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    bid = catalog.start_backup("j")
+    feeds = {"local": FakeFeed("local"), "s3": FakeFeed("s3")}
+    writer = stream_writer(feeds)
+    with pytest.raises(DumpError):
+        writer.stream(catalog, bid, "database", "pg.app", "postgres:pg/app",
+                      dump_source([b"PGDMP", b"half"], DumpError("pg_dump in pg failed (exit 1): boom")))
+    assert [f.events for f in feeds.values()] == [["abort"], ["abort"]], "a cut dump must never be finished"
+    assert sorted(writer.restic.unlocked) == ["local", "s3"]  # the killed helpers' locks are removed
+    [art] = catalog.get(bid).artifacts
+    assert art.status == "failed" and "(exit 1): boom" in (art.error or "")
+    assert all(c.status == "failed" and c.snapshot_id is None for c in art.copies)
+
+
+def test_one_repository_refusing_the_dump_makes_it_partial_and_an_unusable_one_is_named(tmp_path: Path):
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    bid = catalog.start_backup("j")
+    feeds = {"local": FakeFeed("local"), "s3": FakeFeed("s3", exits=True)}
+    status = stream_writer(feeds, broken={"far": "repository unreachable"}).stream(
+        catalog, bid, "database", "pg.app", "postgres:pg/app", dump_source([b"x"]))
+    assert status == "partial"
+    [art] = catalog.get(bid).artifacts
+    copies = {c.destination: c for c in art.copies}
+    assert copies["local"].status == "stored"
+    assert copies["s3"].status == "failed" and "unable to save snapshot" in (copies["s3"].error or "")
+    assert copies["far"].status == "failed" and copies["far"].error == "repository unreachable"
