@@ -62,7 +62,7 @@ class BackupRow(Base):
     warnings: Mapped[str | None] = mapped_column(RedactedText, nullable=True)  # JSON list (v4)
     # Why a succeeded backup looks too small to trust (v5); cleared by `backupd accept`.
     suspicion: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # Seconds the run held its stop_containers stopped (v7); None when it stopped none.
+    # Seconds the run held its stop_containers stopped (v8); None when it stopped none.
     downtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Kept by the catalog as artifacts are added and finished (schema v3), so listing
     # 100k backups reads one index instead of joining and grouping their artifacts.
