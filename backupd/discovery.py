@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from backupd.config import Config, Job, check_job
 from backupd.errors import ConfigError, LabelError
-from backupd.labels import DATABASE, ENABLE, Container, Contribution, read_container
+from backupd.labels import DATABASE, ENABLE, EXCLUDE, Container, Contribution, read_container
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,13 @@ def assemble(config: Config, found: FoundJob) -> Job:
         message = getattr(exc, "message", None) or str(exc)
         path = getattr(exc, "path", f"jobs.{found.name}")
         with_db = [p.container for p in found.parts if p.databases]
-        container, label = ((with_db[0], DATABASE) if ".databases" in path and with_db
-                            else (found.containers[0], ENABLE))
+        with_excludes = [p.container for p in found.parts if any(sel.exclude for sel, _ in p.volumes)]
+        if ".databases" in path and with_db:
+            container, label = with_db[0], DATABASE
+        elif ".exclude" in path and with_excludes:
+            container, label = with_excludes[0], EXCLUDE
+        else:
+            container, label = found.containers[0], ENABLE
         raise LabelError(container, label, f"job {found.name}: {message}") from None
     return job
 

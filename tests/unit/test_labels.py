@@ -173,9 +173,9 @@ def test_a_bad_label_breaks_its_own_job_only() -> None:
 def test_a_job_the_shared_checks_refuse_is_pinned_on_the_label_that_made_it() -> None:
     base = parse_config({"destinations": {"local": {"type": "local", "path": "/b", "repository_password": "p"}},
                          "discovery": {"enabled": True, "format": "repository"}})
-    found = discover(base, [db()])
+    found = discover(base, [db(), app(**{"backupd.exclude": "cache/*"})])
     error = found.broken("shop")
-    assert error is not None and (error.container, error.label) == ("shop-db-1", "backupd.database")
+    assert error is not None and (error.container, error.label) == ("shop-app-1", "backupd.exclude")
     assert "format: repository" in str(error)
 
 
