@@ -28,11 +28,13 @@ RUN python3 -m venv /opt/backupd \
 # ---------------------------------------------------------------- final stage
 FROM ${BASE_IMAGE}
 # GNU tar is part of every Debian base (it is Essential); fail the build if not.
-# restic (Debian's package) runs repository-mode jobs in helpers of this same image.
+# restic (Debian's package) runs repository-mode jobs in helpers of this same image; its sftp
+# backend runs OpenSSH's ssh.
 RUN apt-get update -qq \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends restic >/dev/null \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends restic openssh-client >/dev/null \
  && rm -rf /var/lib/apt/lists/* \
  && restic version \
+ && ssh -V \
  && tar --version | head -1 | grep -q "GNU tar" \
  && (getent group backupd >/dev/null || groupadd --system --gid 10001 backupd) \
  && (id backupd >/dev/null 2>&1 || useradd --system --uid 10001 --gid backupd --home-dir /var/lib/backupd \

@@ -9,7 +9,10 @@ Start-up recovery (the first time a command needs the engine): runs a dead
 backupd left `running` are recorded failed, containers it left stopped are
 started, its helper containers are removed. "Dead" is judged by the owner
 recorded in the catalog (backupd.identity), never by hostname, so it also
-works after Compose recreated the sidecar container.
+works after Compose recreated the sidecar container. The leftovers of its
+interrupted uploads are removed from each destination the first time this
+process backs up to it (with the run's own connection: a restore, or a job
+that does not use a destination, never waits on it).
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from backupd.catalog import FAILED, SUCCEEDED, Catalog, utcnow
 from backupd.catalog.leases import Conflict, Leases
 from backupd.config import Config, Job
 from backupd.errors import BackupdError
 from backupd.identity import Identity, Liveness, this_process
+from backupd.stream import human_bytes
+
+if TYPE_CHECKING:
+    from backupd.leftovers import LeftoverReport
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +46,11 @@ class Recovery:
     restarted: list[str] = field(default_factory=list)
     helpers_removed: int = 0
     owners_forgotten: int = 0
+    leftovers_removed: int = 0  # partial files and open multipart uploads, as destinations are first used
+    leftover_bytes: int = 0
 
     def __str__(self) -> str:
-        if not (self.failed_runs or self.restarted or self.helpers_removed):
+        if not (self.failed_runs or self.restarted or self.helpers_removed or self.leftovers_removed):
             return "nothing left behind by an earlier backupd"
         parts = []
         if self.failed_runs:
@@ -51,6 +60,9 @@ class Recovery:
             parts.append(f"started container(s) left stopped: {', '.join(self.restarted)}")
         if self.helpers_removed:
             parts.append(f"removed {self.helpers_removed} stale helper container(s)")
+        if self.leftovers_removed:
+            parts.append(f"removed {self.leftovers_removed} leftover(s) of interrupted uploads "
+                         f"({human_bytes(self.leftover_bytes)})")
         return "; ".join(parts)
 
 
@@ -80,10 +92,18 @@ class Operations(Protocol):
                       stop: threading.Event | None = None) -> list[str]: ...
 
 
+JOB_LEASE = "job:"
+
+
+def job_lease(job: str) -> str:
+    """The resource a job's runs (backup, prune, verify, restore) hold alone."""
+    return JOB_LEASE + job
+
+
 def resources_of(job_name: str, job: Job, volumes: Iterable[Any], stopped: Iterable[Any]) -> list[str]:
     """What a run must hold alone: the job, each volume or host path, each container it stops,
     dumps from, or runs hooks in."""
-    names = {f"job:{job_name}"}
+    names = {job_lease(job_name)}
     names.update(f"{v.kind}:{v.source}" for v in volumes)
     names.update(f"container:{c.name}" for c in stopped)
     names.update(f"container:{d.container}" for d in job.databases if d.container)
@@ -102,6 +122,8 @@ class App:
         self.clock = clock
         self.catalog = Catalog(config.catalog)
         self.leases = Leases(self.catalog.session_factory, Liveness(identity or this_process(command)), clock)
+        self._swept: set[str] = set()  # destinations whose leftovers this process removed
+        self._sweeping = threading.Lock()
         self._connect = connect
         self._host: Any = None
         self.recovery: Recovery | None = None
@@ -142,11 +164,55 @@ class App:
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
         report.helpers_removed = host.remove_stale_helpers(self.leases.owner_known_dead)
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
+        if report.failed_runs:  # their uploads may have left leftovers: sweep again at next use
+            with self._sweeping:
+                self._swept.clear()
         if not quiet:
             log.info("start-up recovery: %s", report)
         elif report.failed_runs or report.restarted or report.helpers_removed:
             log.warning("recovery: %s", report)
         return report
+
+    def sweep_leftovers(self, dry_run: bool = False) -> LeftoverReport:
+        """Remove (or, dry, only list) what interrupted uploads left on every destination
+        that no live run owns."""
+        from backupd.leftovers import sweep_leftovers
+
+        stores = self.stores()
+        try:
+            return sweep_leftovers(self.catalog, stores, self.leases.owner_alive, dry_run=dry_run,
+                                   busy_jobs=self._busy_jobs)
+        finally:
+            for store in stores.values():
+                store.close()
+
+    def _first_use(self, stores: dict[str, Any]) -> None:
+        """Recovery's last step, per destination, the first time this process backs up to it
+        (and again after a recovery found runs a dead process left): remove the leftovers of
+        interrupted uploads no live run owns, with the run's own stores."""
+        from backupd.leftovers import sweep_leftovers
+
+        with self._sweeping:
+            todo = {name: store for name, store in stores.items() if name not in self._swept}
+            self._swept.update(todo)
+        if not todo:
+            return
+        swept = sweep_leftovers(self.catalog, todo, self.leases.owner_alive, busy_jobs=self._busy_jobs)
+        if self.recovery is not None:
+            self.recovery.leftovers_removed += len(swept.removed)
+            self.recovery.leftover_bytes += swept.removed_bytes
+        if swept.removed:
+            log.info("start-up recovery: removed %d leftover(s) of interrupted uploads (%s) from %s",
+                     len(swept.removed), human_bytes(swept.removed_bytes),
+                     ", ".join(sorted({f.destination for f in swept.removed})))
+        for failure in swept.failures:
+            log.warning("start-up recovery: leftovers of interrupted uploads on %s (tried again at "
+                        "the next start, or by prune --orphans)", failure)
+
+    def _busy_jobs(self) -> set[str]:
+        """Jobs whose lease (see resources_of) a live backupd holds."""
+        return {resource.removeprefix(JOB_LEASE) for resource, owner, _ in self.leases.held()
+                if resource.startswith(JOB_LEASE) and self.leases.owner_alive(owner)}
 
     def stores(self, destinations: Iterable[str] | None = None) -> dict[str, Any]:
         from backupd.storage import open_store
@@ -182,6 +248,7 @@ class App:
                       extra={"job": job, "backup_id": backup_id})
             return BackupOutcome(job, backup_id, FAILED, [str(exc)], planning_error=exc)
         try:
+            self._first_use(plan.stores)
             with self.leases.hold(resources_of(job, spec, plan.volumes, plan.stop), f"backup of job {job}",
                                   stop=stop, wait=wait, on_wait=_waiting_logger(job)):
                 result = run_backup(config, plan, self.catalog, host, cancel=cancel, on_start=on_start,
@@ -199,12 +266,17 @@ class App:
 
     def guard_shrinkage(self, config: Config, job: str, backup_id: str) -> str | None:
         """Flag a new backup that is much smaller than the job's recent ones (backupd.shrinkage)."""
-        from backupd.shrinkage import WINDOW, judge
+        from backupd.shrinkage import WINDOW, judge, judge_files
 
         retention = config.job_retention(job)
+        share = retention.shrinkage if retention else 0.5
         backup = self.catalog.get(backup_id)
-        earlier = self.catalog.recent_sizes(job, backup.started_at, WINDOW)
-        suspicion = judge(backup.size, earlier, retention.shrinkage if retention else 0.5)
+        reasons = [judge(backup.size, self.catalog.recent_sizes(job, backup.started_at, WINDOW), share)]
+        counts = [a.file_count for a in backup.artifacts if a.file_count is not None]
+        if counts:  # volume archives counted their members
+            reasons.append(judge_files(sum(counts), self.catalog.recent_file_counts(job, backup.started_at, WINDOW),
+                                       share))
+        suspicion = "; ".join(r for r in reasons if r is not None) or None
         if suspicion is not None:
             self.catalog.set_suspicion(backup_id, suspicion)
             log.warning("backup %s of job %s is suspicious: %s; retention of the job deletes nothing until "
@@ -220,7 +292,7 @@ class App:
         config = config or self.config
         if dry_run:
             return prune_job(config, self.catalog, job, self.clock(), {}, dry_run=True)
-        with self.leases.hold([f"job:{job}"], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+        with self.leases.hold([job_lease(job)], f"prune of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
             forget = self._snapshot_forgetter(config, job)
             try:
@@ -237,7 +309,7 @@ class App:
         config = config or self.config
         if config.jobs[job].format != "repository":
             return []
-        with self.leases.hold([f"job:{job}"], f"compaction of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+        with self.leases.hold([job_lease(job)], f"compaction of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
             try:
                 return compact_job(config, self.host, job, stores)
@@ -262,7 +334,7 @@ class App:
         backups = self.catalog.list(job=job, statuses=[SUCCEEDED])
         if not backups:
             return [f"job {job} has no successful backup to verify"]
-        with self.leases.hold([f"job:{job}"], f"verify of job {job}", stop=stop, on_wait=_waiting_logger(job)):
+        with self.leases.hold([job_lease(job)], f"verify of job {job}", stop=stop, on_wait=_waiting_logger(job)):
             stores = self.stores(config.job_destinations(job))
             from backupd.repository import snapshot_checker
 
@@ -274,7 +346,7 @@ class App:
                          job: str | None = None) -> Any:
         """The leases a restore needs: its target volume (and the containers a --force restore
         stops), or the job and database container a dump is fed back through."""
-        resources = [f"job:{job}"] if job else []
+        resources = [job_lease(job)] if job else []
         if volume is not None:
             resources.append(f"volume:{volume}")
             resources += [f"container:{c.name}" for c in self.host.running_containers_using(volume)]

@@ -67,12 +67,15 @@ def store_artifact(
     encryption: Encryption | None = None,
     cancel: threading.Event | None = None,
     check_tar: bool = False,
+    excludes: tuple[str, ...] = (),
 ) -> str:
     """Stream one artifact to every store; return its status (succeeded/partial/failed).
 
     With check_tar (volumes), the tar stream is also judged by the tar guard as it passes,
     as restore will judge it: an archive restore would refuse is not stored, and the
-    artifact fails with the guard's reason, naming the member.
+    artifact fails with the guard's reason, naming the member. The guard also counts the
+    members, recorded as the artifact's file count. `excludes` (the patterns the archive
+    was made with) are recorded with it.
     """
     encrypter = None
     if encryption is not None:
@@ -82,7 +85,7 @@ def store_artifact(
     suffix = suffix_for(compression.algorithm, encrypter is not None)
     keys = {dest: artifact_key(job, backup_id, kind, name, suffix) for dest in stores}
     art_id = catalog.add_artifact(backup_id, kind, name, source, compression.algorithm,
-                                  "age" if encrypter else None, keys)
+                                  "age" if encrypter else None, keys, excludes)
     logger = logging.LoggerAdapter(log, {"backup_id": backup_id, "job": job, "artifact": f"{kind}:{name}"})
     uploads, open_errors = {}, {}
     for dest, store in stores.items():
@@ -101,7 +104,8 @@ def store_artifact(
     progress = Progress(f"{kind} {name}")
     logger.info("archiving %s %s to %s", kind, name, ", ".join(uploads))
     # The guard judges the stream in a thread of its own, alongside compression and uploads.
-    watch = ThreadedSink(TarGuard()) if check_tar else None
+    guard = TarGuard() if check_tar else None
+    watch = ThreadedSink(guard) if guard is not None else None
     refused: IntegrityError | None = None
     try:
         with open_source() as chunks:
@@ -148,7 +152,8 @@ def store_artifact(
     progress.done()
     result = fan.result()
     status = catalog.finish_artifact(art_id, result.size, result.sha256, {**open_errors, **result.errors},
-                                     blocks=(BLOCK, result.blocks))
+                                     blocks=(BLOCK, result.blocks),
+                                     file_count=guard.checker.members if guard is not None else None)
     logger.info("%s %s %s: %d bytes stored, sha256 %s", kind, name, status, result.size, result.sha256)
     return status
 

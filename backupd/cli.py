@@ -150,8 +150,16 @@ def cmd_restore(ctx: Context) -> int:
         return 0
     from backupd.quiesce.restore import restore_database
 
-    # The job's lease: its own backups dump from the database being replaced.
-    with app.hold_for_restore(None, args.to_container, wait, job=app.catalog.get(args.backup_id).job):
+    from backupd.quiesce.databases import WHOLE, parse_source
+
+    # The job's lease: its own backups dump from the database being replaced. A SQLite or Redis
+    # restore also stops its container: held, so no other run stops, starts or dumps from it meanwhile.
+    backup = app.catalog.get(args.backup_id)
+    container = args.to_container
+    source = parse_source(backup.artifact("database", args.database).source)
+    if container is None and source.kind in WHOLE and ":" not in source.server:
+        container = source.server
+    with app.hold_for_restore(None, container, wait, job=backup.job):
         target = restore_database(config=ctx.config, catalog=app.catalog, host=app.host,
                                   backup_id=args.backup_id, name=args.database,
                                   to_container=args.to_container, force=args.force, identity=args.identity)
@@ -160,11 +168,12 @@ def cmd_restore(ctx: Context) -> int:
 
 
 def cmd_verify(ctx: Context) -> int:
+    from backupd.app import job_lease
     from backupd.verify import restore_drill, verify_backup
 
     app, backup_id = ctx.app, ctx.args.backup_id
     job = app.catalog.get(backup_id).job
-    with app.leases.hold([f"job:{job}"], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
+    with app.leases.hold([job_lease(job)], f"verify of backup {backup_id}", on_wait=lambda c: log.info("waiting: %s", c)):
         from backupd.repository import snapshot_checker
 
         results = verify_backup(ctx.config, app.catalog, app.stores(), backup_id, ctx.args.identity,
@@ -181,19 +190,11 @@ def cmd_verify(ctx: Context) -> int:
 
 
 def cmd_prune(ctx: Context) -> int:
-    from backupd.prune import find_orphans
     from backupd.retention import summarize
 
     config, args, app = ctx.config, ctx.args, ctx.app
     if args.orphans:
-        report = find_orphans(app.catalog, app.stores(), delete=args.delete)
-        for dest, key in report.orphans:
-            print(f"orphan   {dest}: {key}{' (deleted)' if (dest, key) in report.removed else ''}")
-        for backup_id, dest, key in report.missing:
-            print(f"missing  {dest}: {key} (backup {backup_id}; marked missing)")
-        if not report.orphans and not report.missing:
-            print("no orphans, no missing copies")
-        return 0
+        return _prune_orphans(app, args.dry_run, args.delete)
     jobs = [args.job] if args.job else [j for j in config.jobs if config.job_retention(j)]
     if args.job:
         config.job(args.job)
@@ -217,6 +218,32 @@ def cmd_prune(ctx: Context) -> int:
     return EXIT_FAILED if failures else 0
 
 
+def _prune_orphans(app: App, dry_run: bool, delete: bool) -> int:
+    """Leftovers of interrupted uploads (removed unless dry), objects the catalog does not
+    know (deleted only with --delete), copies whose object vanished (marked missing)."""
+    from backupd.prune import find_orphans
+
+    swept = app.sweep_leftovers(dry_run=dry_run)
+    for found in swept.found:
+        if found.keep is not None:
+            state = f"kept: {found.keep}"
+        else:
+            state = "would be removed" if dry_run else "removed" if found in swept.removed else "NOT removed"
+        print(f"leftover {found.describe()}: {state}")
+    report = find_orphans(app.catalog, app.stores(), delete=delete, dry_run=dry_run)
+    for dest, key in report.orphans:
+        done = " (deleted)" if (dest, key) in report.removed else " (would be deleted)" if dry_run and delete else ""
+        print(f"orphan   {dest}: {key}{done}")
+    for backup_id, dest, key in report.missing:
+        print(f"missing  {dest}: {key} (backup {backup_id}; "
+              f"{'would be marked missing' if dry_run else 'marked missing'})")
+    if not swept.found and not report.orphans and not report.missing:
+        print("no leftovers, no orphans, no missing copies")
+    for failure in swept.failures:
+        print(redact(f"backupd: leftovers on {failure}"), file=sys.stderr)
+    return EXIT_FAILED if swept.failures else 0
+
+
 def cmd_catalog_rebuild(ctx: Context) -> int:
     from backupd.prune import rebuild_catalog
 
@@ -225,6 +252,16 @@ def cmd_catalog_rebuild(ctx: Context) -> int:
         raise ConfigError(f"--destination: '{dest}' is not defined (defined: {', '.join(ctx.config.destinations)})")
     imported, skipped = rebuild_catalog(ctx.catalog, dest, ctx.app.stores([dest])[dest])
     print(f"imported {len(imported)} backup(s) from {dest}; {len(skipped)} already in the catalog")
+    for job in [j for j, spec in ctx.config.jobs.items()
+                if spec.format == "repository" and dest in ctx.config.job_destinations(j)]:
+        from backupd.app import job_lease
+        from backupd.repository import rebuild_from_repository
+
+        with ctx.app.leases.hold([job_lease(job)], f"catalog rebuild of job {job}",
+                                 on_wait=lambda c: log.info("waiting: %s", c)):  # no backup writes meanwhile
+            imported, skipped = rebuild_from_repository(ctx.config, ctx.catalog, ctx.app.host, job, dest)
+        print(f"imported {len(imported)} backup(s) of job {job} from its repository on {dest}; "
+              f"{len(skipped)} already in the catalog")
     return 0
 
 
@@ -289,8 +326,11 @@ def _describe(b: BackupView) -> str:
     lines += [f"warning   {w}" for w in b.warnings]
     for a in b.artifacts:
         enc = f", {a.encryption}" if a.encryption else ""
+        files = f", {a.file_count} files" if a.file_count is not None else ""
         lines.append(f"  {a.kind} {a.name} ({a.source}): {a.status}, "
-                     f"{human_bytes(a.size or 0)}, {a.compression}{enc}, sha256 {a.sha256 or '-'}")
+                     f"{human_bytes(a.size or 0)}{files}, {a.compression}{enc}, sha256 {a.sha256 or '-'}")
+        if a.excludes:
+            lines.append(f"    excludes: {', '.join(a.excludes)}")
         for c in a.copies:
             err = f" ({c.error})" if c.error else ""
             lines.append(f"    {c.destination}: {c.status} {c.key}{err}")
@@ -356,10 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prune", cmd_prune, "apply retention: delete backups no rule keeps, from every destination")
     p.add_argument("--job", help="only this job (default: every job with a retention policy)")
-    p.add_argument("--dry-run", action="store_true", help="print the decision, delete nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the decision, delete nothing (with --orphans: list, remove and mark nothing)")
     p.add_argument("--orphans", action="store_true",
-                   help="instead, list objects the catalog does not know and copies that vanished")
-    p.add_argument("--delete", action="store_true", help="with --orphans: delete the orphaned objects")
+                   help="instead, remove the leftovers of interrupted uploads (.partial- files, open "
+                        "multipart uploads) that no running backup owns, list objects the catalog does "
+                        "not know, and mark copies that vanished as missing")
+    p.add_argument("--delete", action="store_true",
+                   help="with --orphans: also delete the objects the catalog does not know")
     p.add_argument("--compact", action="store_true",
                    help="repository-mode jobs: then free the space of forgotten snapshots (restic prune, "
                         "leaving up to 10%% unused so that little is repacked)")

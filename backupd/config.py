@@ -129,7 +129,8 @@ class S3Destination(_RepositoryPassword):
     storage_class: str | None = None
     server_side_encryption: str | None = None  # "AES256" or "aws:kms"
     sse_kms_key_id: str | None = None
-    part_size_mb: int = Field(default=64, ge=5, le=5120)
+    part_size_mb: int = Field(default=5, ge=5, le=5120)
+    concurrency: int = Field(default=4, ge=1, le=64)  # parts uploaded at once
 
     @model_validator(mode="after")
     def _secrets(self) -> "S3Destination":
@@ -176,8 +177,15 @@ class VolumeSelector(_Model):
     container: str | None = None
     path: str | None = None
     as_name: str | None = Field(default=None, alias="as")
+    # GNU tar patterns anchored at the volume's root (backupd.excludes); the job's `exclude:` adds to them.
+    exclude: list[str] = []
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        return _exclude_patterns(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -201,6 +209,12 @@ class VolumeSelector(_Model):
         return self
 
 
+def _exclude_patterns(value: list[str]) -> list[str]:
+    from backupd.excludes import normalize
+
+    return [normalize(p) for p in value]
+
+
 class ContainerSelector(_Model):
     name: str | None = None
     label: str | None = None
@@ -219,8 +233,10 @@ class ContainerSelector(_Model):
 
 class DatabaseSpec(_Model):
     name: str
-    type: Literal["postgres", "postgresql", "mysql", "mariadb"]
+    type: Literal["postgres", "postgresql", "mysql", "mariadb", "sqlite", "redis"]
     container: str | None = None
+    path: str | None = None  # sqlite: the database file, as its container sees it
+    image: str | None = None  # sqlite: image of the helper that copies it (python3); None: helper_image
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     user: str | None = None
@@ -237,11 +253,23 @@ class DatabaseSpec(_Model):
             raise ValueError(f"name '{self.name}' must match {NAME_RE.pattern}")
         if (self.container is None) == (self.host is None):
             raise ValueError("give exactly one of container (docker exec) or host (network)")
+        if self.type == "sqlite":
+            if self.container is None:
+                raise ValueError("sqlite: give the container whose volume holds the file (host: is not supported)")
+            if not self.path or not self.path.startswith("/") or "\0" in self.path or self.path.endswith("/"):
+                raise ValueError("sqlite: path must be the absolute path of the database file inside the container")
+            if self.options:
+                raise ValueError("sqlite: options do not apply (the copy is made with SQLite's backup API)")
+        elif self.path is not None or self.image is not None:
+            raise ValueError("path and image apply to type: sqlite only")
+        if self.type in ("sqlite", "redis") and self.database != "all":
+            raise ValueError(f"{self.type}: database does not apply (the whole "
+                             f"{'file' if self.type == 'sqlite' else 'server'} is copied)")
         return self
 
     @property
     def kind(self) -> str:
-        """postgres or mysql: mariadb and postgresql are aliases."""
+        """postgres, mysql, sqlite or redis: mariadb and postgresql are aliases."""
         return {"postgresql": "postgres", "mariadb": "mysql"}.get(self.type, self.type)
 
 
@@ -322,6 +350,7 @@ class Job(_RepositoryPassword):
     timezone: str = "UTC"
     jitter: Duration | None = None
     volumes: list[VolumeSelector] = []
+    exclude: list[str] = []  # for every volume of the job, besides each volume's own
     databases: list[DatabaseSpec] = []
     stop_containers: list[ContainerSelector] = []
     hooks: Hooks = Hooks()
@@ -331,6 +360,11 @@ class Job(_RepositoryPassword):
     encryption: Encryption | None = None
     verify_schedule: str | None = None
     notify_on_success: bool | None = None
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        return _exclude_patterns(value)
 
     @field_validator("timezone")
     @classmethod
@@ -460,7 +494,7 @@ class Config(_Model):
         return found
 
 
-REPOSITORY_DESTINATIONS = ("local", "s3")
+REPOSITORY_DESTINATIONS = ("local", "s3", "sftp")
 
 
 def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
@@ -470,12 +504,20 @@ def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
     if job.encryption is not None:
         raise _KeyedError(f"{where}.encryption", "a repository is encrypted by restic with its password: "
                                                  "age encryption applies to format: archive only")
+    if job.exclude or any(v.exclude for v in job.volumes):
+        raise _KeyedError(f"{where}.exclude", "excludes are not supported with format: repository yet")
     for name in job.destinations or list(config.destinations):
         dest = config.destinations[name]
         if dest.type not in REPOSITORY_DESTINATIONS:
             raise _KeyedError(f"{where}.destinations",
                               f"destination '{name}' is {dest.type}: format: repository supports "
                               f"{', '.join(REPOSITORY_DESTINATIONS)}")
+        if dest.type == "sftp" and dest.key_file is None:
+            # restic reaches SFTP through OpenSSH's ssh, which would need a terminal (or an askpass
+            # program) for a password; a key file reaches it as a file in the helper.
+            raise _KeyedError(f"destinations.{name}.key_file",
+                              f"format: repository (job {job_name}) logs in to SFTP with a key: "
+                              f"set key_file (a password login works for format: archive only)")
         if job.repository_password is None and dest.repository_password is None:
             raise _KeyedError(f"{where}.repository_password",
                               f"format: repository needs a password: set repository_password_file here "

@@ -24,7 +24,7 @@ import time
 import uuid
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -42,6 +42,7 @@ from docker.types import LogConfig, Mount  # noqa: E402
 
 from backupd.config import VolumeSelector
 from backupd.errors import BackupdError, ConfigError, NotFoundError
+from backupd.excludes import merged, tar_args
 from backupd.private import private_dir
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ STDERR_KEEP = 16 * 1024
 METADATA = ["--xattrs", "--acls", "--selinux"]
 TAR_CREATE = ["tar", "--create", "--file=-", "--directory", MOUNT_POINT, "--numeric-owner",
               "--sparse", "--format=posix", *METADATA, "--blocking-factor=2048", "."]
+
+
+def tar_create(exclude: Iterable[str] = ()) -> list[str]:
+    """TAR_CREATE, leaving out what the patterns name (their options go before the `.` they apply to)."""
+    return [*TAR_CREATE[:-1], *tar_args(exclude), TAR_CREATE[-1]]
 # 1 MiB records: tar writes file contents in 1 MiB writes instead of 64 KiB ones (a 2 GiB
 # unpack took 3.8 s instead of 4.2-4.8 s, measured); --read-full-records takes the
 # pipe's short reads and an archive whose last record is short.
@@ -104,6 +110,10 @@ class HelperError(BackupdError):
     """A helper container failed; the message carries its exit code and stderr."""
 
 
+class HelperStartError(HelperError):
+    """The engine could not start a helper's command (most often: its image lacks it)."""
+
+
 @dataclass(frozen=True)
 class VolumeSource:
     """Something to archive: a named volume or a host path, and its artifact name."""
@@ -112,6 +122,7 @@ class VolumeSource:
     kind: str  # "volume" or "bind"
     source: str  # volume name or host path
     where: str  # config key path that selected it, for messages
+    exclude: tuple[str, ...] = ()  # normalized patterns anchored at its root (backupd.excludes)
 
     def mount(self, read_only: bool = True) -> Mount:
         return Mount(MOUNT_POINT, self.source, type=self.kind, read_only=read_only)
@@ -274,12 +285,17 @@ class DockerHost:
 
     # ------------------------------------------------------------ resolve
 
-    def resolve_volumes(self, job: str, selectors: list[VolumeSelector]) -> list[VolumeSource]:
-        """Turn a job's `volumes:` into concrete sources; unknown names fail here, before anything runs."""
+    def resolve_volumes(self, job: str, selectors: list[VolumeSelector],
+                        exclude: Iterable[str] = ()) -> list[VolumeSource]:
+        """Turn a job's `volumes:` into concrete sources, each with the job's `exclude` patterns
+        and its own; unknown names fail here, before anything runs."""
         found: dict[str, VolumeSource] = {}
+        exclude = tuple(exclude)
         for i, sel in enumerate(selectors):
             where = f"jobs.{job}.volumes[{i}]"
+            patterns = merged(exclude, sel.exclude)
             for src in self._resolve_one(sel, where):
+                src = replace(src, exclude=patterns) if patterns else src
                 prior = found.get(src.name)
                 if prior is not None and (prior.kind, prior.source) != (src.kind, src.source):
                     raise ConfigError(
@@ -348,8 +364,9 @@ class DockerHost:
     def _create_helper(self, command: list[str], mounts: list[Mount], stdin: bool = False,
                        purpose: str = "", caps: Iterable[str] = (), image: str | None = None,
                        environment: dict[str, str] | None = None, network: str | None = None,
-                       hostname: str | None = None) -> str:
-        """A helper container (not started) with only the capabilities `caps`."""
+                       hostname: str | None = None, tmpfs: dict[str, str] | None = None) -> str:
+        """A helper container (not started) with only the capabilities `caps`; `tmpfs`: in-memory
+        mounts (path: options) for files that must never reach a disk."""
         # Named up front: if we are interrupted while the engine creates it, we can still remove it.
         name = f"backupd-helper-{uuid.uuid4().hex[:12]}"
         try:
@@ -375,7 +392,7 @@ class DockerHost:
                 host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none"),
                                                         mem_limit=self.helper_memory, network_mode=network,
                                                         cap_drop=["ALL"], cap_add=list(caps) or None,
-                                                        security_opt=HELPER_SECURITY_OPT),
+                                                        security_opt=HELPER_SECURITY_OPT, tmpfs=tmpfs),
             )
         except ImageNotFound:
             key = "repository_image" if image else "helper_image"
@@ -498,7 +515,8 @@ class DockerHost:
         purpose = f"{source.kind} '{source.source}'"
         fifo_dir = self.fifo_dir()
         if fifo_dir is None:
-            cid = self._create_helper(TAR_CREATE, [source.mount(read_only=True)], purpose=purpose, caps=READ_CAPS)
+            cid = self._create_helper(tar_create(source.exclude), [source.mount(read_only=True)], purpose=purpose,
+                                      caps=READ_CAPS)
             raw = None
             try:
                 sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
@@ -514,7 +532,7 @@ class DockerHost:
                 self._remove(cid)
             return
         with _fifo(fifo_dir, helper_writes=True) as (local, inside):
-            command = [f"--file={inside}" if a == "--file=-" else a for a in TAR_CREATE]
+            command = [f"--file={inside}" if a == "--file=-" else a for a in tar_create(source.exclude)]
             cid = self._create_helper(command, [source.mount(read_only=True), fifo_dir.mount], purpose=purpose,
                                       caps=READ_CAPS)
             fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK)  # before start: tar's open never blocks
@@ -623,6 +641,45 @@ class DockerHost:
                 raise HelperError(f"restore helper for {purpose} exited {code}: {message[-500:] or 'no message'}")
         finally:
             self._remove(cid)
+
+    @contextmanager
+    def helper_stream(self, command: list[str], mounts: list[Mount], purpose: str, caps: Iterable[str] = (),
+                      image: str | None = None, stdin: Iterable[bytes] | None = None) -> Iterator["ExecStream"]:
+        """Run a helper and hand over its stdout as a stream (and feed it `stdin`), as exec_stream
+        does for a command in a running container: for work on a volume whose own container has
+        no tool for it, or is stopped (a database file put back). Removed afterwards, always."""
+        cid = self._create_helper(command, mounts, stdin=stdin is not None, purpose=purpose, caps=caps, image=image)
+        raw = None
+        try:
+            params = {"stdout": 1, "stderr": 1, "stream": 1, **({"stdin": 1} if stdin is not None else {})}
+            sock = self.api.attach_socket(cid, params=params)
+            raw = _raw_socket(sock)
+            try:
+                self.api.start(cid)
+            except APIError as exc:  # most often: the image has no such command
+                raise HelperStartError(f"cannot run {command[0]} in image '{image or self.helper_image}' for "
+                                  f"{purpose}: {exc.explanation or exc}") from None
+            yield HelperStream(sock, _Waiter(self.api, cid), stdin)
+        finally:
+            if raw is not None:
+                _hang_up(raw)  # abandoned mid-stream: or the remove waits on a helper blocked writing
+            self._remove(cid)
+
+    def mount_holding(self, container: Any, path: str, where: str) -> Mount:
+        """The volume or bind mount of `container` that holds `path` (a path inside it), to mount
+        at the same place in a helper; NotFoundError when the path is in no mount (then it lives
+        in the container's own layer, and no helper can reach it)."""
+        best: dict[str, Any] | None = None
+        for m in container.attrs.get("Mounts", []):
+            dest = m.get("Destination", "").rstrip("/")
+            if m.get("Type") in ("volume", "bind") and path.startswith(dest + "/") and \
+                    (best is None or len(dest) > len(best["Destination"].rstrip("/"))):
+                best = m
+        if best is None:
+            raise NotFoundError(f"{where}: '{path}' is not on a volume or bind mount of container "
+                                f"'{container.name}' (mount its directory as a volume)")
+        source = best["Name"] if best["Type"] == "volume" else best["Source"]
+        return Mount(best["Destination"], source, type=best["Type"], read_only=False)
 
     # ------------------------------------------------------------ exec in containers
 
@@ -843,6 +900,19 @@ class ExecStream:
 
     def close(self) -> None:
         _hang_up(self.raw)
+
+
+class HelperStream(ExecStream):
+    """A helper container's stdout (and stdin), read like an exec's; its exit code from the engine's wait."""
+
+    def __init__(self, sock: Any, waiter: "_Waiter", stdin: Iterable[bytes] | None) -> None:
+        super().__init__(None, "", sock, stdin)
+        self.waiter = waiter
+
+    def exit_code(self, timeout: float = 30) -> int:
+        if self._feeder is not None:
+            self._feeder.join()
+        return self.waiter.result(timeout)
 
 
 @contextmanager

@@ -98,6 +98,8 @@ class ArtifactEntry(_Entry):
     error: str | None = None
     destinations: list[CopyEntry] = []
     blocks: BlocksEntry | None = None
+    excludes: list[str] = []
+    file_count: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _blocks_cover_the_copy(self) -> "ArtifactEntry":

@@ -160,8 +160,10 @@ class OrphanReport:
     removed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def find_orphans(catalog: Catalog, stores: dict[str, Store], delete: bool = False) -> OrphanReport:
-    """Objects under backupd's layout the catalog does not know, and copies whose object vanished."""
+def find_orphans(catalog: Catalog, stores: dict[str, Store], delete: bool = False,
+                 dry_run: bool = False) -> OrphanReport:
+    """Objects under backupd's layout the catalog does not know (deleted if `delete`), and copies
+    whose object vanished (marked missing). A dry run deletes and marks nothing."""
     report = OrphanReport()
     backups = {b.id: b for b in catalog.list(include_deleted=True)}
     for dest, store in stores.items():
@@ -186,12 +188,13 @@ def find_orphans(catalog: Catalog, stores: dict[str, Store], delete: bool = Fals
             if obj.key in live and live[obj.key][1] not in (DELETED,):
                 continue
             report.orphans.append((dest, obj.key))
-            if delete:
+            if delete and not dry_run:
                 store.delete(obj.key)
                 report.removed.append((dest, obj.key))
         for key, (backup_id, status) in live.items():
             if status == STORED and key not in present:
-                catalog.set_copy_status(backup_id, dest, key, MISSING, "object vanished from the destination")
+                if not dry_run:
+                    catalog.set_copy_status(backup_id, dest, key, MISSING, "object vanished from the destination")
                 report.missing.append((backup_id, dest, key))
     return report
 
@@ -286,7 +289,7 @@ def _add_copies(catalog: Catalog, record: BackupManifest, copies: list[list[Copy
             log.warning("catalog rebuild: the manifest of backup %s on %s disagrees with the catalog about "
                         "%s '%s': its copies there are not added", record.id, destination, art.kind, art.name)
             continue
-        rows += [(art.kind, art.name, c.destination, c.key, c.status, c.error) for c in own]
+        rows += [(art.kind, art.name, c.destination, c.key, c.status, c.error, None) for c in own]
     added = catalog.add_copies(record.id, rows)
     if added:
         log.info("catalog rebuild: added %d copies on %s to backup %s", added, destination, record.id)

@@ -22,22 +22,25 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import posixpath
 import shlex
 import threading
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
 from docker.types import Mount
 
-from backupd.catalog import DELETED, STORED, ArtifactView, Catalog
-from backupd.config import Config, LocalDestination, S3Destination
+from backupd.catalog import BACKUP_ID_RE, DELETED, STORED, SUCCEEDED, ArtifactView, Catalog
+from backupd.config import Config, LocalDestination, S3Destination, SftpDestination
 from backupd.artifact import Cancelled, SourceOpener
 from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, FedHelper, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
 from backupd.names import encode_name
+from backupd.redaction import remember
 from backupd.storage import Store
 from backupd.storage.base import REPOSITORY_ROOT
 
@@ -54,15 +57,16 @@ REPOSITORY_POINT = "/repository"
 CACHE_VOLUME = "backupd-restic-cache"
 CACHE_POINT = "/cache"
 SNAPSHOT_HOST = "backupd"  # restic's --host: snapshots do not depend on the helper's random hostname
-# Removes the locks a dead run left (see the module doc), then runs restic with the given arguments.
-SESSION = 'restic unlock --remove-all --quiet && exec restic "$@"'
-# The same for a local repository, where a look at its locks directory saves a restic start (and
-# its key derivation) when there is none to remove: the common case.
-LOCAL_SESSION = ('{ [ -z "$(ls -A "$RESTIC_REPOSITORY/locks" 2>/dev/null)" ] || restic unlock --remove-all --quiet; } '
-                 '&& exec restic "$@"')
+# Files a helper makes from its environment before restic starts (an SFTP repository's ssh key
+# and known host), on a tmpfs: they never reach a disk and vanish with the helper.
+SECRETS_POINT = "/run/backupd"
+SECRETS_TMPFS = {SECRETS_POINT: "size=1m,mode=0700"}
+SSH_KEY, KNOWN_HOSTS = "ssh_key", "known_hosts"
 # A backup into a local repository creates it first when its config is missing (looked at from
 # inside the helper: restic makes its files readable by root only, and backupd's sidecar is not root).
-CREATE_LOCAL = 'test -e "$RESTIC_REPOSITORY/config" || restic init --quiet || exit 1; '
+# One that receives copies takes the chunker parameters of the repository it copies from, so
+# that backups made into it directly later still deduplicate against what was copied.
+CREATE_LOCAL = 'test -e "$RESTIC_REPOSITORY/config" || restic init --quiet {} || exit 1; '
 
 
 class RepositoryError(BackupdError):
@@ -94,10 +98,18 @@ class Repository:
     env: dict[str, str] = field(default_factory=dict, repr=False)  # credentials: never logged
     network: str | None = None
     password: str = field(default="", repr=False)
+    options: tuple[str, ...] = ()  # restic's global options (-o ...): never secrets
+    files: tuple[tuple[str, str], ...] = ()  # (variable of `env`, file under SECRETS_POINT) to make first
+
+    @property
+    def local(self) -> bool:
+        """On a bind mount (a local destination), rather than reached over the network."""
+        return self.location == REPOSITORY_POINT
 
 
 def open_repository(config: Config, host: DockerHost, job: str, destination: str) -> Repository:
-    """The repository of a job on a destination (not contacted yet)."""
+    """The repository of a job on a destination (not contacted yet, but for an SFTP server's
+    host key)."""
     spec = config.destinations[destination]
     key = repository_key(job)
     password = config.repository_password(job, destination).get_secret_value()
@@ -117,18 +129,57 @@ def open_repository(config: Config, host: DockerHost, job: str, destination: str
             env["AWS_SECRET_ACCESS_KEY"] = spec.secret_access_key.get_secret_value()
         if spec.region:
             env["AWS_DEFAULT_REGION"] = spec.region
-        return Repository(destination, key, f"s3:{endpoint}/{path}", (), env, _network(host, endpoint),
-                          password)
+        return Repository(destination, key, f"s3:{endpoint}/{path}", (), env,
+                          _network(host, urlparse(endpoint).hostname or ""), password)
+    if isinstance(spec, SftpDestination):
+        return _sftp_repository(destination, spec, key, host, password)
     raise ConfigError(f"destinations.{destination}: type {spec.type} cannot hold a repository yet")
 
 
-def _network(host: DockerHost, endpoint: str) -> str:
+def _sftp_repository(destination: str, spec: SftpDestination, key: str, host: DockerHost,
+                     password: str) -> Repository:
+    """restic's sftp backend runs OpenSSH's ssh in the helper. ssh trusts exactly the host key
+    backupd's own SFTP client has verified (known_hosts or the pinned fingerprint) and nothing
+    else; the private key and that known host reach the helper in its environment and become
+    files on its tmpfs. No secret is in the command line."""
+    from backupd.storage.sftp import SftpStore
+
+    if spec.key_file is None:  # refused when the config was loaded; a guard for callers that skip it
+        raise ConfigError(f"destinations.{destination}.key_file: format: repository logs in to SFTP with a key")
+    store = SftpStore(destination, spec)
+    try:
+        server_key = store.host_key()
+    finally:
+        store.close()
+    try:
+        private_key = spec.key_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"destinations.{destination}.key_file: cannot read {spec.key_file}: {exc.strerror}") from None
+    remember(private_key.strip())
+    known = spec.host if spec.port == 22 else f"[{spec.host}]:{spec.port}"
+    algorithms = server_key.get_name()
+    if algorithms == "ssh-rsa":  # the key type of RSA keys; OpenSSH signs with SHA-2 now
+        algorithms = "rsa-sha2-512,rsa-sha2-256,ssh-rsa"
+    ssh = ["ssh", "-F", "/dev/null", "-i", f"{SECRETS_POINT}/{SSH_KEY}",
+           "-o", f"UserKnownHostsFile={SECRETS_POINT}/{KNOWN_HOSTS}", "-o", "GlobalKnownHostsFile=/dev/null",
+           "-o", "StrictHostKeyChecking=yes", "-o", f"HostKeyAlgorithms={algorithms}",
+           "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ServerAliveInterval=30",
+           "-p", str(spec.port), "-l", spec.user, spec.host, "-s", "sftp"]
+    root = spec.path.rstrip("/") or "/"
+    path = posixpath.normpath(posixpath.join(root, key))
+    env = {"BACKUPD_SSH_KEY": private_key,
+           "BACKUPD_KNOWN_HOSTS": f"{known} {server_key.get_name()} {server_key.get_base64()}"}
+    return Repository(destination, key, f"sftp:{spec.user}@{spec.host}:{path}", (), env,
+                      _network(host, spec.host), password, ("-o", f"sftp.command={' '.join(ssh)}"),
+                      (("BACKUPD_SSH_KEY", SSH_KEY), ("BACKUPD_KNOWN_HOSTS", KNOWN_HOSTS)))
+
+
+def _network(host: DockerHost, hostname: str) -> str:
     """A network from which the helper reaches what backupd reaches: backupd's own (in a
     container), else the host's (a CLI on the host, e.g. an endpoint on 127.0.0.1)."""
     own = host.own_container()
     if own is not None:
         return f"container:{own.id}"
-    hostname = urlparse(endpoint).hostname or ""
     try:
         loopback = ipaddress.ip_address(hostname).is_loopback
     except ValueError:
@@ -151,28 +202,68 @@ class Restic:
                               "(it needs restic and glibc)") from None
 
     def _session(self, repo: Repository, args: list[str], mounts: Iterable[Mount] = (), create: bool = False,
+                 unlock: bool = True, then: list[str] | None = None,
                  discard: bool = False) -> tuple[list[str], list[Mount], dict[str, Any]]:
-        """The helper's command, mounts and options for one restic session on the repository."""
-        session = ((CREATE_LOCAL if create and repo.mounts else "") + (LOCAL_SESSION if repo.mounts else SESSION)
-                   + (" >/dev/null" if discard else ""))
+        """The helper's command, mounts and options for one restic session on the repository
+        (see `run`); with `discard`, restic's stdout is thrown away inside the helper."""
+        restic = shlex.join(["restic", *repo.options])
+        session = "umask 077 && " + "".join(f'printf "%s\\n" "${var}" >{SECRETS_POINT}/{name} && '
+                                            for var, name in repo.files)
+        if create and repo.local:
+            session += CREATE_LOCAL.format("--copy-chunker-params" if "RESTIC_FROM_REPOSITORY" in repo.env else "")
+        if unlock and repo.local:  # a look at its locks saves a restic start (and key derivation) when none
+            session += f'{{ [ -z "$(ls -A "$RESTIC_REPOSITORY/locks" 2>/dev/null)" ] || {restic} unlock --remove-all --quiet; }} && '
+        elif unlock:
+            session += f"{restic} unlock --remove-all --quiet && "
+        session += f'{restic} "$@" && exec {restic} {shlex.join(then)}' if then else f'exec {restic} "$@"'
+        if discard:
+            session += " >/dev/null"
         env = {"RESTIC_REPOSITORY": repo.location, "RESTIC_PASSWORD": repo.password,
                "RESTIC_CACHE_DIR": CACHE_POINT, **repo.env}
         cache = Mount(CACHE_POINT, CACHE_VOLUME, type="volume")
         log.debug("restic %s on %s", shlex.join(args), repo.destination)
         options = {"caps": REPOSITORY_CAPS, "image": self.image, "environment": env, "network": repo.network,
-                   "hostname": SNAPSHOT_HOST}
+                   "hostname": SNAPSHOT_HOST, "tmpfs": SECRETS_TMPFS if repo.files else None}
         return ["sh", "-c", session, "sh", *args], [*repo.mounts, cache, *mounts], options
 
     def run(self, repo: Repository, args: list[str], purpose: str, mounts: Iterable[Mount] = (),
-            create: bool = False, discard: bool = False) -> str:
-        """restic ARGS on the repository after removing dead runs' locks; stdout, or RepositoryError.
-        With `create`, a local repository that does not exist yet is initialised first; with
-        `discard`, stdout is thrown away inside the helper (a read that only proves data)."""
-        command, all_mounts, options = self._session(repo, args, mounts, create, discard)
+            create: bool = False, unlock: bool = True, then: list[str] | None = None, discard: bool = False) -> str:
+        """restic ARGS on the repository after removing dead runs' locks (see the module doc);
+        stdout, or RepositoryError. With `create`, a local repository that does not exist yet is
+        initialised first; `then`: restic's arguments for a second command in the same helper;
+        `discard`: stdout is thrown away inside the helper (a read that only proves data)."""
+        command, all_mounts, options = self._session(repo, args, mounts, create, unlock, then, discard)
         try:
             return self.host.run_helper(command, all_mounts, purpose, **options)
         except HelperError as exc:
             raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
+
+    def exists(self, repo: Repository, store: Store) -> bool:
+        """Does the repository's config object exist? A local one is looked at by a helper
+        (see CREATE_LOCAL)."""
+        if not repo.local:
+            return store.stat(f"{repo.key}/config") is not None
+        out = self.host.run_helper(["sh", "-c", f'test -e "{REPOSITORY_POINT}/config" && echo yes || echo no'],
+                                   [*repo.mounts], f"repository {repo.key}", caps=REPOSITORY_CAPS,
+                                   image=self.image)
+        return out.strip() == "yes"
+
+    def init_if_missing(self, repo: Repository, store: Store) -> None:
+        """`restic init` a remote repository whose config object does not exist yet (a local one
+        is created by its first backup's helper, which saves a helper start per run)."""
+        if repo.local or store.stat(f"{repo.key}/config") is not None:
+            return
+        log.info("creating repository %s on %s", repo.key, repo.destination)
+        self.run(repo, ["init", "--quiet"], f"init of {repo.key}", unlock=False)
+
+    def backup(self, repo: Repository, source: VolumeSource, job: str, backup_id: str) -> dict[str, Any]:
+        """Snapshot one volume; restic's JSON summary (snapshot_id, data_added, total_bytes_processed)."""
+        out = self.run(repo, ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST,
+                              "--tag", f"backupd,job={job},backup={backup_id}", source_path(source.name)],
+                       f"backup of {source.kind} '{source.source}'",
+                       [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)],
+                       create=True)
+        return _summary(repo, out)
 
     def backup_input(self, repo: Repository, path: str, job: str, backup_id: str,
                      purpose: str) -> AbstractContextManager[FedHelper]:
@@ -199,35 +290,18 @@ class Restic:
         with self.host.helper_output(command, mounts, f"dump of {path} from {snapshot_id}", **options) as chunks:
             yield checked(chunks)
 
-    def exists(self, repo: Repository, store: Store) -> bool:
-        """Does the repository's config object exist? A local one is looked at by a helper
-        (see CREATE_LOCAL)."""
-        if not repo.mounts:
-            return store.stat(f"{repo.key}/config") is not None
-        out = self.host.run_helper(["sh", "-c", f'test -e "{REPOSITORY_POINT}/config" && echo yes || echo no'],
-                                   [*repo.mounts], f"repository {repo.key}", caps=REPOSITORY_CAPS,
-                                   image=self.image)
-        return out.strip() == "yes"
-
-    def init_if_missing(self, repo: Repository, store: Store) -> None:
-        """`restic init` a remote repository whose config object does not exist yet (a local one
-        is created by its first backup's helper, which saves a helper start per run)."""
-        if repo.mounts or store.stat(f"{repo.key}/config") is not None:
-            return
-        log.info("creating repository %s on %s", repo.key, repo.destination)
-        self.host.run_helper(["restic", "init", "--quiet"], [*repo.mounts], f"init of {repo.key}",
-                             caps=REPOSITORY_CAPS, image=self.image, environment={"RESTIC_REPOSITORY": repo.location,
-                                                            "RESTIC_PASSWORD": repo.password, **repo.env},
-                             network=repo.network, hostname=SNAPSHOT_HOST)
-
-    def backup(self, repo: Repository, source: VolumeSource, job: str, backup_id: str) -> dict[str, Any]:
-        """Snapshot one volume; restic's JSON summary (snapshot_id, data_added, total_bytes_processed)."""
-        out = self.run(repo, ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST,
-                              "--tag", f"backupd,job={job},backup={backup_id}", source_path(source.name)],
-                       f"backup of {source.kind} '{source.source}'",
-                       [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)],
-                       create=True)
-        return _summary(repo, out)
+    def copy(self, session: Repository, snapshot_ids: list[str], backup_id: str) -> dict[str, str]:
+        """`restic copy` snapshots into the repository of a copy_session; which snapshot each
+        became there (by the source's id). Snapshots copied before are not copied again."""
+        out = self.run(session, ["copy", "--quiet", *snapshot_ids], f"copy to {session.key}", create=True,
+                       then=["snapshots", "--json", "--tag", f"backup={backup_id}"])
+        listed = next((line for line in reversed(out.splitlines()) if line.startswith("[")), "[]")
+        made = {}
+        for snap in json.loads(listed):
+            for original in snapshot_ids:
+                if str(snap.get("original", "")).startswith(original):
+                    made[original] = snap["short_id"]
+        return made
 
     def restore(self, repo: Repository, snapshot_id: str, name: str, volume: str) -> None:
         """Restore a volume's snapshot into a volume mounted where it was read from."""
@@ -266,11 +340,44 @@ def input_path(kind: str, name: str) -> str:
     return f"/{kind}-{encode_name(name)}"
 
 
-class SnapshotWriter:
-    """One run's repositories: opened (and created) once, each volume snapshotted into each.
+# Where a helper that copies between repositories sees a local source repository.
+SOURCE_REPOSITORY_POINT = "/from-repository"
+Snapshot = tuple[str, int | None, int]  # snapshot id, bytes it added (None: not known), bytes it holds
 
-    A destination whose repository cannot be opened fails its copies with that reason and is
-    not tried again in this run; the others carry on (the run is then partial).
+
+def copy_session(source: Repository, target: Repository) -> Repository | None:
+    """`target` as a helper sees it that also reaches `source` as the source of `restic copy`;
+    None when one helper cannot reach both (restic takes one set of S3 credentials, one ssh
+    command and one network per process)."""
+    env = dict(target.env)
+    for name, value in source.env.items():
+        if env.setdefault(name, value) != value:
+            return None
+    if source.network and target.network and source.network != target.network:
+        return None
+    if source.options and target.options and source.options != target.options:
+        return None
+    location, mounts = source.location, []
+    for mount in source.mounts:  # a local source moves aside: the target may be local too
+        mounts.append(Mount(SOURCE_REPOSITORY_POINT, mount["Source"], type="bind"))  # restic locks it: writable
+        location = SOURCE_REPOSITORY_POINT
+    env.update(RESTIC_FROM_REPOSITORY=location, RESTIC_FROM_PASSWORD=source.password)
+    return Repository(target.destination, target.key, target.location, (*target.mounts, *mounts), env,
+                      target.network or source.network, target.password, target.options or source.options,
+                      tuple(dict.fromkeys((*target.files, *source.files))))
+
+
+class SnapshotWriter:
+    """One run's repositories, opened (and created) once; each volume is read once.
+
+    Each volume is backed up into the primary repository (the first local destination, else the
+    first reachable one). After every volume is read (and stopped containers run again),
+    `finish` copies the run's snapshots from there to the other repositories with `restic copy`
+    and records every copy. A repository one helper cannot reach together with the primary
+    gets its own backup of each volume instead, as does every repository for a volume whose
+    backup into the primary failed. A destination whose repository cannot be opened fails its
+    copies with that reason and is not tried again in this run; the others carry on (the run
+    is then partial).
     """
 
     def __init__(self, config: Config, host: DockerHost, job: str, stores: dict[str, Store]) -> None:
@@ -286,30 +393,90 @@ class SnapshotWriter:
             except Exception as exc:  # noqa: BLE001 - one destination must not sink the others
                 self.broken[dest] = str(exc)
                 log.error("repository of job %s on %s is unusable: %s", job, dest, exc)
+        order = sorted(self.repos, key=lambda d: not self.repos[d].local)  # local ones first, else as listed
+        self.primary = order[0] if order else None
+        self.sessions: dict[str, Repository] = {}  # destination -> helper view for copies from the primary
+        self.direct: list[str] = []  # destinations backed up directly
+        for dest in order[1:]:
+            session = copy_session(self.repos[order[0]], self.repos[dest])
+            if session is None:
+                self.direct.append(dest)
+            else:
+                self.sessions[dest] = session
+        self.pending: list[tuple[int, dict[str, Snapshot], dict[str, str]]] = []
 
-    def snapshot(self, catalog: Catalog, backup_id: str, source: VolumeSource) -> str:
-        """Back up one volume into every repository; record one artifact, a copy per destination."""
+    def snapshot(self, catalog: Catalog, backup_id: str, source: VolumeSource) -> None:
+        """Back up one volume into the primary repository (and those it cannot be copied to);
+        its artifact is recorded when `finish` has copied it."""
         keys = {d: repository_key(self.job) for d in [*self.repos, *self.broken]}
         art_id = catalog.add_artifact(backup_id, "volume", source.name, f"{source.kind}:{source.source}",
                                       FORMAT, FORMAT, keys)
-        snapshots: dict[str, tuple[str, int, int]] = {}
+        snapshots: dict[str, Snapshot] = {}
         errors = dict(self.broken)
         try:
-            for dest, repo in self.repos.items():
-                try:
-                    summary = self.restic.backup(repo, source, self.job, backup_id)
-                except BackupdError as exc:
-                    errors[dest] = str(exc)
-                    log.error("volume %s to %s failed: %s", source.name, dest, exc)
-                    continue
-                snapshots[dest] = (summary["snapshot_id"], int(summary.get("data_added", 0)),
-                                   int(summary.get("total_bytes_processed", 0)))
-                log.info("volume %s: snapshot %s on %s, %d bytes added of %d", source.name,
-                         summary["snapshot_id"], dest, snapshots[dest][1], snapshots[dest][2])
+            targets = [self.primary, *self.direct] if self.primary else []
+            for dest in targets:
+                self._backup(dest, source, backup_id, snapshots, errors)
+            if self.primary is not None and self.primary not in snapshots:
+                for dest in self.sessions:  # nothing to copy from: each reads the volume itself
+                    self._backup(dest, source, backup_id, snapshots, errors)
         except BaseException as exc:
             catalog.fail_artifact(art_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
             raise
-        return catalog.finish_snapshots(art_id, snapshots, errors)
+        self.pending.append((art_id, snapshots, errors))
+
+    def _backup(self, dest: str, source: VolumeSource, backup_id: str, snapshots: dict[str, Snapshot],
+                errors: dict[str, str]) -> None:
+        try:
+            summary = self.restic.backup(self.repos[dest], source, self.job, backup_id)
+        except BackupdError as exc:
+            errors[dest] = str(exc)
+            log.error("volume %s to %s failed: %s", source.name, dest, exc)
+            return
+        snapshots[dest] = (summary["snapshot_id"], int(summary.get("data_added", 0)),
+                           int(summary.get("total_bytes_processed", 0)))
+        log.info("volume %s: snapshot %s on %s, %d bytes added of %d", source.name, summary["snapshot_id"],
+                 dest, snapshots[dest][1], snapshots[dest][2])
+
+    def finish(self, catalog: Catalog, backup_id: str) -> None:
+        """Copy the run's snapshots from the primary to the other repositories (one `restic copy`
+        per repository), then record every artifact with each destination's snapshot or error."""
+        try:
+            for dest, session in self.sessions.items():
+                todo = [(snaps, errs) for _, snaps, errs in self.pending
+                        if self.primary in snaps and dest not in snaps and dest not in errs]
+                if not todo:
+                    continue
+                assert self.primary is not None
+                originals = [snaps[self.primary][0] for snaps, _ in todo]
+                try:
+                    made = self.restic.copy(session, originals, backup_id)
+                except BackupdError as exc:
+                    log.error("copy of backup %s to %s failed: %s", backup_id, dest, exc)
+                    made, failure = {}, str(exc)
+                else:
+                    failure = "restic copy made no snapshot of it"
+                for snaps, errs in todo:
+                    original = snaps[self.primary]
+                    if original[0] in made:
+                        snaps[dest] = (made[original[0]], None, original[2])
+                    else:
+                        errs[dest] = failure
+                log.info("copied %d snapshot(s) of backup %s from %s to %s", len(made), backup_id,
+                         self.primary, dest)
+        except BaseException as exc:
+            self.abandon(catalog, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+            raise
+        for art_id, snaps, errs in self.pending:
+            catalog.finish_snapshots(art_id, snaps, errs)
+        self.pending = []
+
+    def abandon(self, catalog: Catalog, reason: str) -> None:
+        """The run stops before `finish`: record the snapshots made so far, the rest failed."""
+        for art_id, snaps, errs in self.pending:
+            catalog.finish_snapshots(art_id, snaps, {**{d: reason for d in self.repos}, **errs})
+        self.pending = []
+
 
     def stream(self, catalog: Catalog, backup_id: str, kind: str, name: str, source: str,
                open_source: SourceOpener, cancel: threading.Event | None = None) -> str:
@@ -523,6 +690,56 @@ def compact_job(config: Config, host: DockerHost, job: str, stores: dict[str, St
         freed = [line.strip() for line in out.splitlines() if "this removes" in line or "remaining" in line]
         done.append(f"{dest}: repository compacted" + (f" ({'; '.join(freed)})" if freed else ""))
     return done
+
+
+def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, job: str,
+                            destination: str) -> tuple[list[str], list[str]]:
+    """`catalog rebuild` for a repository job: re-create its backups from the snapshots in its
+    repository on one destination. Returns (imported ids, ids already in the catalog).
+
+    backupd tags every snapshot `backupd,job=J,backup=ID` and reads each volume at
+    /data/<name>, so a snapshot names its job, run and volume; the run's start time is in its
+    id. Snapshots of one run become one backup, `succeeded`, with one artifact per volume and
+    a stored copy on this destination (size unknown: restic keeps no summary in 0.14). A run
+    the catalog already holds gains this destination's snapshot of each volume it knows.
+    Snapshots made otherwise (another job, by hand) are left out, each with a warning.
+    """
+    restic = Restic(host, config)
+    repo = open_repository(config, host, job, destination)
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for snap in restic.snapshots(repo):
+        tags = snap.get("tags") or []
+        backup_id = next((t.partition("=")[2] for t in tags if t.startswith("backup=")), "")
+        paths = snap.get("paths") or []
+        name = paths[0][len(SOURCE_ROOT) + 1:] if len(paths) == 1 and paths[0].startswith(SOURCE_ROOT + "/") else ""
+        if "backupd" not in tags or f"job={job}" not in tags or not BACKUP_ID_RE.fullmatch(backup_id) \
+                or not name or "/" in name:
+            log.warning("catalog rebuild: snapshot %s in %s on %s was not made by backupd for job %s: left out",
+                        snap.get("short_id"), repo.key, destination, job)
+            continue
+        runs.setdefault(backup_id, {}).setdefault(name, snap)
+    imported, skipped = [], []
+    key = repository_key(job)
+    for backup_id, volumes in sorted(runs.items()):
+        started = datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        artifacts = [{"kind": "volume", "name": name, "source": "", "compression": FORMAT, "encryption": FORMAT,
+                      "status": SUCCEEDED, "size": None, "sha256": None,
+                      "destinations": [{"destination": destination, "key": key, "status": STORED,
+                                        "snapshot_id": snap["short_id"]}]}
+                     for name, snap in sorted(volumes.items())]
+        data = {"id": backup_id, "job": job, "status": SUCCEEDED, "started_at": started.isoformat(),
+                "finished_at": max(str(s.get("time", "")) for s in volumes.values()) or None,
+                "host": "", "artifacts": artifacts}
+        if catalog.import_backup(data):
+            imported.append(backup_id)
+            continue
+        skipped.append(backup_id)
+        known = {a.name for a in catalog.get(backup_id).artifacts if a.kind == "volume"}
+        added = catalog.add_copies(backup_id, [("volume", name, destination, key, STORED, None, snap["short_id"])
+                                               for name, snap in volumes.items() if name in known])
+        if added:
+            log.info("catalog rebuild: added %d snapshot(s) on %s to backup %s", added, destination, backup_id)
+    return imported, skipped
 
 
 READ_DATA_SUBSET = "10%"  # what `verify` reads back of each repository's data, chosen at random by restic

@@ -54,7 +54,7 @@ class RunResult:
 def make_plan(config: Config, job_name: str, host: DockerHost) -> Plan:
     """Resolve names and open destinations; raises before any side effect."""
     job = config.job(job_name)
-    volumes = host.resolve_volumes(job_name, list(job.volumes))
+    volumes = host.resolve_volumes(job_name, list(job.volumes), job.exclude)
     if volumes and job.format != "repository":  # restic's helper reads a repository job's volumes
         host.check_helper_image()
         host.fifo_dir()  # an unsafe named-pipe directory fails the plan, not each volume
@@ -97,12 +97,13 @@ def run_backup(
     where = f"jobs.{job_name}"
     repository = config.jobs[job_name].format == "repository"
 
-    def store(kind: str, name: str, source: str, opener: Any) -> None:
+    def store(kind: str, name: str, source: str, opener: Any, excludes: tuple[str, ...] = ()) -> None:
         try:
             store_artifact(catalog=catalog, backup_id=backup_id, job=job_name, kind=kind, name=name,
                            source=source, open_source=opener, stores=plan.stores,
                            compression=compression, encryption=encryption, cancel=cancel,
-                           check_tar=kind == "volume")  # judged now as restore will judge it
+                           check_tar=kind == "volume",  # judged now as restore will judge it
+                           excludes=excludes)
         except Cancelled:
             raise
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
@@ -118,10 +119,10 @@ def run_backup(
 
     errors: list[str] = []
     warnings: list[str] = []
+    snapshots = None
     try:
         logger.info("step 1/6: before hooks (%d)", len(hooks.before))
         warnings += run_hooks(hooks.before, "before", host, where)
-        snapshots = None
         if repository:  # repositories opened (and created) before anything stops
             from backupd.repository import SnapshotWriter
 
@@ -145,7 +146,8 @@ def run_backup(
                     if snapshots is not None:
                         snapshots.snapshot(catalog, backup_id, src)
                     else:
-                        store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src))
+                        store("volume", src.name, f"{src.kind}:{src.source}", lambda src=src: host.tar_stream(src),
+                              src.exclude)
                 logger.info("step 5/6: start containers")
         finally:
             if plan.stop:
@@ -153,8 +155,12 @@ def run_backup(
                 catalog.set_downtime(backup_id, downtime)
                 logger.info("containers were stopped for %.1f s", downtime)
         errors += restart_problems
+        if snapshots is not None:  # the volumes are read: copies to the other repositories need no downtime
+            snapshots.finish(catalog, backup_id)
     except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
         errors.append(str(exc) or type(exc).__name__)
+        if snapshots is not None:
+            snapshots.abandon(catalog, str(exc) or type(exc).__name__)
         if not isinstance(exc, Exception):
             _after_hooks(hooks.after, host, where, errors, warnings, logger)
             catalog.add_warnings(backup_id, warnings)

@@ -4,7 +4,8 @@ Run as root beside a Docker engine (see benchmarks/run). Builds a test volume,
 then measures on the same data: backupd backup/restore, the tutorial recipe
 (docker run ... tar czf / tar xzf), the limit (host tar | zstd -T0 -1, and a
 pure tar read), restic and borg. Prints a table and ratios, writes JSON.
-Also: backupd's peak memory at 1x and 5x the data, and catalog scale.
+Also: backupd's peak memory at 1x and 5x the data, catalog scale, and the
+off-site destinations (benchmarks/offsite.py; `--offsite-only` runs them alone).
 """
 
 from __future__ import annotations
@@ -447,10 +448,19 @@ def main() -> int:
     parser.add_argument("--repository-only", action="store_true",
                         help="only repository mode (format: repository) side by side with restic itself")
     parser.add_argument("--runs", type=int, default=10, help="repository mode: backups after 1%% changes")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "latest.json"))
+    parser.add_argument("--offsite-only", action="store_true",
+                        help="only the off-site figures (S3 against boto3 upload_file, with and without "
+                             "latency; SFTP against scp; leftovers after SIGKILLs)")
+    parser.add_argument("--skip-offsite", action="store_true", help="skip the off-site figures")
+    parser.add_argument("--offsite-size", default="1G", help="test volume size for the off-site figures")
+    parser.add_argument("--kills", type=int, default=15, help="SIGKILLs before the good run (off-site figures)")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default benchmarks/results/latest.json, "
+                             "or offsite-latest.json with --offsite-only)")
     args = parser.parse_args()
-    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
-    total = int(float(args.size[:-1]) * units[args.size[-1].upper()]) if args.size[-1].isalpha() else int(args.size)
+    args.json = args.json or str(REPO / "benchmarks" / "results" /
+                                 ("offsite-latest.json" if args.offsite_only else "latest.json"))
+    total = parse_size(args.size)
     python = sys.executable
     client = docker.from_env(timeout=600)
     work = Path(tempfile.mkdtemp(prefix="backupd-bench-"))
@@ -458,6 +468,17 @@ def main() -> int:
     volumes = [volume]
     report: dict = {"machine": machine(), "size": args.size, "started": datetime.now(timezone.utc).isoformat()}
     print(f"machine: {report['machine']}")
+    if args.offsite_only:
+        try:
+            root, data = build_volume(client, volume, parse_size(args.offsite_size), args.small_files)
+            print(f"volume {volume}: {data / MiB:.0f} MiB, {args.small_files} small files\n")
+            results, ratios, report["offsite"] = measure_offsite(python, work / "offsite", volume, data,
+                                                                 args.repeat, args.kills)
+            finish(results, ratios, report, args.json)
+            return 0
+        finally:
+            client.volumes.get(volume).remove(force=True)
+            shutil.rmtree(work, ignore_errors=True)
     if args.catalog_only:
         try:
             cat = measure_catalog_scale(python, work)
@@ -493,6 +514,12 @@ def main() -> int:
         results += [b_backup, b_restore, r_backup, r_restore, l_zstd, l_read, l_unpack]
         if not args.skip_peers:
             results += measure_peers(root, work, data)
+        offsite: list[tuple] = []
+        if not args.skip_offsite:
+            print("\noff-site destinations...")
+            off_results, offsite, report["offsite"] = measure_offsite(python, work / "offsite", volume, data,
+                                                                      args.repeat, args.kills)
+            results += off_results
         # (figure, value, target, True if higher is better)
         ratios = [
             ("backup speed vs recipe", r_backup.seconds / b_backup.seconds, 3, True),
@@ -516,24 +543,13 @@ def main() -> int:
             ratios.append(("peak memory growth at 5x data, MB",
                            (big_backup.peak_rss_mb or 0) - (b_backup.peak_rss_mb or 0), 20, False))
             report["catalog"] = measure_catalog_scale(python, work)
-        print("\n" + table(results))
-        print()
         if "catalog" in report:
             cat = report["catalog"]
             ratios += [("catalog of 100k: list --job seconds", cat["list_seconds"], 1, False),
                        ("catalog of 100k: prune --dry-run seconds", cat["prune_dry_run_seconds"], 2, False),
                        ("catalog of 100k: /healthz ms per request", cat["healthz_ms"], 50, False),
                        ("catalog of 100k: /metrics ms per request", cat["metrics_ms"], 50, False)]
-        for name, value, target, higher in ratios:
-            verdict = "" if target is None else (
-                f"target {'>=' if higher else '<='} {target}: "
-                + ("met" if (value >= target if higher else value <= target) else "MISSED"))
-            print(f"  {name:<58} {value:7.2f}  {verdict}")
-        report["results"] = [asdict(r) | {"mib_s": r.mib_s} for r in results]
-        report["ratios"] = [{"figure": n, "value": v, "target": t, "higher_is_better": h} for n, v, t, h in ratios]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"\nresults written to {args.json}")
+        finish(results, ratios + offsite, report, args.json)
         return 0
     finally:
         for name in volumes:
@@ -542,6 +558,33 @@ def main() -> int:
             except docker.errors.NotFound:
                 pass
         shutil.rmtree(work, ignore_errors=True)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].isalpha() else int(text)
+
+
+def measure_offsite(python: str, work: Path, volume: str, data: int, repeat: int, kills: int):
+    from offsite import measure_offsite as measure
+
+    return measure(python, work, volume, data, repeat, kills)
+
+
+def finish(results: list[Result], ratios: list[tuple], report: dict, path: str) -> None:
+    """Print the table and each figure against its target; write everything as JSON."""
+    print("\n" + table(results))
+    print()
+    for name, value, target, higher in ratios:
+        verdict = "" if target is None else (
+            f"target {'>=' if higher else '<='} {target}: "
+            + ("met" if (value >= target if higher else value <= target) else "MISSED"))
+        print(f"  {name:<66} {value:7.2f}  {verdict}")
+    report["results"] = [asdict(r) | {"mib_s": r.mib_s} for r in results]
+    report["ratios"] = [{"figure": n, "value": v, "target": t, "higher_is_better": h} for n, v, t, h in ratios]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+    print(f"\nresults written to {path}")
 
 
 def table(results: list[Result]) -> str:

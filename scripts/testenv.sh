@@ -5,7 +5,7 @@
 #   install       Debian packages (Docker engine and Compose, busybox-static, debootstrap, OpenSSH, zstd, age, pigz, peers)
 #   dockerd       start the Docker engine if it does not answer (no systemd on these machines)
 #   helper-image  backupd-helper:test = static busybox + the host's GNU tar (no registry needed)
-#   db-image      dbbase:test = Debian bookworm with PostgreSQL 15, MariaDB, python3 (debootstrap, cached)
+#   db-image      dbbase:test = Debian bookworm with PostgreSQL 15, MariaDB, Redis, python3 (debootstrap, cached)
 #   base-image    backupd-base:test = Debian bookworm with python3 + venv: the Dockerfile's base in tests
 #                 (stands in for python:3.11-slim, which no registry serves here)
 #   all           all of the above, in that order
@@ -18,16 +18,16 @@ DB_IMAGE=${DB_IMAGE:-dbbase:test}
 BASE_IMAGE=${BASE_IMAGE:-backupd-base:test}
 CACHE=${TESTENV_CACHE:-/var/cache/backupd-test}
 # restic, borgbackup: peers for benchmarks/; python3-venv: .ci/run's venv if python3 is Debian's.
-# postgresql-client: pg_dump for databases reached over the network (host: entries).
+# postgresql-client, redis-tools: pg_dump and redis-cli for databases reached over the network (host: entries).
 APT_PACKAGES=(docker.io docker-compose busybox-static debootstrap openssh-server openssh-client zstd age pigz time
-              restic borgbackup python3-venv postgresql-client)
-DB_PACKAGES=postgresql-15,mariadb-server,python3
+              restic borgbackup python3-venv postgresql-client redis-tools)
+DB_PACKAGES=postgresql-15,mariadb-server,python3,redis-server
 DB_PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 BUSYBOX_APPLETS=(sh find ls cat rm mkdir sleep head echo true false env stat chmod chown wc sync
                  tail cp mv ln touch id gzip gunzip sha256sum dd grep xargs kill printf test du)
 # Bump when the recipe changes: an image or cache built by an older recipe is rebuilt.
 HELPER_RECIPE="helper-v1"
-DB_RECIPE="dbbase-v1:$DB_PACKAGES"   # no spaces: used as a LABEL value
+DB_RECIPE="dbbase-v2:$DB_PACKAGES"   # no spaces: used as a LABEL value
 
 export DEBIAN_FRONTEND=noninteractive
 APT_OPTS=(-o DPkg::Lock::Timeout=600 -q)   # wait for a background apt instead of failing
@@ -148,8 +148,8 @@ do_db_image() {
   log "importing $DB_IMAGE"
   docker import -c "ENV PATH=$DB_PATH" -c 'ENV LANG=C.UTF-8' -c "LABEL backupd.recipe=$DB_RECIPE" \
     "$tarball" "$DB_IMAGE" >/dev/null
-  docker run --rm "$DB_IMAGE" sh -c 'command -v initdb && command -v mariadbd && python3 --version' >&2 \
-    || die "$DB_IMAGE lacks initdb, mariadbd or python3"
+  docker run --rm "$DB_IMAGE" sh -c 'command -v initdb && command -v mariadbd && command -v redis-server && python3 --version' >&2 \
+    || die "$DB_IMAGE lacks initdb, mariadbd, redis-server or python3"
 }
 
 do_base_image() {

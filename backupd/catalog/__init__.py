@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import socket
 from dataclasses import asdict, dataclass
@@ -53,6 +54,9 @@ def new_backup_id(now: datetime) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
+BACKUP_ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")  # what new_backup_id makes (fullmatch)
+
+
 @dataclass(frozen=True)
 class CopyView:
     destination: str
@@ -77,10 +81,13 @@ class ArtifactView:
     sha256: str | None
     error: str | None
     copies: tuple[CopyView, ...]
+    excludes: tuple[str, ...] = ()  # volumes: the patterns left out of the archive
+    file_count: int | None = None  # volumes: members of the archive (None: a dump, or not counted)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["destinations"] = data.pop("copies")
+        data["excludes"] = list(self.excludes)
         del data["id"]
         return data
 
@@ -183,6 +190,8 @@ def _view(row: BackupRow) -> BackupView:
                 error=a.error,
                 copies=tuple(CopyView(c.destination, c.key, c.status, c.error, c.snapshot_id, c.bytes_added,
                                       c.bytes_covered) for c in a.copies),
+                excludes=tuple(json.loads(a.excludes)) if a.excludes else (),
+                file_count=a.file_count,
             )
             for a in row.artifacts
         ),
@@ -252,11 +261,17 @@ def _v6(conn: Connection) -> None:
 
 
 def _v7(conn: Connection) -> None:
+    """Volume archives record their exclude patterns and member count (the shrinkage guard
+    compares file counts too)."""
+    _add_missing_columns(conn, "artifacts", (ArtifactRow.excludes, ArtifactRow.file_count), None)
+
+
+def _v8(conn: Connection) -> None:
     """backups.downtime: how long each run held its stop_containers stopped."""
     _add_missing_columns(conn, "backups", (BackupRow.downtime,), None)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 MIGRATION_LOCK = 0x6261636B757064  # "backupd": PostgreSQL advisory lock key
 
 
@@ -381,11 +396,14 @@ class Catalog:
         compression: str,
         encryption: str | None,
         keys: dict[str, str],
+        excludes: Iterable[str] = (),
     ) -> int:
         """Record an artifact about to be written, with a pending copy per destination."""
+        excludes = list(excludes)
         with self._session.begin() as s:
             art = ArtifactRow(backup_id=backup_id, kind=kind, name=name, source=source,
-                              compression=compression, encryption=encryption, status=RUNNING)
+                              compression=compression, encryption=encryption, status=RUNNING,
+                              excludes=json.dumps(excludes) if excludes else None)
             art.copies = [CopyRow(destination=d, key=k, status=PENDING) for d, k in keys.items()]
             s.add(art)
             s.execute(update(BackupRow).where(BackupRow.id == backup_id)
@@ -395,14 +413,15 @@ class Catalog:
 
     def finish_artifact(
         self, artifact_id: int, size: int, sha256: str, copy_errors: dict[str, str],
-        blocks: tuple[int, bytes] | None = None,
+        blocks: tuple[int, bytes] | None = None, file_count: int | None = None,
     ) -> str:
-        """Record the stored size/hash (and block size and digests); copies without an error are stored."""
+        """Record the stored size/hash (and block size and digests, and a volume's member
+        count); copies without an error are stored."""
         with self._session.begin() as s:
             art = s.get_one(ArtifactRow, artifact_id)
             if art.size is not None:
                 raise BackupdError(f"artifact {artifact_id} of backup {art.backup_id} is already finished")
-            art.size, art.sha256 = size, sha256
+            art.size, art.sha256, art.file_count = size, sha256, file_count
             s.execute(update(BackupRow).where(BackupRow.id == art.backup_id)
                       .values(total_size=BackupRow.total_size + size))
             if blocks is not None:
@@ -418,7 +437,7 @@ class Catalog:
                 art.error = "; ".join(f"{d}: {e}" for d, e in copy_errors.items())
             return art.status
 
-    def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int, int]],
+    def finish_snapshots(self, artifact_id: int, snapshots: dict[str, tuple[str, int | None, int]],
                          copy_errors: dict[str, str]) -> str:
         """Repository mode: record each destination's snapshot (id, bytes added, bytes covered)
         or its error. The artifact's size is the bytes its first snapshot holds (what the
@@ -514,6 +533,20 @@ class Catalog:
                 failed.append(row.id)
         return failed
 
+    def running(self) -> list[tuple[str, str | None, datetime]]:
+        """(id, owner, started) of every backup still recorded running."""
+        with self._session() as s:
+            return [(i, o, t) for i, o, t in s.execute(
+                select(BackupRow.id, BackupRow.owner, BackupRow.started_at).where(BackupRow.status == RUNNING))]
+
+    def known(self, backup_ids: Iterable[str]) -> set[str]:
+        """Which of these backups the catalog has a row for (deleted ones included)."""
+        ids, found = sorted(set(backup_ids)), set()
+        with self._session() as s:
+            for start in range(0, len(ids), 500):  # bound the IN list
+                found.update(s.scalars(select(BackupRow.id).where(BackupRow.id.in_(ids[start:start + 500]))))
+        return found
+
     def refers_to_owner(self, owner_id: str) -> bool:
         """Does a running backup or an unreleased held container still name this owner?"""
         with self._session() as s:
@@ -542,7 +575,8 @@ class Catalog:
                     kind=art["kind"], name=art["name"], source=art.get("source", ""),
                     compression=art["compression"], encryption=art.get("encryption"),
                     status=art["status"], size=art.get("size"), sha256=art.get("sha256"),
-                    error=art.get("error"),
+                    error=art.get("error"), file_count=art.get("file_count"),
+                    excludes=json.dumps(art["excludes"]) if art.get("excludes") else None,
                     copies=[CopyRow(destination=c["destination"], key=c["key"], status=c["status"],
                                     error=c.get("error"), snapshot_id=c.get("snapshot_id"),
                                     bytes_added=c.get("bytes_added"), bytes_covered=c.get("bytes_covered"))
@@ -554,20 +588,22 @@ class Catalog:
                     s.add(ArtifactBlocksRow(artifact_id=art_row.id, block_size=known[0], digests=known[1]))
             return True
 
-    def add_copies(self, backup_id: str, copies: Iterable[tuple[str, str, str, str, str, str | None]]) -> int:
+    def add_copies(self, backup_id: str,
+                   copies: Iterable[tuple[str, str, str, str, str, str | None, str | None]]) -> int:
         """Record more copies of a known backup's artifacts: (kind, name, destination, key,
-        status, error) each. Copies already recorded (same destination and key) are left as
-        they are. Returns how many were added."""
+        status, error, snapshot id or None) each. Copies already recorded (same destination
+        and key) are left as they are. Returns how many were added."""
         added = 0
         with self._session.begin() as s:
             artifacts = {(a.kind, a.name): a for a in s.scalars(
                 select(ArtifactRow).where(ArtifactRow.backup_id == backup_id)
                 .options(selectinload(ArtifactRow.copies)))}
-            for kind, name, destination, key, status, error in copies:
+            for kind, name, destination, key, status, error, snapshot_id in copies:
                 art = artifacts[(kind, name)]
                 if any((c.destination, c.key) == (destination, key) for c in art.copies):
                     continue
-                art.copies.append(CopyRow(destination=destination, key=key, status=status, error=error))
+                art.copies.append(CopyRow(destination=destination, key=key, status=status, error=error,
+                                          snapshot_id=snapshot_id))
                 added += 1
         return added
 
@@ -694,6 +730,21 @@ class Catalog:
                  .order_by(BackupRow.started_at.desc()).limit(count))
         with self.engine.connect() as conn:
             return [size for (size,) in conn.execute(query)]
+
+    def recent_file_counts(self, job: str, before: datetime, count: int) -> list[int]:
+        """Members of the volume archives of the job's `count` newest trusted successes started
+        before `before` that counted them (newest first): the shrinkage guard's other yardstick."""
+        recent = (select(BackupRow.id, BackupRow.started_at)
+                  .where(*_listed(job), BackupRow.status == SUCCEEDED, BackupRow.suspicion.is_(None),
+                         BackupRow.started_at < before,
+                         select(ArtifactRow.id).where(ArtifactRow.backup_id == BackupRow.id,
+                                                      ArtifactRow.file_count.is_not(None)).exists())
+                  .order_by(BackupRow.started_at.desc()).limit(count).subquery())
+        query = (select(func.sum(ArtifactRow.file_count))
+                 .join(recent, recent.c.id == ArtifactRow.backup_id)
+                 .group_by(recent.c.id, recent.c.started_at).order_by(recent.c.started_at.desc()))
+        with self.engine.connect() as conn:
+            return [int(n) for (n,) in conn.execute(query)]
 
     def set_suspicion(self, backup_id: str, reason: str | None) -> None:
         """Flag a backup as suspicious (with why), or clear the flag (`backupd accept`)."""

@@ -62,7 +62,7 @@ class BackupRow(Base):
     warnings: Mapped[str | None] = mapped_column(RedactedText, nullable=True)  # JSON list (v4)
     # Why a succeeded backup looks too small to trust (v5); cleared by `backupd accept`.
     suspicion: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # Seconds the run held its stop_containers stopped (v7); None when it stopped none.
+    # Seconds the run held its stop_containers stopped (v8); None when it stopped none.
     downtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Kept by the catalog as artifacts are added and finished (schema v3), so listing
     # 100k backups reads one index instead of joining and grouping their artifacts.
@@ -92,6 +92,10 @@ class ArtifactRow(Base):
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # PostgreSQL's INTEGER stops at 2 GiB
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
+    # Volumes (v7): the exclude patterns the archive was made with (a JSON list), and how many
+    # members its tar holds (counted by the tar guard as it passed; the shrinkage guard compares it).
+    excludes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    file_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     backup: Mapped[BackupRow] = relationship(back_populates="artifacts")
     copies: Mapped[list["CopyRow"]] = relationship(
         back_populates="artifact", order_by="CopyRow.id", cascade="all, delete-orphan"

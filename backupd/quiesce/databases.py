@@ -1,8 +1,9 @@
 """Logical database dumps and their restore, for every database kind.
 
-The kind modules (postgres.py, mysql.py) only build argv lists; this module
-decides where they run (docker exec in the database's own container, so the
-dump tool always matches the server; or locally for `host:` entries), finds
+The kind modules (postgres.py, mysql.py, redis.py, sqlite.py) only build argv
+lists; this module decides where they run (docker exec in the database's own
+container, so the dump tool always matches the server; locally for `host:`
+entries; in a helper that mounts the file's volume for SQLite), finds
 the password, streams the dump through the normal artifact path, and turns a
 failing tool's stderr into a one-line error with the password redacted.
 """
@@ -20,13 +21,15 @@ from backupd.config import DatabaseSpec
 from backupd.docker_host import DockerHost
 from backupd.errors import BackupdError, NameClashError, NotFoundError, UnsafeNameError
 from backupd.names import decode_name, encode_name, unquotable
-from backupd.quiesce import mysql, postgres
+from backupd.quiesce import mysql, postgres, redis, sqlite
 from backupd.quiesce.runner import KILLED_BY_TIMEOUT, MISSING_COMMAND, ContainerRunner, LocalRunner, Runner
 from backupd.redaction import redact, remember
 
 log = logging.getLogger(__name__)
 
-KINDS: dict[str, ModuleType] = {"postgres": postgres, "mysql": mysql}
+KINDS: dict[str, ModuleType] = {"postgres": postgres, "mysql": mysql, "sqlite": sqlite, "redis": redis}
+# Kinds dumped whole, one artifact per entry: no databases to list or choose.
+WHOLE = ("sqlite", "redis")
 ERROR_WORD = re.compile(r"\b(error|fatal)\b", re.IGNORECASE)
 
 
@@ -104,6 +107,9 @@ def _checked(proc, tool: str, target: Target, timeout: float | None = None) -> I
                         f"timeout:) and was killed")
     if code != 0 or reports_error(stderr):
         raise DumpError(f"{tool} in {target.runner.where} failed (exit {code}): {stderr[-500:] or 'no message'}")
+    progress = getattr(target.kind, "PROGRESS", None)
+    if progress is not None:  # a tool's own progress lines are no warning
+        stderr = "\n".join(line for line in stderr.splitlines() if not progress.match(line.strip())).strip()
     if stderr:
         log.warning("%s said: %s", tool, stderr[-500:])
 
@@ -117,7 +123,8 @@ def connect(spec: DatabaseSpec, host: DockerHost, where: str, container: str | N
         c = host.container(container, where)
         if c.status != "running":
             raise BackupdError(f"{where}: container '{container}' is {c.status}, not running")
-        runner: Runner = ContainerRunner(host, container)
+        runner: Runner = kind.runner(host, c, spec, where) if hasattr(kind, "runner") \
+            else ContainerRunner(host, container)
         if password is None:
             env = host.container_env(container)
             password = next((env[v] for v in kind.PASSWORD_VARS if env.get(v)), None)
@@ -193,6 +200,12 @@ def parse_source(source: str) -> Source:
 
 def plan_dumps(spec: DatabaseSpec, host: DockerHost, where: str) -> list[Dump]:
     """The dumps one `databases:` entry makes, resolved now (unknown or unsafe names fail here)."""
+    if spec.kind in WHOLE:
+        target = connect(spec, host, where)
+        server = server_name(spec)
+        # SQLite: the file's path is the 'database' restore reads back; Redis: the whole server.
+        source = make_source(spec.kind, server, spec.path) if spec.path else marker_source(spec.kind, server, "all")
+        return [Dump(spec.name, source, target.kind.dump_everything(spec, target.tools), target)]
     if spec.database == "all":
         wanted = None
     elif isinstance(spec.database, str):  # (artifact, database, config key path)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 from backupd.artifact import read_copy
-from backupd.catalog import Catalog
+from backupd.catalog import ArtifactView, Catalog
 from backupd.config import Config, DatabaseSpec
 from backupd.docker_host import DockerHost
 from backupd.errors import ConfigError
-from backupd.quiesce.databases import connect, parse_source, restore_dump
+from backupd.quiesce.databases import WHOLE, Source, connect, parse_source, restore_dump
+from backupd.quiesce.file_restore import restore_file
 from backupd.repository import is_snapshot, proven_input
 from backupd.restore import configured_stores, find_good_copy, preference
 
@@ -23,8 +25,10 @@ def _spec_for(config: Config, job: str, artifact: str, kind: str, server: str) -
         if artifact == spec.name or artifact.startswith(spec.name + "."):
             return spec
     container = None if ":" in server else server
+    # (for SQLite, the file's path is in the artifact's source; this is only a placeholder)
     return DatabaseSpec(name=artifact.split(".")[0], type=kind, container=container,
-                        host=server.split(":")[0] if container is None else None)
+                        host=server.split(":")[0] if container is None else None,
+                        path="/restore.db" if kind == "sqlite" else None)
 
 
 def restore_database(
@@ -46,19 +50,49 @@ def restore_database(
     if to_container is None and spec.container is None and spec.host is None:
         raise ConfigError(f"'{name}' came from {source.server}; pass --to-container C")
     where = f"restore {name}"
-    target = connect(spec, host, where, container=to_container)
     if is_snapshot(artifact):
-        # restic proves every blob as it reads; a snapshot is read back whole once before use.
-        chunks = proven_input(config=config, host=host, job=backup.job, backup_id=backup_id, artifact=artifact)
-        log.info("restoring dump %s of backup %s from its snapshot into %s", name, backup_id, target.runner.where)
-        restore_dump(target, source, chunks, force, where)
-        return target.runner.where
+        return _from_snapshot(config=config, catalog=catalog, host=host, backup_id=backup_id, artifact=artifact,
+                              spec=spec, source=source, to_container=to_container, force=force, where=where)
     stores = configured_stores(config)
-    store, copy, blocks = find_good_copy(backup, artifact, stores, preference(config, backup.job),
-                                         identity, check_tar=False, known=catalog.blocks(artifact.id))
+
+    def good_copy() -> tuple:
+        return find_good_copy(backup, artifact, stores, preference(config, backup.job),
+                              identity, check_tar=False, known=catalog.blocks(artifact.id))
+
+    if source.kind in WHOLE:  # a file the server holds open: put back with its container stopped
+        found: list = []
+        return restore_file(spec=spec, source=source, host=host, catalog=catalog, backup_id=backup_id,
+                            container=to_container, force=force, where=where,
+                            prove=lambda: found.extend(good_copy()),
+                            chunks=lambda: read_copy(found[0], found[1], artifact, identity, found[2]))
+    target = connect(spec, host, where, container=to_container)
+    store, copy, blocks = good_copy()
     log.info("restoring dump %s of backup %s (copy on %s) into %s", name, backup_id,
              copy.destination, target.runner.where)
     # Proven whole above; proven again block by block as it is fed (the copy may have changed since).
     chunks = read_copy(store, copy, artifact, identity, blocks)
+    restore_dump(target, source, chunks, force, where)
+    return target.runner.where
+
+
+def _from_snapshot(*, config: Config, catalog: Catalog, host: DockerHost, backup_id: str, artifact: ArtifactView,
+                   spec: DatabaseSpec, source: Source, to_container: str | None, force: bool, where: str) -> str:
+    """Repository mode: the dump is a file of a restic snapshot, read back whole once to prove
+    it (restic checks every blob), then streamed by `restic dump` into the same restore as an
+    archive's copy."""
+    job = catalog.get(backup_id).job
+
+    def proven() -> Iterator[bytes]:
+        return proven_input(config=config, host=host, job=job, backup_id=backup_id, artifact=artifact)
+
+    if source.kind in WHOLE:
+        found: list = []
+        return restore_file(spec=spec, source=source, host=host, catalog=catalog, backup_id=backup_id,
+                            container=to_container, force=force, where=where,
+                            prove=lambda: found.append(proven()), chunks=lambda: found[0])
+    target = connect(spec, host, where, container=to_container)
+    chunks = proven()
+    log.info("restoring dump %s of backup %s from its snapshot into %s", artifact.name, backup_id,
+             target.runner.where)
     restore_dump(target, source, chunks, force, where)
     return target.runner.where

@@ -1,7 +1,8 @@
 """Where a dump tool or hook runs: inside a container (docker exec) or in backupd itself.
 
-Both runners answer the same two calls, so dump modules and hooks never care
-where they run: `stream` (stdout as chunks, for dumps and restores) and `run`
+All runners answer the same two calls, so dump modules and hooks never care
+where they run (HelperRunner: a fresh helper container that mounts the volume holding a
+database file, for SQLite): `stream` (stdout as chunks, for dumps and restores) and `run`
 (a short command with a timeout, for hooks and queries). Secrets travel in
 the environment, never in argv, and are redacted (backupd.redaction) from any text we report.
 """
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol
 
-from backupd.docker_host import STDERR_KEEP, DockerHost
+from backupd.docker_host import STDERR_KEEP, DockerHost, HelperStartError
 from backupd.errors import BackupdError
 
 MISSING_COMMAND = (126, 127)
@@ -109,6 +110,43 @@ class ContainerRunner:
             if wrapped[0] == "timeout" and code in KILLED_BY_TIMEOUT:
                 timed_out = True
             return Result(code, out.decode("utf-8", "replace"), proc.stderr_text(), timed_out, truncated)
+
+
+class HelperRunner:
+    """Each command in a fresh helper container from `image`, with `mounts` (at the paths the
+    database's own container sees them) and only the capabilities `caps`; removed afterwards."""
+
+    def __init__(self, host: DockerHost, mounts: list, image: str | None, caps: Iterable[str], where: str) -> None:
+        self.host = host
+        self.mounts = list(mounts)
+        self.image = image
+        self.caps = tuple(caps)
+        self.where = where
+        self._has_timeout: bool | None = None
+
+    @contextmanager
+    def stream(self, argv: list[str], env: dict[str, str],
+               stdin: Iterable[bytes] | None = None) -> Iterator[Proc]:
+        if env:  # a helper's environment is visible to `docker inspect`: no secrets there
+            raise BackupdError(f"{self.where}: a helper is given no environment")
+        with self.host.helper_stream(argv, self.mounts, purpose=self.where, caps=self.caps, image=self.image,
+                                     stdin=stdin) as proc:
+            yield proc
+
+    def deadline(self, timeout: float) -> list[str]:
+        if self._has_timeout is None:
+            self._has_timeout = self.run(["timeout", "--help"], {}, 60).code not in MISSING_COMMAND
+        return timeout_argv(timeout) if self._has_timeout else []
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float,
+            stdin: Iterable[bytes] | None = None, keep: int = STDERR_KEEP) -> Result:
+        try:
+            with self.stream(argv, env, stdin) as proc:
+                out, timed_out, truncated = _collect(proc, timeout + 5, keep)
+                code = proc.exit_code(timeout=5) if not timed_out else -1
+                return Result(code, out.decode("utf-8", "replace"), proc.stderr_text(), timed_out, truncated)
+        except HelperStartError as exc:  # as a shell reports a missing command
+            return Result(127, "", str(exc))
 
 
 class _LocalProc:

@@ -3,7 +3,10 @@
 Everything above this module is destination-agnostic: a backup writes a
 stream under a key, a restore reads it back, retention lists and deletes.
 An upload becomes visible under its final key only on `commit()`; `abort()`
-leaves nothing behind under that key.
+leaves nothing behind under that key. A process killed mid-upload cannot
+abort: what it leaves (a hidden `.partial-` file, an open multipart upload)
+is a leftover, which `leftovers()` lists and `remove_leftover()` removes;
+which ones may go is decided above this interface (backupd.leftovers).
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ from backupd.stream import IterReader
 MANIFEST = "manifest.json"
 # Repository mode: where job J's restic repository lies under a destination's root (never a job name).
 REPOSITORY_ROOT = "_restic"
+# Local and SFTP uploads write `.<name>.partial-<random>` beside the final name, renamed on commit.
+PARTIAL_MARK = ".partial-"
+
+
+def is_partial(name: str) -> bool:
+    """Is this file name an upload's hidden temporary file?"""
+    return name.startswith(".") and PARTIAL_MARK in name
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,21 @@ class ObjectInfo:
     key: str
     size: int
     modified: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What an upload that never committed or aborted left on a store.
+
+    `key` is where it is (the temporary file, or the key an open multipart upload
+    was for), `modified` its last write (files) or its start (multipart uploads),
+    and `upload_id` what the store needs to abort it, if anything.
+    """
+
+    key: str
+    size: int
+    modified: datetime | None = None
+    upload_id: str | None = None
 
 
 class ChunkReader(IterReader):
@@ -80,6 +105,14 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object; an object already gone is not an error."""
+
+    @abstractmethod
+    def leftovers(self) -> Iterator[Leftover]:
+        """What interrupted uploads left under backupd's layout (<job>/<backup id>/)."""
+
+    @abstractmethod
+    def remove_leftover(self, leftover: Leftover) -> None:
+        """Remove a leftover (delete the file, abort the upload); one already gone is not an error."""
 
     @abstractmethod
     def describe(self) -> str:

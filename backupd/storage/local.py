@@ -17,9 +17,9 @@ from typing import BinaryIO, Iterator
 
 from backupd.errors import BackupdError, NotFoundError
 from backupd.private import FILE_MODE, open_layout_dir
-from backupd.storage.base import ObjectInfo, Store, Upload, check_key
+from backupd.storage.base import (PARTIAL_MARK, REPOSITORY_ROOT, Leftover, ObjectInfo, Store, Upload, check_key,
+                                  is_partial)
 
-PARTIAL_MARK = ".partial-"
 DROP_BEHIND = 8 << 20  # bytes read before they are dropped from the page cache
 
 
@@ -153,5 +153,44 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def leftovers(self) -> Iterator[Leftover]:
+        for job in _subdirs(self.root):
+            if job.name == REPOSITORY_ROOT:
+                continue  # restic's, not backupd's layout
+            for backup in _subdirs(Path(job.path)):
+                for entry in _entries(Path(backup.path)):
+                    if is_partial(entry.name) and entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        yield Leftover(f"{job.name}/{backup.name}/{entry.name}", st.st_size,
+                                       datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        *parts, name = check_key(leftover.key).split("/")
+        if not is_partial(name):
+            raise ValueError(f"'{leftover.key}' is not a partial upload")
+        try:  # through the directories' fds, links not followed, as uploads write
+            fd = open_layout_dir(self.root, parts, create=False)
+        except FileNotFoundError:
+            return
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
     def describe(self) -> str:
         return f"local:{self.root}"
+
+
+def _entries(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):  # removed meanwhile (prune)
+        return []
+
+
+def _subdirs(path: Path) -> list[os.DirEntry[str]]:
+    """Directories in `path`; links to directories are not followed (nothing outside is ours)."""
+    return [e for e in _entries(path) if e.is_dir(follow_symlinks=False)]

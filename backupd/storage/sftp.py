@@ -16,19 +16,28 @@ import socket
 import stat
 import uuid
 from datetime import datetime, timezone
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 import paramiko
+from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, SFTPError
 
 from backupd.config import SftpDestination
 from backupd.errors import BackupdError, NotFoundError
 from backupd.retry import retry
-from backupd.storage.base import ChunkReader, ObjectInfo, Store, Upload, check_key
+from backupd.storage.base import (PARTIAL_MARK, REPOSITORY_ROOT, ChunkReader, Leftover, ObjectInfo, Store, Upload,
+                                  check_key, is_partial)
 from backupd.stream import CHUNK
 
 log = logging.getLogger(__name__)
-PARTIAL_MARK = ".partial-"
 READ_WINDOW = 8 * CHUNK  # bytes requested ahead while reading: the memory bound of a read
+READ_SPAN = 256 * CHUNK  # bytes of a file handed to paramiko's readv at once
+# Large requests and AES-GCM: paramiko spends its time per request and per packet in Python,
+# so fewer, larger requests (where the server says it takes them) and one cipher call per
+# packet instead of a cipher and a MAC are what make it fast.
+REQUEST_SIZE = 32 * 1024  # what every SFTP server takes (paramiko's default)
+MAX_REQUEST_SIZE = 256 * 1024  # the most asked of a server that announces larger limits
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+TRANSPORT_WINDOW = 16 << 20  # how far a server may send ahead of a read (SSH flow control)
 
 
 class HostKeyError(BackupdError):
@@ -54,6 +63,7 @@ class SftpStore(Store):
         self.root = spec.path.rstrip("/") or "/"
         self._transport: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self.read_size = self.write_size = REQUEST_SIZE  # per request, once the server told its limits
 
     def describe(self) -> str:
         return f"sftp://{self.spec.user}@{self.spec.host}:{self.spec.port}{'/' if not self.root.startswith('/') else ''}{self.root}"
@@ -85,7 +95,10 @@ class SftpStore(Store):
 
     def _connect(self) -> paramiko.SFTPClient:
         sock = socket.create_connection((self.spec.host, self.spec.port), timeout=30)
-        transport = paramiko.Transport(sock)
+        transport = paramiko.Transport(sock, default_window_size=TRANSPORT_WINDOW)
+        options = transport.get_security_options()
+        options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in options.ciphers) + tuple(
+            c for c in options.ciphers if c not in PREFERRED_CIPHERS)
         try:
             transport.start_client(timeout=30)
             self._verify_host_key(transport.get_remote_server_key())
@@ -95,8 +108,9 @@ class SftpStore(Store):
             else:
                 assert self.spec.password is not None
                 transport.auth_password(self.spec.user, self.spec.password.get_secret_value())
-            sftp = paramiko.SFTPClient.from_transport(transport)
+            sftp = paramiko.SFTPClient.from_transport(transport, window_size=TRANSPORT_WINDOW)
             assert sftp is not None
+            self.read_size, self.write_size = request_sizes(sftp)
         except BaseException:
             transport.close()
             raise
@@ -117,6 +131,13 @@ class SftpStore(Store):
                 raise BackupdError(f"destination '{self.name}': cannot connect to "
                                    f"{self.spec.host}:{self.spec.port}: {exc}") from None
         return self._sftp
+
+    def host_key(self) -> paramiko.PKey:
+        """The server's host key, verified as for every connection (known_hosts or the pinned
+        fingerprint): what another SSH client may be told to trust, and nothing else."""
+        self.sftp()
+        assert self._transport is not None
+        return self._transport.get_remote_server_key()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -156,7 +177,7 @@ class SftpStore(Store):
             raise NotFoundError(f"destination '{self.name}': '{key}' does not exist") from None
         except OSError as exc:
             raise BackupdError(f"destination '{self.name}': cannot read {key}: {exc}") from None
-        return windowed_read(handle, size)  # type: ignore[return-value]
+        return windowed_read(handle, size, request=self.read_size)  # type: ignore[return-value]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         sftp = self.sftp()
@@ -175,6 +196,33 @@ class SftpStore(Store):
                     yield ObjectInfo(child, attr.st_size or 0,
                                      datetime.fromtimestamp(attr.st_mtime or 0, timezone.utc))
 
+    def leftovers(self) -> Iterator[Leftover]:
+        for job in self._subdirs(self.root):
+            if job == REPOSITORY_ROOT:
+                continue  # restic's, not backupd's layout
+            for backup in self._subdirs(posixpath.join(self.root, job)):
+                for attr in self._listdir(posixpath.join(self.root, job, backup)):
+                    if is_partial(attr.filename) and stat.S_ISREG(attr.st_mode or 0):
+                        yield Leftover(f"{job}/{backup}/{attr.filename}", attr.st_size or 0,
+                                       datetime.fromtimestamp(attr.st_mtime or 0, timezone.utc))
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        if not is_partial(leftover.key.rsplit("/", 1)[-1]):
+            raise ValueError(f"'{leftover.key}' is not a partial upload")
+        self.delete(leftover.key)
+
+    def _listdir(self, path: str) -> Sequence[paramiko.SFTPAttributes]:
+        try:
+            return sorted(self.sftp().listdir_attr(path), key=lambda a: a.filename)
+        except FileNotFoundError:  # removed meanwhile (prune)
+            return []
+        except OSError as exc:
+            raise BackupdError(f"destination '{self.name}': cannot list {path}: {exc}") from None
+
+    def _subdirs(self, path: str) -> Sequence[str]:
+        """Directories in `path` (links are not followed: nothing outside is ours)."""
+        return [a.filename for a in self._listdir(path) if stat.S_ISDIR(a.st_mode or 0)]
+
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             attr = self.sftp().stat(self._path(key))
@@ -191,17 +239,43 @@ class SftpStore(Store):
             raise BackupdError(f"destination '{self.name}': cannot delete {key}: {exc}") from None
 
 
-def windowed_read(handle: paramiko.SFTPFile, size: int, window: int = READ_WINDOW) -> ChunkReader:
-    """A remote file read with pipelined requests, one window ahead at most.
+def request_sizes(sftp: paramiko.SFTPClient) -> tuple[int, int]:
+    """(read, write) bytes per request: what the server announces (OpenSSH's limits@openssh.com,
+    which its own sftp client asks for too) up to MAX_REQUEST_SIZE, else REQUEST_SIZE."""
+    try:
+        # paramiko has no call for extensions but posix-rename; _request is how it sends them.
+        kind, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
+    except (OSError, EOFError, paramiko.SSHException, SFTPError):
+        return REQUEST_SIZE, REQUEST_SIZE  # an older or another server: the size every server takes
+    if kind != CMD_EXTENDED_REPLY:
+        return REQUEST_SIZE, REQUEST_SIZE
+    msg.get_int64()  # max packet length
+    read, write = msg.get_int64(), msg.get_int64()  # 0: not announced
 
-    paramiko's prefetch() of a whole file keeps every block that arrives in memory
-    until it is read, so a slow consumer (a restore) would hold the whole archive;
-    reading window by window keeps the pipelining and bounds memory to one window.
+    def size(limit: int) -> int:
+        return min(limit, MAX_REQUEST_SIZE) if limit >= REQUEST_SIZE else REQUEST_SIZE
+
+    return size(read), size(write)
+
+
+def windowed_read(handle: paramiko.SFTPFile, size: int, ahead: int = READ_WINDOW,
+                  request: int = REQUEST_SIZE, span: int = READ_SPAN) -> ChunkReader:
+    """A remote file read with pipelined requests, at most `ahead` bytes requested and unread.
+
+    Read requests go out ahead of the reader, bounded: paramiko counts a request as
+    outstanding until its answer is read, and the SSH window holds back what the server
+    sends until then, so a slow consumer (a restore) never pulls the archive into memory.
+    The file is handed to paramiko `span` bytes at a time (it keeps a list of every
+    request of a call), with one round trip between spans.
     """
+    handle.MAX_REQUEST_SIZE = request  # paramiko splits reads into requests of this size
+    most = max(1, ahead // request)
+
     def chunks() -> Iterator[bytes]:
-        for start in range(0, size, window):
-            end = min(size, start + window)
-            yield from handle.readv([(o, min(CHUNK, end - o)) for o in range(start, end, CHUNK)])
+        for start in range(0, size, span):
+            end = min(size, start + span)
+            yield from handle.readv([(o, min(CHUNK, end - o)) for o in range(start, end, CHUNK)],
+                                    max_concurrent_prefetch_requests=most)
 
     return ChunkReader(chunks(), handle.close)
 
@@ -212,8 +286,10 @@ class SftpUpload(Upload):
         self.final = final
         directory, name = posixpath.split(final)
         self.temp = posixpath.join(directory, f".{name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
-        self.handle = store.sftp().open(self.temp, "wb")
+        self.handle = store.sftp().open(self.temp, "wb", bufsize=0)  # written as given: no copy
         self.handle.set_pipelined(True)
+        # paramiko splits writes into requests of at most MAX_REQUEST_SIZE (a class constant).
+        self.handle.MAX_REQUEST_SIZE = store.write_size
 
     def write(self, data: bytes) -> None:
         self.handle.write(data)

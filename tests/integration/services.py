@@ -440,3 +440,109 @@ def _remove_container_and_volume(client: docker.DockerClient, name: str, volume:
 
 def remove_db(client: docker.DockerClient, db: DbContainer) -> None:
     _remove_container_and_volume(client, db.name, db.volume)
+
+
+# ------------------------------------------------------------------ a link with latency
+
+
+class LatencyProxy:
+    """A TCP proxy on 127.0.0.1 that delays every byte by `delay` seconds each way, like a
+    long link: a delay line, not stop-and-wait, with at most `window` bytes on the way per
+    direction and connection (a TCP window), so one connection's throughput is bounded by
+    window / delay as on a real WAN. Runs its own event loop in a thread; close() stops it.
+
+        with LatencyProxy("127.0.0.1", 8333, delay=0.02) as proxy:
+            client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{proxy.port}", ...)
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, host: str, port: int, delay: float = 0.02, window: int = 4 << 20) -> None:
+        import asyncio
+        import threading
+
+        self.target, self.delay, self.window = (host, port), delay, window
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="latency-proxy", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise ServiceError("latency proxy did not start")
+
+    def _serve(self, ready) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._connection, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        ready.set()
+        self._loop.run_forever()
+
+    async def _connection(self, reader, writer) -> None:
+        import asyncio
+
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+                             return_exceptions=True)
+
+    async def _pipe(self, reader, writer) -> None:
+        """Bytes read now are written `delay` later, in order; reading pauses while a window is on the way."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        line: asyncio.Queue = asyncio.Queue()
+        room = asyncio.Semaphore(max(1, self.window // self.CHUNK))
+
+        async def send() -> None:
+            while (item := await line.get()) is not None:
+                due, data = item
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+                room.release()
+            writer.close()
+
+        sender = loop.create_task(send())
+        try:
+            while True:
+                await room.acquire()
+                data = await reader.read(self.CHUNK)
+                if not data:
+                    break
+                line.put_nowait((loop.time() + self.delay, data))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            line.put_nowait(None)
+            try:
+                await sender
+            except (ConnectionError, OSError):
+                pass
+
+    def close(self) -> None:
+        import asyncio
+
+        async def stop() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> "LatencyProxy":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

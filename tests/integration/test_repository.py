@@ -29,15 +29,20 @@ RESTIC_IMAGE = "backupd-restic:test"
 BASE_IMAGE = "backupd-base:test"
 
 
+RESTIC_RECIPE = "ssh-v1"  # bump when the image's recipe changes: an older image is rebuilt
+
+
 @pytest.fixture(scope="session")
 def restic_image(docker_client, tmp_path_factory) -> str:
-    """backupd-base:test with the host's restic (Debian's package, as in backupd's image)."""
+    """backupd-base:test with the host's restic (Debian's package, as in backupd's image) and
+    Debian's OpenSSH client (restic's sftp backend runs ssh), as backupd's image has them."""
     restic = shutil.which("restic")
     if restic is None:
         pytest.fail("restic is not installed; run `bash scripts/testenv.sh install`", pytrace=False)
     try:
         image = docker_client.images.get(RESTIC_IMAGE)
-        if image.labels.get("restic") == Path(restic).stat().st_mtime_ns.__str__():
+        if (image.labels.get("restic") == Path(restic).stat().st_mtime_ns.__str__()
+                and image.labels.get("recipe") == RESTIC_RECIPE):
             return RESTIC_IMAGE
     except ImageNotFound:
         pass
@@ -47,8 +52,12 @@ def restic_image(docker_client, tmp_path_factory) -> str:
         pytest.fail(f"image {BASE_IMAGE} missing; run `bash scripts/testenv.sh base-image`", pytrace=False)
     ctx = tmp_path_factory.mktemp("restic-image")
     shutil.copy(restic, ctx / "restic")
-    (ctx / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nCOPY restic /usr/bin/restic\n"
-                                    f"LABEL restic={Path(restic).stat().st_mtime_ns}\n")
+    (ctx / "Dockerfile").write_text(
+        f"FROM {BASE_IMAGE}\n"
+        "RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+        "--no-install-recommends openssh-client >/dev/null && rm -rf /var/lib/apt/lists/* && ssh -V\n"
+        "COPY restic /usr/bin/restic\n"
+        f"LABEL restic={Path(restic).stat().st_mtime_ns} recipe={RESTIC_RECIPE}\n")
     docker_client.images.build(path=str(ctx), tag=RESTIC_IMAGE, rm=True, forcerm=True)
     return RESTIC_IMAGE
 

@@ -272,3 +272,28 @@ def test_longest_gives_the_widths_of_what_summaries_lists(catalog: Catalog):
     assert catalog.longest() == (len(a), len("a-long-job-name"), len("running"))
     assert catalog.longest(job="j") == (len(b), 1, len("running"))
     assert catalog.longest(job="nothing") == (0, 0, 0)
+
+
+def test_a_v6_catalog_gains_excludes_and_file_counts_and_keeps_its_artifacts(tmp_path: Path):
+    """Schema v7: each volume artifact records its exclude patterns and member count."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    old = Catalog(url)
+    bid = old.start_backup("j")
+    old.finish_artifact(add(old, bid, "a"), 5, "ab" * 32, {})
+    old.close()
+    con = sqlite3.connect(tmp_path / "c.db")
+    con.execute("alter table artifacts drop column excludes")
+    con.execute("alter table artifacts drop column file_count")
+    con.execute("delete from backupd_schema where version >= 7")
+    con.commit()
+    con.close()
+
+    catalog = Catalog(url)
+    [old_art] = catalog.get(bid).artifacts
+    assert (old_art.excludes, old_art.file_count) == ((), None)
+    art = catalog.add_artifact(bid, "volume", "b", "volume:b", "zstd", None, {"local": "k2"},
+                               excludes=("cache/*", "tmp"))
+    catalog.finish_artifact(art, 7, "cd" * 32, {}, file_count=42)
+    new = catalog.get(bid).artifacts[1]
+    assert (new.excludes, new.file_count) == (("cache/*", "tmp"), 42)
+    assert new.to_json()["excludes"] == ["cache/*", "tmp"] and new.to_json()["file_count"] == 42

@@ -180,3 +180,17 @@ def test_helper_memory_defaults_to_a_limit():
 ])
 def test_bad_helper_memory_names_the_key(value, message):
     assert message in error_of({**job(), "helper_memory": value})
+
+
+@pytest.mark.parametrize("value,problem", [
+    (0, "greater than or equal to 1"), (65, "less than or equal to 64"), ("many", "valid integer")])
+def test_s3_concurrency_is_checked_and_named_by_its_key_path(value, problem):
+    dest = {"type": "s3", "bucket": "b", "concurrency": value}
+    message = error_of({"destinations": {"offsite": dest}, **job()})
+    assert message.startswith("backupd.yml: destinations.offsite.concurrency: ") and problem in message
+
+
+def test_s3_uploads_default_to_concurrent_parts_within_the_memory_budget():
+    s3 = parse_config({"destinations": {"offsite": {"type": "s3", "bucket": "b"}}, **job()},
+                      env={}).destinations["offsite"]
+    assert s3.concurrency >= 2 and s3.concurrency * s3.part_size_mb <= 64

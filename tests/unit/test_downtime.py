@@ -1,4 +1,4 @@
-"""Container downtime per run: kept in the catalog (schema v7), shown by `show`, and a metric."""
+"""Container downtime per run: kept in the catalog (schema v8), shown by `show`, and a metric."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from backupd.cli import main
 from backupd.metrics import Metrics
 
 
-def test_a_v6_catalog_gains_the_downtime_column_and_keeps_its_runs(tmp_path: Path):
+def test_a_v7_catalog_gains_the_downtime_column_and_keeps_its_runs(tmp_path: Path):
     url = f"sqlite:///{tmp_path}/c.db"
     catalog = Catalog(url)
     old = catalog.start_backup("j")
@@ -19,7 +19,7 @@ def test_a_v6_catalog_gains_the_downtime_column_and_keeps_its_runs(tmp_path: Pat
     catalog.close()
     db = sqlite3.connect(tmp_path / "c.db")
     db.execute("ALTER TABLE backups DROP COLUMN downtime")
-    db.execute("DELETE FROM backupd_schema WHERE version >= 7")
+    db.execute("DELETE FROM backupd_schema WHERE version >= 8")
     db.commit()
     db.close()
     catalog = Catalog(url)

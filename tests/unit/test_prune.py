@@ -141,13 +141,19 @@ def test_newest_good_backup_survives_even_if_all_later_runs_failed(env):
     assert [b.id for b in catalog.list(job="j")] == [good]
 
 
-def test_orphans_are_found_and_vanished_copies_marked_missing(env):
-    config, catalog, stores, tmp = env
+def stray_and_vanished(catalog, stores, tmp):
+    """A backup whose copy on b vanished, and an object on a that no backup knows."""
     bid = make_backup(catalog, stores, NOW - timedelta(days=1))
     stray = tmp / "a" / "j" / "20200101T000000Z-abcdef" / "volume-v.tar.zst"
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"unknown")
     (tmp / "b" / f"j/{bid}/volume-v.tar.zst").unlink()
+    return bid, stray
+
+
+def test_orphans_are_found_and_vanished_copies_marked_missing(env):
+    config, catalog, stores, tmp = env
+    bid, stray = stray_and_vanished(catalog, stores, tmp)
     report = find_orphans(catalog, stores)
     assert report.orphans == [("a", "j/20200101T000000Z-abcdef/volume-v.tar.zst")]
     assert report.missing == [(bid, "b", f"j/{bid}/volume-v.tar.zst")]
@@ -156,6 +162,16 @@ def test_orphans_are_found_and_vanished_copies_marked_missing(env):
     assert copies == {"a": "stored", "b": "missing"}
     report = find_orphans(catalog, stores, delete=True)
     assert report.removed == [("a", "j/20200101T000000Z-abcdef/volume-v.tar.zst")] and not stray.exists()
+
+
+def test_a_dry_run_for_orphans_deletes_and_marks_nothing(env):
+    config, catalog, stores, tmp = env
+    bid, stray = stray_and_vanished(catalog, stores, tmp)
+    report = find_orphans(catalog, stores, delete=True, dry_run=True)
+    assert report.orphans == [("a", "j/20200101T000000Z-abcdef/volume-v.tar.zst")] and report.removed == []
+    assert report.missing == [(bid, "b", f"j/{bid}/volume-v.tar.zst")]
+    assert stray.exists()
+    assert {c.destination: c.status for c in catalog.get(bid).artifacts[0].copies} == {"a": "stored", "b": "stored"}
 
 
 def test_catalog_rebuilt_from_a_destination_after_the_database_is_lost(env):

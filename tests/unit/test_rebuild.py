@@ -234,3 +234,22 @@ def test_a_manifest_of_an_older_backupd_without_block_digests_still_imports(env)
     assert fresh.blocks(fresh.get(backup_id).artifacts[0].id) is None
     assert fresh.get(backup_id).started_at.tzinfo == timezone.utc
     assert fresh.get(backup_id).started_at <= datetime.now(timezone.utc)
+
+
+def test_a_rebuilt_catalog_keeps_each_archives_excludes_and_file_count(env):
+    """The file-count guard and `show` need them after a rebuild too."""
+    config, catalog, stores, _, tmp_path = env
+    tar = small_tar("counted")
+    backup_id = catalog.start_backup("j")
+    store_artifact(catalog=catalog, backup_id=backup_id, job="j", kind="volume", name="v", source="volume:v",
+                   open_source=lambda: contextlib.nullcontext([tar]), stores=stores,
+                   compression=Compression(level=1), check_tar=True, excludes=("cache/*", "tmp"))
+    catalog.finish_backup(backup_id)
+    view = catalog.get(backup_id)
+    assert (view.artifacts[0].excludes, view.artifacts[0].file_count) == (("cache/*", "tmp"), 1)
+    write_manifests(view, stores, {a.id: catalog.blocks(a.id) for a in view.artifacts})
+
+    fresh = lose_catalog(config, catalog, tmp_path)
+    rebuild_catalog(fresh, "a", stores["a"])
+    [art] = fresh.get(backup_id).artifacts
+    assert (art.excludes, art.file_count) == (("cache/*", "tmp"), 1)

@@ -48,7 +48,7 @@ def test_a_destinations_password_serves_every_repository_job_on_it():
     ({"format": "repository", "repository_password": "x", "destinations": ["far"]},
      {"destinations": {"far": {"type": "sftp", "host": "h", "user": "u", "password": "p",
                                "host_key_fingerprint": "SHA256:x"}}},
-     "jobs.j.destinations: destination 'far' is sftp: format: repository supports local, s3"),
+     "destinations.far.key_file: format: repository (job j) logs in to SFTP with a key: set key_file"),
 ])
 def test_repository_config_errors_name_the_key(job, top, message):
     data = config_of(job)
@@ -280,3 +280,240 @@ def test_one_repository_refusing_the_dump_makes_it_partial_and_an_unusable_one_i
     assert copies["local"].status == "stored"
     assert copies["s3"].status == "failed" and "unable to save snapshot" in (copies["s3"].error or "")
     assert copies["far"].status == "failed" and copies["far"].error == "repository unreachable"
+
+
+def test_an_sftp_destination_with_a_key_holds_a_repository():
+    data = config_of({"format": "repository", "repository_password": "x", "destinations": ["far"]})
+    data["destinations"]["far"] = {"type": "sftp", "host": "h", "user": "u", "key_file": "/k",
+                                   "host_key_fingerprint": "SHA256:x"}
+    assert parse_config(data, env={}).jobs["j"].format == "repository"
+
+
+class RecordingHost:
+    """Records the helper a Restic call would start."""
+
+    helper_image = "img"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], dict]] = []
+
+    def run_helper(self, command, mounts, purpose, caps=(), **options):
+        self.calls.append((command, options))
+        return ""
+
+
+def test_an_sftp_session_makes_its_ssh_files_on_a_tmpfs_and_keeps_secrets_out_of_the_command_line():
+    from backupd.repository import SECRETS_POINT, Repository, Restic
+
+    host = RecordingHost()
+    repo = Repository("far", "_restic/j", "sftp:u@h:/r/_restic/j", (),
+                      {"BACKUPD_SSH_KEY": "PRIVATE-KEY-BODY", "BACKUPD_KNOWN_HOSTS": "h ssh-ed25519 AAAA"},
+                      "host", "repo-password", ("-o", "sftp.command=ssh -i /run/backupd/ssh_key h -s sftp"),
+                      (("BACKUPD_SSH_KEY", "ssh_key"), ("BACKUPD_KNOWN_HOSTS", "known_hosts")))
+    Restic(host, parse_config({}, env={})).run(repo, ["snapshots", "--json"], "test")
+    [(command, options)] = host.calls
+    script = command[2]
+    assert script.startswith("umask 077 && ")
+    assert f'"$BACKUPD_SSH_KEY" >{SECRETS_POINT}/ssh_key' in script
+    # Every restic command of the session (unlock, then the one asked for) gets the ssh command.
+    assert script.count("restic -o 'sftp.command=ssh -i /run/backupd/ssh_key h -s sftp'") == 2
+    assert options["tmpfs"] == {SECRETS_POINT: "size=1m,mode=0700"}
+    assert options["environment"]["BACKUPD_SSH_KEY"] == "PRIVATE-KEY-BODY"
+    assert options["environment"]["RESTIC_PASSWORD"] == "repo-password"
+    assert not any(secret in part for part in command for secret in ("PRIVATE-KEY-BODY", "repo-password"))
+
+
+def test_a_repository_without_secret_files_gets_no_tmpfs():
+    from backupd.repository import Repository, Restic
+
+    host = RecordingHost()
+    Restic(host, parse_config({}, env={})).run(Repository("local", "_restic/j", "/repository"), ["check"], "t")
+    [(command, options)] = host.calls
+    assert options["tmpfs"] is None and "printf" not in command[2]
+
+
+# ------------------------------------------------------------------ several destinations
+
+
+def local_repo(dest: str, source: str) -> "Repository":
+    from docker.types import Mount
+
+    from backupd.repository import REPOSITORY_POINT, Repository
+
+    return Repository(dest, "_restic/j", REPOSITORY_POINT, (Mount(REPOSITORY_POINT, source, type="bind"),),
+                      password=f"pw-{dest}")
+
+
+def test_a_copy_session_moves_a_local_source_aside_and_names_it_the_source():
+    from backupd.repository import SOURCE_REPOSITORY_POINT, copy_session
+
+    session = copy_session(local_repo("a", "/backups/a"), local_repo("b", "/backups/b"))
+    assert session is not None and session.local
+    assert [(m["Target"], m["Source"]) for m in session.mounts] == [
+        ("/repository", "/backups/b"), (SOURCE_REPOSITORY_POINT, "/backups/a")]
+    assert session.env == {"RESTIC_FROM_REPOSITORY": SOURCE_REPOSITORY_POINT, "RESTIC_FROM_PASSWORD": "pw-a"}
+    assert session.password == "pw-b"
+
+
+def test_one_helper_cannot_copy_between_two_s3_stores_with_different_credentials_or_two_ssh_servers():
+    from backupd.repository import Repository, copy_session
+
+    def s3(dest: str, secret: str) -> Repository:
+        return Repository(dest, "_restic/j", f"s3:http://x/{dest}", (), {"AWS_SECRET_ACCESS_KEY": secret}, "host")
+
+    def sftp(dest: str, host: str) -> Repository:
+        return Repository(dest, "_restic/j", f"sftp:u@{host}:/r", (), {"BACKUPD_SSH_KEY": "k"}, "host",
+                          options=("-o", f"sftp.command=ssh {host}"), files=(("BACKUPD_SSH_KEY", "ssh_key"),))
+
+    assert copy_session(s3("a", "one"), s3("b", "two")) is None
+    assert copy_session(s3("a", "same"), s3("b", "same")) is not None
+    assert copy_session(sftp("a", "h1"), sftp("b", "h2")) is None
+    both = copy_session(s3("a", "one"), sftp("b", "h1"))
+    assert both is not None and both.options == ("-o", "sftp.command=ssh h1") and both.files
+    assert both.env["RESTIC_FROM_REPOSITORY"] == "s3:http://x/a" and both.env["AWS_SECRET_ACCESS_KEY"] == "one"
+
+
+class FakeRestic:
+    """Backups and copies as restic would answer them; `fail` names destinations that fail."""
+
+    def __init__(self, fail_backup=(), fail_copy=()):
+        self.fail_backup, self.fail_copy = set(fail_backup), set(fail_copy)
+        self.backups: list[str] = []
+        self.copies: list[tuple[str, list[str]]] = []
+
+    def backup(self, repo, source, job, backup_id):
+        from backupd.repository import RepositoryError
+
+        self.backups.append(repo.destination)
+        if repo.destination in self.fail_backup:
+            raise RepositoryError(f"{repo.destination} is down")
+        return {"snapshot_id": f"{repo.destination}-{source.name}", "data_added": 7, "total_bytes_processed": 100}
+
+    def copy(self, session, ids, backup_id):
+        from backupd.repository import RepositoryError
+
+        self.copies.append((session.destination, ids))
+        if session.destination in self.fail_copy:
+            raise RepositoryError(f"{session.destination} is down")
+        return {i: f"{session.destination}-copy-of-{i}" for i in ids}
+
+
+def writer_with(fake: FakeRestic, repos: dict) -> "SnapshotWriter":
+    from backupd.repository import SnapshotWriter, copy_session
+
+    writer = SnapshotWriter.__new__(SnapshotWriter)
+    writer.restic, writer.job, writer.repos, writer.broken = fake, "j", repos, {}
+    order = sorted(repos, key=lambda d: not repos[d].local)
+    writer.primary = order[0]
+    writer.sessions = {d: copy_session(repos[order[0]], repos[d]) for d in order[1:]}
+    writer.direct, writer.pending = [], []
+    return writer
+
+
+def volume(name: str):
+    from backupd.docker_host import VolumeSource
+
+    return VolumeSource(name, "volume", name, "jobs.j.volumes[0]")
+
+
+def test_each_volume_is_read_once_and_copied_to_the_others_after_every_volume_is_read(tmp_path: Path):
+    from backupd.repository import Repository
+
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    fake = FakeRestic()
+    repos = {"s3": Repository("s3", "_restic/j", "s3:http://x/b", network="host"),
+             "local": local_repo("local", "/b")}
+    writer = writer_with(fake, repos)
+    bid = catalog.start_backup("j")
+    for name in ("a", "b"):
+        writer.snapshot(catalog, bid, volume(name))
+    assert fake.backups == ["local", "local"] and fake.copies == []
+    writer.finish(catalog, bid)
+    assert fake.copies == [("s3", ["local-a", "local-b"])]  # one copy for the whole run
+    assert catalog.finish_backup(bid) == "succeeded"
+    copies = {(a.name, c.destination): c for a in catalog.get(bid).artifacts for c in a.copies}
+    assert copies[("a", "s3")].snapshot_id == "s3-copy-of-local-a" and copies[("a", "s3")].bytes_added is None
+    assert copies[("a", "local")].bytes_added == 7 and copies[("a", "s3")].bytes_covered == 100
+
+
+def test_a_failed_copy_fails_that_destination_only_and_a_failed_primary_backup_reads_into_the_others(
+        tmp_path: Path):
+    from backupd.repository import Repository
+
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    repos = {"local": local_repo("local", "/b"), "s3": Repository("s3", "_restic/j", "s3:http://x/b", network="host")}
+    fake = FakeRestic(fail_copy={"s3"})
+    writer = writer_with(fake, repos)
+    bid = catalog.start_backup("j")
+    writer.snapshot(catalog, bid, volume("a"))
+    writer.finish(catalog, bid)
+    assert catalog.finish_backup(bid) == "partial"
+    [art] = catalog.get(bid).artifacts
+    assert {c.destination: c.status for c in art.copies} == {"local": "stored", "s3": "failed"}
+    assert "s3 is down" in (art.error or "")
+
+    fake = FakeRestic(fail_backup={"local"})
+    writer = writer_with(fake, repos)
+    bid = catalog.start_backup("j")
+    writer.snapshot(catalog, bid, volume("a"))
+    writer.finish(catalog, bid)
+    assert fake.backups == ["local", "s3"] and fake.copies == []  # read directly, nothing to copy from
+    [art] = catalog.get(bid).artifacts
+    assert {c.destination: c.status for c in art.copies} == {"local": "failed", "s3": "stored"}
+
+
+def test_an_interrupted_run_records_the_snapshots_it_made_and_fails_the_rest(tmp_path: Path):
+    from backupd.repository import Repository
+
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    repos = {"local": local_repo("local", "/b"), "s3": Repository("s3", "_restic/j", "s3:http://x/b", network="host")}
+    writer = writer_with(FakeRestic(), repos)
+    bid = catalog.start_backup("j")
+    writer.snapshot(catalog, bid, volume("a"))
+    writer.abandon(catalog, "interrupted")
+    [art] = catalog.get(bid).artifacts
+    assert {c.destination: (c.status, c.error) for c in art.copies} == {
+        "local": ("stored", None), "s3": ("failed", "interrupted")}
+
+
+# ------------------------------------------------------------------ catalog rebuild
+
+
+def test_rebuild_groups_backupd_snapshots_by_run_and_leaves_other_snapshots_out(tmp_path: Path, monkeypatch,
+                                                                                caplog):
+    import backupd.repository as repository
+
+    snaps = [
+        {"short_id": "s1", "time": "2026-11-22T03:00:05.123456789Z", "paths": ["/data/a"],
+         "tags": ["backupd", "job=j", "backup=20261122T030000Z-abc123"]},
+        {"short_id": "s2", "time": "2026-11-22T03:00:09Z", "paths": ["/data/b"],
+         "tags": ["backupd", "job=j", "backup=20261122T030000Z-abc123"]},
+        {"short_id": "s3", "time": "2026-11-23T03:00:01Z", "paths": ["/data/a"],
+         "tags": ["backupd", "job=j", "backup=20261123T030000Z-def456"]},
+        {"short_id": "x1", "time": "2026-11-23T04:00:00Z", "paths": ["/home"], "tags": ["mine"]},
+        {"short_id": "x2", "time": "2026-11-23T04:00:00Z", "paths": ["/data/a"],
+         "tags": ["backupd", "job=other", "backup=20261123T030000Z-def456"]},
+        {"short_id": "x3", "time": "2026-11-23T04:00:00Z", "paths": ["/data/../etc"],
+         "tags": ["backupd", "job=j", "backup=../../evil"]},
+    ]
+
+    class Listing:
+        def __init__(self, *a): pass
+        def snapshots(self, repo): return snaps
+
+    monkeypatch.setattr(repository, "Restic", Listing)
+    monkeypatch.setattr(repository, "open_repository", lambda config, host, job, dest: local_repo(dest, "/b"))
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    imported, skipped = repository.rebuild_from_repository(None, catalog, None, "j", "far")
+    assert imported == ["20261122T030000Z-abc123", "20261123T030000Z-def456"] and skipped == []
+    first = catalog.get("20261122T030000Z-abc123")
+    assert first.status == "succeeded" and first.started_at == datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+    assert [(a.name, [(c.destination, c.key, c.status, c.snapshot_id) for c in a.copies]) for a in first.artifacts] \
+        == [("a", [("far", "_restic/j", "stored", "s1")]), ("b", [("far", "_restic/j", "stored", "s2")])]
+    assert sum("was not made by backupd" in r.getMessage() for r in caplog.records) == 3
+
+    # From another destination: the same runs gain that destination's snapshots.
+    imported, skipped = repository.rebuild_from_repository(None, catalog, None, "j", "local")
+    assert imported == [] and len(skipped) == 2
+    assert {c.destination: c.snapshot_id for c in catalog.get("20261123T030000Z-def456").artifacts[0].copies} \
+        == {"far": "s3", "local": "s3"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import boto3
 import pytest
@@ -37,7 +39,7 @@ def test_multipart_upload_streams_parts_and_appears_only_on_commit(s3):
     data = os.urandom(12 * 1024 * 1024)
     for i in range(0, len(data), 1 << 20):
         up.write(data[i:i + (1 << 20)])
-    assert len(up.parts) == 2 and len(up.buffer) < st.part_size  # bounded: at most one part buffered
+    assert up.sent == 2 and up.filled < st.part_size  # two parts handed over, the third filling
     assert st.stat("j/b/volume-x.tar.zst") is None
     up.commit()
     assert st.stat("j/b/volume-x.tar.zst").size == len(data)
@@ -180,7 +182,7 @@ def test_a_throttled_part_is_retried_and_the_upload_completes(s3, no_sleep):
 
 def test_permanent_part_failure_fails_fast_and_abort_leaves_nothing(s3, no_sleep):
     client = Failing(s3, upload_part=[client_error("AccessDenied", 403)])
-    st = store(client)
+    st = store(client, concurrency=1)  # one part at a time: the next part waits, and sees the failure
     up = st.open_upload("j/b/x")
     with pytest.raises(BackupdError, match="destination 'offsite'.*AccessDenied: access denied") as info:
         up.write(os.urandom(6 * 1024 * 1024))
@@ -214,9 +216,10 @@ def test_part_size_stays_as_configured_for_ordinary_artifacts_and_grows_for_huge
 
     mb = 1024 * 1024
     assert part_size_for(1, 5 * mb) == part_size_for(5000, 5 * mb) == 5 * mb
-    assert part_size_for(5001, 5 * mb) == 10 * mb and part_size_for(10000, 5 * mb) == 160 * mb
-    total = sum(part_size_for(n, 64 * mb) for n in range(1, 10001))
-    assert total > 4 * 1024**4  # 10,000 parts reach S3's object size limit
+    assert part_size_for(5001, 5 * mb) == 10 * mb and part_size_for(5501, 5 * mb) == 20 * mb
+    assert part_size_for(10000, 5 * mb) == MAX_PART_SIZE
+    for base in (5, 8, 16, 64):  # 10,000 parts reach S3's object size limit (4.9 TiB from 5 MiB parts)
+        assert sum(part_size_for(n, base * mb) for n in range(1, 10001)) > 4.8 * 1024**4
     assert part_size_for(10000, 5120 * mb) == MAX_PART_SIZE
 
 
@@ -268,3 +271,125 @@ def test_a_read_broken_midway_resumes_where_it_stopped(s3):
     with store(client).open_read("j/b/x") as f:
         assert f.read() == data
     assert client.calls == [None, f"bytes={1024 * 1024 + 7}-"]
+
+
+class Slow(Failing):
+    """upload_part takes `delay(part number)` seconds; records how many run at once and the
+    order calls end in."""
+
+    def __init__(self, real, delay, **failures):
+        super().__init__(real, **failures)
+        self.delay, self.running, self.most, self.ended = delay, 0, 0, []
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        call = super().__getattr__(name)
+        if name != "upload_part":
+            return call
+
+        def upload_part(**kwargs):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            try:
+                time.sleep(self.delay(kwargs["PartNumber"]))
+                return call(**kwargs)
+            finally:
+                with self.lock:
+                    self.running -= 1
+                    self.ended.append(kwargs["PartNumber"])
+
+        return upload_part
+
+
+def held_at_most(monkeypatch) -> list[int]:
+    """The most bytes any upload's budget held, as it happens."""
+    from backupd.storage import s3 as s3mod
+
+    most = [0]
+    take = s3mod.Budget.take
+
+    def recording(self, n):
+        take(self, n)
+        most[0] = max(most[0], self.held)
+
+    monkeypatch.setattr(s3mod.Budget, "take", recording)
+    return most
+
+
+def test_parts_are_uploaded_concurrently_within_the_memory_budget(s3, monkeypatch):
+    most = held_at_most(monkeypatch)
+    client = Slow(s3, delay=lambda n: 0.2)
+    st = store(client, concurrency=3)
+    up = st.open_upload("j/b/x")
+    data = os.urandom(41 * 1024 * 1024)  # 8 full parts and a short one
+    for i in range(0, len(data), 1 << 20):
+        up.write(data[i:i + (1 << 20)])
+    up.commit()
+    assert client.most == 3 and up.peak_in_flight == 3
+    assert most[0] <= 3 * st.part_size  # parts in flight and the one filling, never more
+    assert s3.get_object(Bucket="bucket", Key="pre/j/b/x")["Body"].read() == data
+
+
+def test_parts_landing_out_of_order_make_the_same_object(s3):
+    client = Slow(s3, delay=lambda n: 0.4 if n == 1 else 0.0)  # part 1 lands last
+    up = store(client, concurrency=4).open_upload("j/b/x")
+    data = os.urandom(16 * 1024 * 1024)
+    up.write(data)
+    up.commit()
+    assert client.ended[-1] == 1 and len(client.ended) == 4
+    assert s3.get_object(Bucket="bucket", Key="pre/j/b/x")["Body"].read() == data
+
+
+class FailPart:
+    """A client whose upload_part of one part number is denied; everything else reaches moto."""
+
+    def __init__(self, real, number: int):
+        self.real, self.number = real, number
+
+    def __getattr__(self, name):
+        if name != "upload_part":
+            return getattr(self.real, name)
+
+        def upload_part(**kwargs):
+            if kwargs["PartNumber"] == self.number:
+                raise client_error("AccessDenied", 403)
+            return self.real.upload_part(**kwargs)
+        return upload_part
+
+
+def test_a_part_failing_while_others_fly_fails_the_commit_and_abort_waits_for_them(s3):
+    client = Slow(FailPart(s3, 2), delay=lambda n: 0.0 if n == 2 else 0.3)
+    up = store(client, concurrency=4).open_upload("j/b/x")
+    with pytest.raises(BackupdError, match="upload part 2 of .*AccessDenied"):  # at a write or the commit
+        for _ in range(16):
+            up.write(os.urandom(1024 * 1024))
+        up.commit()
+    up.abort()
+    assert client.running == 0  # abort returned only after every part in flight had ended
+    assert s3.list_multipart_uploads(Bucket="bucket").get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket="bucket").get("Contents", []) == []
+
+
+def test_the_buffers_of_parts_that_landed_are_filled_again(s3):
+    """Memory stays flat: no more part buffers than parts in flight, however many parts."""
+    bodies = set()
+
+    class Recording(Failing):
+        def __getattr__(self, name):
+            call = super().__getattr__(name)
+            if name != "upload_part":
+                return call
+
+            def upload_part(**kwargs):
+                bodies.add(id(kwargs["Body"]))
+                return call(**kwargs)
+            return upload_part
+
+    up = store(Recording(s3), concurrency=2).open_upload("j/b/x")
+    data = os.urandom(41 * 1024 * 1024)  # 8 full parts and a short one
+    for i in range(0, len(data), 1 << 20):
+        up.write(data[i:i + (1 << 20)])
+    up.commit()
+    assert up.sent == 9 and len(bodies) <= 3  # two buffers in turn, and the short last part
+    assert s3.get_object(Bucket="bucket", Key="pre/j/b/x")["Body"].read() == data

@@ -68,9 +68,10 @@ def test_fingerprint_is_what_ssh_keygen_prints(tmp_path):
 class FakeHandle:
     def __init__(self, data: bytes):
         self.data, self.requests, self.closed = data, [], False
+        self.MAX_REQUEST_SIZE = 32768
 
-    def readv(self, chunks):
-        self.requests.append(sum(n for _, n in chunks))
+    def readv(self, chunks, max_concurrent_prefetch_requests=None):
+        self.requests.append((sum(n for _, n in chunks), max_concurrent_prefetch_requests, self.MAX_REQUEST_SIZE))
         for offset, n in chunks:
             yield self.data[offset:offset + n]
 
@@ -78,13 +79,15 @@ class FakeHandle:
         self.closed = True
 
 
-def test_reads_are_requested_one_bounded_window_at_a_time():
+def test_reads_are_requested_ahead_within_a_bound_a_span_at_a_time():
     data = os.urandom(5 * 1024 * 1024 + 123)
     handle = FakeHandle(data)
-    with windowed_read(handle, len(data), window=2 * 1024 * 1024) as f:
+    with windowed_read(handle, len(data), ahead=1024 * 1024, request=256 * 1024, span=2 * 1024 * 1024) as f:
         got = b"".join(iter(lambda: f.read(1 << 20), b""))
     assert got == data
-    assert handle.requests == [2 * 1024 * 1024, 2 * 1024 * 1024, 1024 * 1024 + 123]
+    # 4 requests of 256 KiB outstanding at most: 1 MiB requested and unread
+    assert handle.requests == [(2 * 1024 * 1024, 4, 256 * 1024), (2 * 1024 * 1024, 4, 256 * 1024),
+                               (1024 * 1024 + 123, 4, 256 * 1024)]
     assert handle.closed
 
 
@@ -92,3 +95,34 @@ def test_empty_remote_file_reads_as_empty():
     handle = FakeHandle(b"")
     with windowed_read(handle, 0) as f:
         assert f.read() == b""
+
+
+class FakeSftp:
+    def __init__(self, reply):
+        self.reply = reply
+
+    def _request(self, kind, name):
+        assert name == "limits@openssh.com"
+        if isinstance(self.reply, Exception):
+            raise self.reply
+        return self.reply
+
+
+def limits(packet: int, read: int, write: int):
+    from paramiko.message import Message
+    from paramiko.sftp import CMD_EXTENDED_REPLY
+
+    msg = Message()
+    for value in (packet, read, write, 64):
+        msg.add_int64(value)
+    msg.rewind()
+    return CMD_EXTENDED_REPLY, msg
+
+
+def test_request_sizes_follow_the_limits_the_server_announces():
+    from backupd.storage.sftp import request_sizes
+
+    assert request_sizes(FakeSftp(limits(262144, 261120, 261120))) == (261120, 261120)
+    assert request_sizes(FakeSftp(limits(1 << 24, 1 << 24, 1 << 20))) == (256 * 1024, 256 * 1024)
+    assert request_sizes(FakeSftp(limits(0, 0, 0))) == (32768, 32768)  # not announced
+    assert request_sizes(FakeSftp(OSError("Operation unsupported"))) == (32768, 32768)  # not OpenSSH

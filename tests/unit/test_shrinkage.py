@@ -14,7 +14,7 @@ from backupd.catalog import Catalog
 from backupd.cli import main
 from backupd.config import parse_config
 from backupd.prune import prune_job
-from backupd.shrinkage import SuspiciousShrinkError, judge
+from backupd.shrinkage import SuspiciousShrinkError, judge, judge_files
 
 UTC = timezone.utc
 T0 = datetime(2026, 11, 1, 3, 0, tzinfo=UTC)
@@ -30,7 +30,14 @@ def test_a_backup_far_below_the_median_of_the_last_ones_is_suspicious() -> None:
     assert judge(30, [100, 10, 100, 100, 1000], 0.5) is not None  # the median, not the mean
 
 
-def backup_of(catalog: Catalog, stores: dict, size: int, when: datetime) -> str:
+def test_a_file_count_far_below_the_median_is_suspicious_by_the_same_rule() -> None:
+    assert "file count 40 is 60% below the median 100 of the last 3" in judge_files(40, [100, 100, 100], 0.5)
+    assert judge_files(50, [100, 100, 100], 0.5) is None
+    assert judge_files(1, [100, 100], 0.5) is None
+    assert judge_files(1, [100, 100, 100], 0) is None
+
+
+def backup_of(catalog: Catalog, stores: dict, size: int, when: datetime, files: int | None = None) -> str:
     bid = catalog.start_backup("j", when)
     data = b"x" * size
     keys = {d: f"j/{bid}/volume-v.tar.zst" for d in stores}
@@ -39,7 +46,7 @@ def backup_of(catalog: Catalog, stores: dict, size: int, when: datetime) -> str:
         up = store.open_upload(keys[dest])
         up.write(data)
         up.commit()
-    catalog.finish_artifact(art, size, hashlib.sha256(data).hexdigest(), {})
+    catalog.finish_artifact(art, size, hashlib.sha256(data).hexdigest(), {}, file_count=files)
     catalog.finish_backup(bid)
     return bid
 
@@ -95,3 +102,36 @@ def test_a_later_normal_backup_lifts_the_hold_and_the_small_one_is_kept_only_lik
     kept = {d.id: d.reasons for d in report.decisions if d.keep}
     assert set(kept) == {small, normal, good[2]}
     assert kept[small] == ("suspicious within 7d",)
+
+
+def test_a_backup_of_the_usual_size_with_far_fewer_files_is_suspicious(env) -> None:
+    """Thousands of files replaced by one big one: the size holds, the count does not."""
+    config, app, stores = env
+    for d in range(3):
+        assert app.guard_shrinkage(config, "j", backup_of(app.catalog, stores, 1000, T0 + timedelta(days=d),
+                                                          files=200)) is None
+    same_size_few_files = backup_of(app.catalog, stores, 1000, T0 + timedelta(days=3), files=20)
+    reason = app.guard_shrinkage(config, "j", same_size_few_files)
+    assert reason == "file count 20 is 90% below the median 200 of the last 3 successful backups " \
+                     "(more than 50% fewer is suspicious)"
+    assert app.catalog.get(same_size_few_files).suspicion == reason
+    normal = backup_of(app.catalog, stores, 1000, T0 + timedelta(days=4), files=190)
+    assert app.guard_shrinkage(config, "j", normal) is None, "the flagged one is not part of the median"
+
+
+def test_both_size_and_file_count_are_named_when_both_fell(env) -> None:
+    config, app, stores = env
+    for d in range(3):
+        backup_of(app.catalog, stores, 1000, T0 + timedelta(days=d), files=200)
+    reason = app.guard_shrinkage(config, "j", backup_of(app.catalog, stores, 10, T0 + timedelta(days=3), files=2))
+    assert "size 10 B is 99% below" in reason and "file count 2 is 99% below" in reason
+
+
+def test_backups_that_counted_no_files_are_not_compared_by_count(env) -> None:
+    """Backups from before file counts (or of dumps only) give the count guard no history."""
+    config, app, stores = env
+    for d in range(3):
+        backup_of(app.catalog, stores, 1000, T0 + timedelta(days=d))
+    assert app.catalog.recent_file_counts("j", T0 + timedelta(days=9), 5) == []
+    assert app.guard_shrinkage(config, "j", backup_of(app.catalog, stores, 1000, T0 + timedelta(days=3),
+                                                      files=1)) is None
