@@ -110,6 +110,14 @@ class HelperError(BackupdError):
     """A helper container failed; the message carries its exit code and stderr."""
 
 
+STDERR_KEPT = 2000  # characters of a helper's stderr its error keeps: the end, with room for long paths
+
+
+def exited(what: str, code: int | None, stderr: str) -> HelperError:
+    """The error of a helper that exited `code`, with the end of its stderr (where the cause is)."""
+    return HelperError(f"{what} exited {code}: {stderr[-STDERR_KEPT:] or 'no message'}")
+
+
 class HelperStartError(HelperError):
     """The engine could not start a helper's command (most often: its image lacks it)."""
 
@@ -456,7 +464,7 @@ class DockerHost:
             code = exit_code.result()
             if code != 0:
                 message = bytes(err).decode("utf-8", "replace").strip()
-                raise HelperError(f"helper for {purpose} exited {code}: {message[-500:]}")
+                raise exited(f"helper for {purpose}", code, message)
             return out.decode("utf-8", "replace")
         finally:
             self._remove(cid)
@@ -577,7 +585,7 @@ class DockerHost:
             # GNU tar: "some files differ" (changed while read); the archive is whole.
             log.warning("tar of %s: files changed while being read: %s", purpose, message[-500:])
         elif code != 0:
-            raise HelperError(f"helper for {purpose} exited {code}: {message[-500:] or 'no message'}")
+            raise exited(f"helper for {purpose}", code, message)
 
     def tar_extract(self, volume: str, chunks: Iterable[bytes], purpose: str) -> None:
         """Feed a tar stream into a helper that extracts it into the volume."""
@@ -608,8 +616,7 @@ class DockerHost:
                 output.closed.wait(600)
                 code = exit_code.result()
                 if code != 0 or fd is None:
-                    raise HelperError(f"restore helper for {purpose} exited {code}: "
-                                      f"{output.text()[-500:] or 'no message'}")
+                    raise exited(f"restore helper for {purpose}", code, output.text())
             finally:
                 self._remove(cid)
 
@@ -638,7 +645,7 @@ class DockerHost:
             reader.join(timeout=10)
             message = bytes(output[-STDERR_KEEP:]).decode("utf-8", "replace").strip()
             if code != 0:
-                raise HelperError(f"restore helper for {purpose} exited {code}: {message[-500:] or 'no message'}")
+                raise exited(f"restore helper for {purpose}", code, message)
         finally:
             self._remove(cid)
 
@@ -808,7 +815,7 @@ class FedHelper:
         self._reader.join(30)
         if code != 0:
             message = bytes(self.stderr[-STDERR_KEEP:]).decode("utf-8", "replace").strip()
-            raise HelperError(f"helper for {self.purpose} exited {code}: {message[-500:] or 'no message'}")
+            raise exited(f"helper for {self.purpose}", code, message)
         return bytes(self.stdout).decode("utf-8", "replace")
 
     def abort(self) -> None:

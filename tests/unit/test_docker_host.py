@@ -199,3 +199,15 @@ def test_an_image_without_tar_is_a_config_error_with_the_engines_reason(monkeypa
     host, _ = _image_host(monkeypatch, APIError("400", explanation='exec: "tar": executable file not found in $PATH'))
     with pytest.raises(ConfigError, match=r"has no GNU tar \(`tar --version` cannot run: exec: \"tar\": executable"):
         host.check_helper_image()
+
+
+def test_a_helpers_error_keeps_the_end_of_its_stderr_with_room_for_long_paths() -> None:
+    """ssh's "Host key verification failed" came after restic's long repository path and was
+    cut off when only 500 characters were kept."""
+    from backupd.docker_host import STDERR_KEPT, exited
+
+    stderr = "Fatal: unable to open repo at sftp:u@h:/" + "p" * 1500 + "\nHost key verification failed."
+    error = exited("helper for backup", 1, stderr)
+    assert str(error).endswith("Host key verification failed.") and "Fatal: unable to open repo" in str(error)
+    assert len(str(exited("x", 1, "e" * 10 * STDERR_KEPT))) < STDERR_KEPT + 50
+    assert str(exited("x", 2, "")) == "x exited 2: no message"
