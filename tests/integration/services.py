@@ -366,6 +366,7 @@ exec su postgres -c 'exec postgres -D {PG_DATA} -c listen_addresses=*'
 def start_postgres(client: docker.DockerClient, timeout: float = 90) -> DbContainer:
     """PostgreSQL 15 in a dbbase:test container, user postgres with a password."""
     require_image(client, DB_IMAGE)
+    remove_dead_dbs(client)
     name, password = unique_name("backupd-test-pg"), secrets.token_hex(16)
     volume = f"{name}-data"
     client.volumes.create(volume, labels=TEST_LABELS)
@@ -400,6 +401,7 @@ exec mariadbd --user=mysql --datadir=/var/lib/mysql --bind-address=0.0.0.0
 def start_mariadb(client: docker.DockerClient, timeout: float = 90) -> DbContainer:
     """MariaDB in a dbbase:test container; root has a password (and keeps unix_socket for exec)."""
     require_image(client, DB_IMAGE)
+    remove_dead_dbs(client)
     name, password = unique_name("backupd-test-mariadb"), secrets.token_hex(16)
     volume = f"{name}-data"
     client.volumes.create(volume, labels=TEST_LABELS)
@@ -440,6 +442,17 @@ def _remove_container_and_volume(client: docker.DockerClient, name: str, volume:
 
 def remove_db(client: docker.DockerClient, db: DbContainer) -> None:
     _remove_container_and_volume(client, db.name, db.volume)
+
+
+def remove_dead_dbs(client: docker.DockerClient) -> int:
+    """Remove the database containers (and their data volumes) of a test run that was killed:
+    those that are no longer running. A running one may serve another run on this engine."""
+    dead = [c for c in client.containers.list(all=True, filters={"label": "backupd-test=1",
+                                                                 "status": ["exited", "dead"]})
+            if c.name.startswith(("backupd-test-pg-", "backupd-test-mariadb-"))]  # no test stops these
+    for container in dead:
+        _remove_container_and_volume(client, container.name, f"{container.name}-data")
+    return len(dead)
 
 
 # ------------------------------------------------------------------ a link with latency

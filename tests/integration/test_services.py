@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from .services import fill_volume, fingerprint_sha256
+    from .services import DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, remove_dead_dbs, unique_name
 except ImportError:
-    from services import fill_volume, fingerprint_sha256
+    from services import DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, remove_dead_dbs, unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +82,17 @@ def test_mariadb_answers_with_its_password(docker_client, mariadb_container):
     res = c.exec_run(["mariadb", "-uroot", "-h", mariadb_container.ip, "-e", "select 1"],
                      environment={"MYSQL_PWD": "wrong"})
     assert res.exit_code != 0
+
+
+def test_a_killed_runs_database_container_and_its_volume_are_removed_but_a_running_one_is_kept(
+        docker_client, postgres_container) -> None:
+    """A test run killed before its session fixtures ended leaves its database containers; the
+    next run removes them (only stopped ones: a running one may serve another run)."""
+    name = unique_name("backupd-test-pg")
+    docker_client.volumes.create(f"{name}-data", labels=TEST_LABELS)
+    docker_client.containers.run(DB_IMAGE, ["true"], name=name, labels=TEST_LABELS,
+                                 volumes={f"{name}-data": {"bind": "/d", "mode": "rw"}})  # exits at once
+    assert remove_dead_dbs(docker_client) >= 1
+    names = {c.name for c in docker_client.containers.list(all=True)}
+    assert name not in names and postgres_container.name in names
+    assert f"{name}-data" not in {v.name for v in docker_client.volumes.list()}
