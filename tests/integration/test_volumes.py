@@ -706,8 +706,8 @@ def test_sigterm_mid_backup_leaves_no_archive_no_helper_and_a_failed_record(
         assert proc.poll() is None and time.monotonic() < deadline, "backup never started writing"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=60)  # read while waiting: a full stderr pipe would block the process
+    assert proc.returncode != 0, err[-2000:]
     assert stored_files(tmp_path) == [], "a partial or final file was left behind"
     [entry] = listing(config)
     assert entry["status"] == "failed" and "interrupted" in entry["error"]
