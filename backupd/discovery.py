@@ -58,6 +58,10 @@ class Discovered:
         found = self.found.get(job)
         return found.error if found is not None and not found.overridden else None
 
+    def broken_jobs(self) -> dict[str, LabelError]:
+        """Every discovered job a label keeps from running (an overridden one runs from the config)."""
+        return {name: error for name in self.found if (error := self.broken(name)) is not None}
+
 
 def configured(config: Config) -> Config:
     """The config as the operator wrote it, without jobs an earlier discovery added."""
@@ -246,6 +250,13 @@ def _image_labels(client: Any, image: str) -> dict[str, str]:
         return dict(client.images.get(image).labels or {})
     except DockerException:  # removed meanwhile: judge every label as the container's own
         return {}
+
+
+def new_breakages(before: Discovered | None, after: Discovered) -> list[tuple[str, LabelError]]:
+    """(job, error) of each discovered job `after` keeps from running for a reason `before` did
+    not already have: a breakage is reported once, not at every refresh that finds it again."""
+    seen = {str(e) for e in before.broken_jobs().values()} if before else set()
+    return [(name, error) for name, error in after.broken_jobs().items() if str(error) not in seen]
 
 
 def log_changes(before: Discovered | None, after: Discovered) -> None:
