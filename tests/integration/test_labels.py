@@ -16,12 +16,10 @@ Everything a test makes carries a label of its own run, and is removed by it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,9 +31,9 @@ import pytest
 
 from tests.integration.services import APP_COMMAND, DB_IMAGE, MARIADB_SCRIPT, PG_DATA, PG_SCRIPT, TEST_LABELS, \
     require_image
-from tests.integration.test_daemon import wait_until
+from tests.integration.test_daemon import Daemon, wait_until
 from tests.integration.test_sidecar import Webhook, webhook  # noqa: F401 - fixture
-from tests.integration.test_volumes import REPO, backupd, listing
+from tests.integration.test_volumes import backupd, listing
 
 pytestmark = pytest.mark.integration
 
@@ -79,26 +77,6 @@ def made(docker_client, helper_image) -> Iterator[Made]:
     m = Made(docker_client, helper_image)
     yield m
     m.clean()
-
-
-class Daemon:
-    """`backupd run` as a process on the host, its log in a file."""
-
-    def __init__(self, config: Path, log: Path, *args: str) -> None:
-        self.log = log
-        self.out = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backupd", "--log-format", "json", "--config",
-                                      str(config), "run", *args], env={**os.environ, "PYTHONPATH": str(REPO)},
-                                     stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(60)
-        self.out.close()
 
 
 def write(tmp_path: Path, helper_image: str, jobs: dict | None = None, notifications: dict | None = None,
