@@ -10,7 +10,7 @@ steps and catalog cannot tell them apart. The rules, all here:
 - a job in `jobs:` with the same name wins whole: the labels of its containers are ignored,
   and `list --jobs` says so;
 - a bad label breaks its own job (not scheduled; `backupd backup JOB` fails naming the
-  container and the label) and no other.
+  container and the label; the daemon notifies once per breakage, see new_breakages) and no other.
 """
 
 from __future__ import annotations
