@@ -15,10 +15,11 @@ import threading
 import time
 from typing import Any, Callable
 
+from backupd import notify
 from backupd.app import App
 from backupd.config import Config, load_config
-from backupd.discovery import Discovered, discover, log_changes
-from backupd.errors import BackupdError
+from backupd.discovery import Discovered, discover, log_changes, new_breakages
+from backupd.errors import BackupdError, LabelError
 from backupd.events import EventWatcher
 from backupd.http import HttpEndpoint, parse_bind
 from backupd.metrics import Metrics
@@ -49,15 +50,34 @@ class Signals:
         self.wake.set()
 
 
+Breakages = list[tuple[str, LabelError]]  # (discovered job, what keeps it from running)
+
+
+def notify_broken(config: Config, broken: Breakages) -> None:
+    """Send each breakage through the notifications, from a thread of its own: a receiver that
+    does not answer must not hold the main loop (signals, container events) for its timeout."""
+    if not broken or not (config.notifications.ping_url or notify.webhook_url(config.notifications)):
+        return
+
+    def send() -> None:
+        for job, error in broken:
+            notify.label_broken(config.notifications, job, error)
+
+    threading.Thread(target=send, name="label-notify", daemon=True).start()
+
+
 class Jobs:
     """The daemon's jobs: the config file's, plus those container labels declare, kept current.
 
     `written` is the config as loaded (SIGHUP replaces it); `discover` adds the labelled jobs
-    (App.discover). When the engine cannot be read, the jobs discovered last stay."""
+    (App.discover). When the engine cannot be read, the jobs discovered last stay. A label that
+    breaks a job is reported through `on_broken` when it first appears, not at every refresh."""
 
-    def __init__(self, written: Config, discover: Callable[[Config], Discovered]) -> None:
+    def __init__(self, written: Config, discover: Callable[[Config], Discovered],
+                 on_broken: Callable[[Config, Breakages], None] = notify_broken) -> None:
         self.written = written
         self._discover = discover
+        self._on_broken = on_broken
         self.last: Discovered | None = None
 
     def current(self) -> Config:
@@ -72,6 +92,7 @@ class Jobs:
                 return self.written
             return discover(self.written, self.last.containers).config
         log_changes(self.last, found)
+        self._on_broken(self.written, new_breakages(self.last, found))
         self.last = found
         return found.config
 

@@ -10,7 +10,7 @@ steps and catalog cannot tell them apart. The rules, all here:
 - a job in `jobs:` with the same name wins whole: the labels of its containers are ignored,
   and `list --jobs` says so;
 - a bad label breaks its own job (not scheduled; `backupd backup JOB` fails naming the
-  container and the label) and no other.
+  container and the label; the daemon notifies once per breakage, see new_breakages) and no other.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class Discovered:
     def broken(self, job: str) -> LabelError | None:
         found = self.found.get(job)
         return found.error if found is not None and not found.overridden else None
+
+    def broken_jobs(self) -> dict[str, LabelError]:
+        """Every discovered job a label keeps from running (an overridden one runs from the config)."""
+        return {name: error for name in self.found if (error := self.broken(name)) is not None}
 
 
 def configured(config: Config) -> Config:
@@ -246,6 +250,13 @@ def _image_labels(client: Any, image: str) -> dict[str, str]:
         return dict(client.images.get(image).labels or {})
     except DockerException:  # removed meanwhile: judge every label as the container's own
         return {}
+
+
+def new_breakages(before: Discovered | None, after: Discovered) -> list[tuple[str, LabelError]]:
+    """(job, error) of each discovered job `after` keeps from running for a reason `before` did
+    not already have: a breakage is reported once, not at every refresh that finds it again."""
+    seen = {str(e) for e in before.broken_jobs().values()} if before else set()
+    return [(name, error) for name, error in after.broken_jobs().items() if str(error) not in seen]
 
 
 def log_changes(before: Discovered | None, after: Discovered) -> None:

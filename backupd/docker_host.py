@@ -471,9 +471,10 @@ class DockerHost:
 
     @contextmanager
     def helper_output(self, command: list[str], mounts: list[Mount], purpose: str, caps: Iterable[str] = (),
-                      **options: Any) -> Iterator[Iterator[bytes]]:
+                      strict: bool = True, **options: Any) -> Iterator[Iterator[bytes]]:
         """Run a helper and yield its stdout as it comes (memory stays bounded, unlike run_helper);
-        HelperError when the iterator ends and the helper exited non-zero."""
+        HelperError when the iterator ends and the helper exited non-zero (with `strict` False,
+        exit 1 only warns: GNU tar's "files changed while read", whose archive is whole)."""
         cid = self._create_helper(command, mounts, purpose=purpose, caps=caps, **options)
         raw = None
         try:
@@ -481,7 +482,7 @@ class DockerHost:
             raw = _raw_socket(sock)
             self.api.start(cid)
             exit_code = _Waiter(self.api, cid)
-            yield self._stdout_then_check(exit_code, sock, purpose, strict=True)
+            yield self._stdout_then_check(exit_code, sock, purpose, strict)
         finally:
             if raw is not None:
                 _hang_up(raw)  # abandoned mid-stream: the engine's remove must not wait on it
@@ -523,21 +524,9 @@ class DockerHost:
         purpose = f"{source.kind} '{source.source}'"
         fifo_dir = self.fifo_dir()
         if fifo_dir is None:
-            cid = self._create_helper(tar_create(source.exclude), [source.mount(read_only=True)], purpose=purpose,
-                                      caps=READ_CAPS)
-            raw = None
-            try:
-                sock = self.api.attach_socket(cid, params={"stdout": 1, "stderr": 1, "stream": 1})
-                raw = _raw_socket(sock)
-                self.api.start(cid)
-                exit_code = _Waiter(self.api, cid)
-                yield self._stdout_then_check(exit_code, sock, purpose)
-            finally:
-                if raw is not None:
-                    # Abandoned mid-stream (cancel): hang up first, or the engine's
-                    # remove waits forever on a helper blocked writing to the socket.
-                    _hang_up(raw)
-                self._remove(cid)
+            with self.helper_output(tar_create(source.exclude), [source.mount(read_only=True)], purpose,
+                                    READ_CAPS, strict=False) as chunks:
+                yield chunks
             return
         with _fifo(fifo_dir, helper_writes=True) as (local, inside):
             command = [f"--file={inside}" if a == "--file=-" else a for a in tar_create(source.exclude)]

@@ -19,9 +19,12 @@ from urllib.parse import urlsplit
 
 from backupd.catalog import SUCCEEDED, BackupView
 from backupd.config import Job, Notifications, read_secret_file
+from backupd.errors import LabelError
 from backupd.redaction import redact, redact_all
 
 log = logging.getLogger(__name__)
+
+LABEL_ERROR = "label-error"  # the status of a report on a discovered job its labels keep from running
 
 
 @dataclass
@@ -32,10 +35,12 @@ class RunReport:
     errors: list[str] = field(default_factory=list)
     backup: BackupView | None = None
     warnings: list[str] = field(default_factory=list)  # `on_error: continue` hooks that failed
+    label: LabelError | None = None  # a discovered job's broken label: the container and label to fix
 
     def payload(self) -> dict[str, Any]:
         """The webhook's JSON body: what happened, sizes, and why it failed."""
         backup = self.backup
+        where = {"container": self.label.container, "label": self.label.label} if self.label else {}
         return {
             "job": self.job,
             "backup_id": self.backup_id,
@@ -47,6 +52,7 @@ class RunReport:
                           for a in backup.artifacts] if backup else [],
             "errors": self.errors,
             "warnings": self.warnings,
+            **where,
         }
 
 
@@ -95,14 +101,15 @@ def run_started(settings: Notifications, job_name: str) -> None:
               settings.timeout.total_seconds(), f"start ping for job {job_name}")
 
 
-def run_finished(settings: Notifications, job: Job, job_name: str, report: RunReport) -> None:
+def run_finished(settings: Notifications, job: Job | None, job_name: str, report: RunReport) -> None:
+    """Report a run's outcome (`job` None: a job that does not exist as given, so cannot succeed)."""
     ok = report.status == SUCCEEDED
     timeout = settings.timeout.total_seconds()
     if settings.ping_url:
         url = settings.ping_url.rstrip("/") + ("" if ok else "/fail")
         _send("POST", url, redact("\n".join(report.errors)).encode() or b"ok", timeout,
               f"{'success' if ok else 'failure'} ping for job {job_name}")
-    if ok and not report.warnings and not wants_success(settings, job):
+    if ok and not report.warnings and (job is None or not wants_success(settings, job)):
         return  # a success with warnings is reported: someone should look at the failed hook
     url = webhook_url(settings)
     if url:
@@ -110,3 +117,9 @@ def run_finished(settings: Notifications, job: Job, job_name: str, report: RunRe
         if _send("POST", url, body, timeout, f"webhook for job {job_name}"):
             log.info("webhook for job %s sent to %s (%s)", job_name, host_of(url), report.status,
                      extra={"job": job_name, "backup_id": report.backup_id})
+
+
+def label_broken(settings: Notifications, job_name: str, error: LabelError) -> None:
+    """A discovered job its labels keep from running is reported as a failed run of it would be
+    (webhook, failure ping): nothing else tells anyone it is not backed up."""
+    run_finished(settings, None, job_name, RunReport(job_name, None, LABEL_ERROR, [str(error)], label=error))

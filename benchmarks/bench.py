@@ -64,6 +64,11 @@ def drop_caches() -> None:
         pass
 
 
+def volume_bytes(root: Path) -> int:
+    """The bytes of every file under `root`: what a backup of it reads."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
 # Peak memory comes from GNU time, which forks the command itself. The ru_maxrss that wait4
 # gives for a child forked from this script includes this script's own high-water mark (Linux
 # keeps the larger across exec): with the catalog figure loaded it read 128 MB for every command.
@@ -93,7 +98,7 @@ def timed(name: str, cmd: list[str] | str, data_bytes: int, env: dict | None = N
         raise SystemExit(f"{name} failed ({proc.returncode}): {err.decode()[-2000:]}")
     size = None
     if archive is not None:
-        size = sum(p.stat().st_size for p in archive.rglob("*") if p.is_file()) if archive.is_dir() else archive.stat().st_size
+        size = volume_bytes(archive) if archive.is_dir() else archive.stat().st_size
     rss = None
     if peak_file is not None:
         rss = int(peak_file.read_text().split()[-1]) / 1024  # KiB
@@ -147,8 +152,7 @@ def build_volume(client: docker.DockerClient, name: str, total: int, small_files
         d = root / "small" / f"{i % 40:02d}" / f"{(i // 40) % 25:02d}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"file{i}.txt").write_bytes(blocks[i % 64][: rng.randint(per // 2, per * 3 // 2)])
-    data = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    return root, data
+    return root, volume_bytes(root)
 
 
 # ------------------------------------------------------------------ measurements

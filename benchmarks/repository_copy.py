@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import drop_caches, volume_bytes  # run as benchmarks/repository_copy.py: its folder is on the path
+
 MiB = 1 << 20
 REPOS = 3
 
@@ -51,18 +53,6 @@ def make_volume(root: Path, size_mib: int, seed: int = 7) -> None:
 def change_one_percent(root: Path, size_mib: int, seed: int) -> None:
     rnd = random.Random(seed)
     (root / f"new{seed}.bin").write_bytes(rnd.randbytes(max(1, size_mib // 100) * MiB))
-
-
-def volume_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=False)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
 
 
 def run_each(repos: list[Path], pw: Path, cache: Path, src: Path, tag: str) -> float:

@@ -37,6 +37,7 @@ def reports_error(stderr: str) -> bool:
     """A tool that exits 0 but prints an error line still failed (warnings are fine)."""
     return any(ERROR_WORD.search(line) and "warning" not in line.lower() for line in stderr.splitlines())
 QUERY_TIMEOUT = 60.0
+MARKER_SEP = ":"  # between an entry's name and a dump of no one database (the roles)
 QUERY_OUTPUT_MAX = 64 << 20  # a listing is never cut short: more than this fails instead
 
 
@@ -184,6 +185,29 @@ def marker_source(kind: str, server: str, what: str) -> str:
     return f"{kind}:{server}/*{what}"
 
 
+def database_artifact(entry: str, database: str) -> str:
+    """'pg.app': one database of an entry that dumps several."""
+    return f"{entry}.{database}"
+
+
+def marker_artifact(entry: str, what: str) -> str:
+    """'pg:globals': no entry name holds ':' (config.NAME_RE), so no database of the entry,
+    whatever a tenant calls it, is stored under this name. (Backups before this change named
+    the roles dump 'pg.globals'; restore goes by the artifact's source, so they still restore.)"""
+    return f"{entry}{MARKER_SEP}{what}"
+
+
+def made_by(artifact: str, entry: str) -> bool:
+    """Whether dump `artifact` came from the `databases:` entry named `entry`."""
+    return artifact == entry or artifact.startswith((entry + ".", entry + MARKER_SEP))
+
+
+def entry_of(artifact: str) -> str:
+    """A best guess at the entry an artifact came from, when no configured entry made it
+    (an entry name may itself hold '.')."""
+    return re.split(r"[.:]", artifact, maxsplit=1)[0]
+
+
 def parse_source(source: str) -> Source:
     """'postgres:pg/a%2Fb' -> Source('postgres', 'pg', 'a/b'); 'mysql:db/*all' -> marker 'all'."""
     kind, _, rest = source.partition(":")
@@ -211,7 +235,8 @@ def plan_dumps(spec: DatabaseSpec, host: DockerHost, where: str) -> list[Dump]:
     elif isinstance(spec.database, str):  # (artifact, database, config key path)
         wanted = [(spec.name, spec.database, where)]
     else:
-        wanted = [(f"{spec.name}.{n}", n, f"{where}.database[{i}]") for i, n in enumerate(spec.database)]
+        wanted = [(database_artifact(spec.name, n), n, f"{where}.database[{i}]")
+                  for i, n in enumerate(spec.database)]
     for _, name, at in wanted or []:
         check_name(name, at)
     target = connect(spec, host, where)
@@ -226,11 +251,11 @@ def plan_dumps(spec: DatabaseSpec, host: DockerHost, where: str) -> list[Dump]:
         everything = kind.dump_everything(spec, tools)
         if everything is not None:
             return [Dump(spec.name, marker_source(kind.KIND, server, "all"), everything, target)]
-        dumps = [dump(f"{spec.name}.{n}", check_name(n, f"{where}.database (all)"))
+        dumps = [dump(database_artifact(spec.name, n), check_name(n, f"{where}.database (all)"))
                  for n in target.databases(where) if n not in kind.SYSTEM_DATABASES]
         extra = kind.dump_all_extra(spec, tools)
         if extra is not None:
-            dumps.append(Dump(f"{spec.name}.{extra[0]}", marker_source(kind.KIND, server, extra[0]),
+            dumps.append(Dump(marker_artifact(spec.name, extra[0]), marker_source(kind.KIND, server, extra[0]),
                               extra[1], target))
         return dumps
     existing = set(target.databases(where))

@@ -10,7 +10,7 @@ from backupd.catalog import Catalog
 from backupd.config import Config, DatabaseSpec
 from backupd.docker_host import DockerHost
 from backupd.errors import ConfigError
-from backupd.quiesce.databases import WHOLE, connect, parse_source, restore_dump
+from backupd.quiesce.databases import WHOLE, connect, entry_of, made_by, parse_source, restore_dump
 from backupd.quiesce.file_restore import restore_file
 from backupd.repository import is_snapshot, proven_input
 from backupd.restore import configured_stores, find_good_copy, preference
@@ -22,11 +22,11 @@ def _spec_for(config: Config, job: str, artifact: str, kind: str, server: str) -
     """The config entry that made the artifact (for user and password), or defaults."""
     job_cfg = config.jobs.get(job)
     for spec in job_cfg.databases if job_cfg else []:
-        if artifact == spec.name or artifact.startswith(spec.name + "."):
+        if made_by(artifact, spec.name):
             return spec
     container = None if ":" in server else server
     # (for SQLite, the file's path is in the artifact's source; this is only a placeholder)
-    return DatabaseSpec(name=artifact.split(".")[0], type=kind, container=container,
+    return DatabaseSpec(name=entry_of(artifact), type=kind, container=container,
                         host=server.split(":")[0] if container is None else None,
                         path="/restore.db" if kind == "sqlite" else None)
 

@@ -44,11 +44,12 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float, logs: Callab
 class Daemon:
     """`backupd run` as a process on the host, its log in a file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *args: str) -> None:
+        """`args` go after `run` (`--http 127.0.0.1:PORT`)."""
         self.log = log
         self.out = open(log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "backupd", "--log-format", "json", "--config",
-                                      str(config), "run"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                                      str(config), "run", *args], env={**os.environ, "PYTHONPATH": str(REPO)},
                                      stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def text(self) -> str:

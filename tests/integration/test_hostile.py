@@ -18,6 +18,8 @@ Threats covered:
   4. Another local user reads a dump: archives, manifests and the catalog are
      private even under umask 022.
   5. A helper image without GNU tar (busybox, alpine): refused by name at plan time.
+  6. A tenant creates a PostgreSQL database called `globals` (or `:globals`): it is backed up
+     beside the roles dump `pg:globals`, and the server's backup goes on.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.services import DB_IMAGE, TEST_LABELS, wait_until
+from tests.integration.test_repository import repo_config, restic_image  # noqa: F401 - fixture
 from tests.integration.test_volumes import REPO, backupd, listing, mountpoint, write_config
 
 pytestmark = pytest.mark.integration
@@ -220,7 +223,7 @@ def test_postgres_names_never_reach_libpq_as_connection_strings(
     for name in names:  # each database is its own artifact, found by its own name
         art = artifacts[f"pg.{name}"]
         assert art["status"] == "succeeded" and art["size"] > 0, art
-    assert artifacts["pg.globals"]["status"] == "succeeded"
+    assert artifacts["pg:globals"]["status"] == "succeeded"
     assert "pg.two" not in artifacts and "pg.words" not in artifacts
     assert_one_plain_file_each(tmp_path, artifacts)
 
@@ -260,6 +263,52 @@ def test_a_name_no_tool_can_take_is_refused_naming_the_key_path(helper_image, po
     assert "jobs.j.databases[0].database[1]: database 'bad\\x00name'" in proc.stderr and "NUL" in proc.stderr
     [failed] = listing(config)  # recorded failed with its cause; nothing was dumped
     assert failed["status"] == "failed" and failed["artifacts"] == [] and "NUL" in failed["error"]
+
+
+@pytest.fixture
+def pg_tenant_globals(docker_client, postgres_container):
+    """A tenant's databases named like the roles dump, each with a table, and a role of our own."""
+    db, role = postgres_container, f"tenant_{uuid.uuid4().hex[:12]}"
+    names = ["globals", ":globals"]
+    for name in names:
+        pg_run(docker_client, db, "postgres", f"DROP DATABASE IF EXISTS {pg_ident(name)} WITH (FORCE)")
+        pg_run(docker_client, db, "postgres", f"CREATE DATABASE {pg_ident(name)}")
+        pg_run(docker_client, db, name, "CREATE TABLE t (id int PRIMARY KEY, owner text); "
+                                        "INSERT INTO t SELECT g, 'tenant' FROM generate_series(1, 100) g")
+    pg_run(docker_client, db, "postgres", f"CREATE ROLE {role} LOGIN")
+    yield db, names, role
+    for name in names:
+        pg_run(docker_client, db, "postgres", f"DROP DATABASE IF EXISTS {pg_ident(name)} WITH (FORCE)")
+    pg_run(docker_client, db, "postgres", f"DROP ROLE IF EXISTS {role}")
+
+
+@pytest.mark.parametrize("mode", ["archive", "repository"])
+def test_a_database_named_globals_is_backed_up_beside_the_roles(
+        docker_client, helper_image, pg_tenant_globals, tmp_path, mode, request):
+    db, names, role = pg_tenant_globals
+    jobs = {"j": {"databases": [{"name": "pg", "type": "postgres", "container": db.name, "database": "all"}]}}
+    if mode == "repository":
+        config, _ = repo_config(tmp_path, helper_image, request.getfixturevalue("restic_image"), jobs)
+    else:
+        config = write_config(tmp_path, helper_image, jobs)
+    before = {name: pg_table(docker_client, db, name) for name in names}
+
+    proc = backupd(config, "backup", "j")
+    assert proc.returncode == 0, proc.stderr
+    backup_id = proc.stdout.strip()
+    artifacts = artifacts_by_name(config)
+    for name in ("pg.globals", "pg.:globals", "pg:globals"):
+        assert artifacts[name]["status"] == "succeeded", artifacts[name]
+    shown = backupd(config, "show", backup_id, check=True).stdout
+    assert "pg.globals" in shown and "pg:globals" in shown
+
+    for name in names:  # each tenant database comes back as itself
+        pg_run(docker_client, db, "postgres", f"DROP DATABASE {pg_ident(name)} WITH (FORCE)")
+        backupd(config, "restore", backup_id, "--database", f"pg.{name}", check=True)
+        assert pg_table(docker_client, db, name) == before[name]
+    pg_run(docker_client, db, "postgres", f"DROP ROLE {role}")  # and so do the roles
+    backupd(config, "restore", backup_id, "--database", "pg:globals", check=True)
+    assert pg_run(docker_client, db, "postgres", f"SELECT count(*) FROM pg_roles WHERE rolname = '{role}'") == "1"
 
 
 def maria_ident(name: str) -> str:

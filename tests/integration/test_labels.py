@@ -16,12 +16,10 @@ Everything a test makes carries a label of its own run, and is removed by it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,8 +31,9 @@ import pytest
 
 from tests.integration.services import APP_COMMAND, DB_IMAGE, MARIADB_SCRIPT, PG_DATA, PG_SCRIPT, TEST_LABELS, \
     require_image
-from tests.integration.test_daemon import wait_until
-from tests.integration.test_volumes import REPO, backupd, listing
+from tests.integration.test_daemon import Daemon, wait_until
+from tests.integration.test_sidecar import Webhook, webhook  # noqa: F401 - fixture
+from tests.integration.test_volumes import backupd, listing
 
 pytestmark = pytest.mark.integration
 
@@ -80,30 +79,12 @@ def made(docker_client, helper_image) -> Iterator[Made]:
     m.clean()
 
 
-class Daemon:
-    """`backupd run` as a process on the host, its log in a file."""
-
-    def __init__(self, config: Path, log: Path, *args: str) -> None:
-        self.log = log
-        self.out = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backupd", "--log-format", "json", "--config",
-                                      str(config), "run", *args], env={**os.environ, "PYTHONPATH": str(REPO)},
-                                     stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(60)
-        self.out.close()
-
-
-def write(tmp_path: Path, helper_image: str, jobs: dict | None = None, **discovery: Any) -> Path:
+def write(tmp_path: Path, helper_image: str, jobs: dict | None = None, notifications: dict | None = None,
+          **discovery: Any) -> Path:
     config = {"catalog": f"sqlite:///{tmp_path}/catalog.db", "helper_image": helper_image,
               "destinations": {"local": {"type": "local", "path": str(tmp_path / "backups")}},
-              "jobs": jobs or {}, "discovery": {"enabled": True, **discovery}}
+              "jobs": jobs or {}, "discovery": {"enabled": True, **discovery},
+              **({"notifications": notifications} if notifications else {})}
     path = tmp_path / "backupd.yml"
     path.write_text(json.dumps(config))
     return path
@@ -185,6 +166,36 @@ def test_the_daemon_protects_a_container_started_after_it_and_a_bad_label_breaks
     assert daemon.proc.returncode == 0
     assert time.monotonic() - stopped < 30
     assert "event stream did not close" not in daemon.text()
+
+
+def test_a_broken_label_reaches_the_webhook_once_naming_the_container_and_label_and_no_secret(
+        tmp_path: Path, made: Made, webhook: Webhook) -> None:
+    bad, good = f"bad-{made.run}", f"lbl-{made.run}"
+    secret = f"pw-{uuid.uuid4().hex}"
+    config = write(tmp_path, made.helper_image, schedule="0 3 * * *", notifications={"webhook_url": webhook.url})
+    made.container(f"{bad}-db", {"backupd.enable": "true", "backupd.job": bad, "backupd.database": "postgres",
+                                 "backupd.database.password": secret}, {f"{bad}-data": "/data"})
+    port = free_port()
+    daemon = Daemon(config, tmp_path / "daemon.log", "--http", f"127.0.0.1:{port}")
+
+    def label_errors() -> list[dict[str, Any]]:
+        return [body for _, body in list(webhook.posts) if body.get("status") == "label-error"]
+
+    try:
+        [body] = wait_until(label_errors, "the webhook on the broken label", 30, daemon.text)
+        assert (body["job"], body["container"], body["label"]) == (bad, f"{bad}-db", "backupd.database.password")
+        assert f"container '{bad}-db', label backupd.database.password" in body["errors"][0]
+        assert secret not in json.dumps(webhook.posts) and secret not in daemon.text()
+
+        # more container events (a new labelled container, discovery reads every label again):
+        # the same breakage is not sent again
+        made.container(f"{good}-app", {"backupd.enable": "true", "backupd.job": good}, {f"{good}-data": "/data"})
+        wait_until(lambda: good in health(port).get("jobs", {}), "the labelled job in /healthz", 20, daemon.text)
+        time.sleep(2)  # a second notification would be on its way by now
+        assert len(label_errors()) == 1, webhook.posts
+    finally:
+        daemon.stop(signal.SIGTERM)
+    assert daemon.proc.returncode == 0
 
 
 def start_databases(made: Made, job: str, password_file: Path) -> tuple[Any, Any]:

@@ -77,7 +77,7 @@ def test_postgres_all_databases_dump_drop_restore_row_by_row(docker_client, help
     proc = backupd(config, "backup", "j", check=True)
     backup_id = proc.stdout.strip()
     names = sorted(a["name"] for a in listing(config)[0]["artifacts"])
-    assert names == ["pg.app", "pg.globals", "pg.postgres", "pg.shop"]
+    assert names == ["pg.app", "pg.postgres", "pg.shop", "pg:globals"]
     assert all(a["kind"] == "database" for a in listing(config)[0]["artifacts"])
     assert db.password not in proc.stderr
 
@@ -93,7 +93,7 @@ def test_postgres_all_databases_dump_drop_restore_row_by_row(docker_client, help
 
     second = start_postgres(docker_client)
     try:
-        backupd(config, "restore", backup_id, "--database", "pg.globals", "--to-container", second.name, check=True)
+        backupd(config, "restore", backup_id, "--database", "pg:globals", "--to-container", second.name, check=True)
         backupd(config, "restore", backup_id, "--database", "pg.app", "--to-container", second.name, check=True)
         assert pg_fingerprint(docker_client, second, "app") == before["app"]
         assert psql(docker_client, second, "postgres", "SELECT count(*) FROM pg_roles WHERE rolname='reporter'") == "1"

@@ -86,7 +86,7 @@ def test_all_dumps_every_database_by_its_exact_name(monkeypatch):
     server = FakeServer(["postgres", *HOSTILE])
     serve(monkeypatch, pg_spec(), server)
     dumps = plan_dumps(pg_spec(), None, "jobs.j.databases[0]")
-    assert [d.artifact for d in dumps] == ["pg.postgres", *[f"pg.{n}" for n in HOSTILE], "pg.globals"]
+    assert [d.artifact for d in dumps] == ["pg.postgres", *[f"pg.{n}" for n in HOSTILE], "pg:globals"]
     for d, name in zip(dumps, ["postgres", *HOSTILE]):
         assert d.argv[0] == "pg_dump" and dbname(d.argv) == name
         assert parse_source(d.source) == Source("postgres", "db", name)  # never a marker, even `*all`
@@ -144,11 +144,22 @@ def test_a_listing_too_long_to_keep_fails_instead_of_losing_names(monkeypatch):
         plan_dumps(pg_spec(), None, "jobs.j.databases[0]")
 
 
-def test_a_database_named_globals_does_not_overwrite_the_roles_dump(monkeypatch):
-    serve(monkeypatch, pg_spec(), FakeServer(["app", "globals"]))
+def test_a_database_named_globals_is_dumped_beside_the_roles_dump(monkeypatch):
+    """A tenant's database called `globals` (or `:globals`) must not fail the whole server's plan."""
+    serve(monkeypatch, pg_spec(), FakeServer(["app", "globals", ":globals"]))
     dumps = plan_dumps(pg_spec(), None, "jobs.j.databases[0]")
-    with pytest.raises(NameClashError, match=r"jobs\.j\.databases: two dumps would both be stored as 'pg\.globals'"):
-        check_unique(dumps, "jobs.j.databases")
+    check_unique(dumps, "jobs.j.databases")
+    by_name = {d.artifact: parse_source(d.source) for d in dumps}
+    assert by_name == {"pg.app": Source("postgres", "db", "app"),
+                       "pg.globals": Source("postgres", "db", "globals"),
+                       "pg.:globals": Source("postgres", "db", ":globals"),
+                       "pg:globals": Source("postgres", "db", None, "globals")}
+
+
+@pytest.mark.parametrize("artifact", ["pg", "pg.app", "pg.globals", "pg:globals", "pg.x:globals"])
+def test_every_dump_of_an_entry_is_traced_back_to_it(artifact):
+    assert databases.made_by(artifact, "pg") and databases.entry_of(artifact) == "pg"
+    assert not databases.made_by(artifact, "p") and not databases.made_by("pgx:globals", "pg")
 
 
 def test_entries_whose_names_meet_at_a_dot_clash(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any
 
 from backupd.docker_host import _hang_up, _send
 
@@ -211,3 +212,50 @@ def test_a_helpers_error_keeps_the_end_of_its_stderr_with_room_for_long_paths() 
     assert str(error).endswith("Host key verification failed.") and "Fatal: unable to open repo" in str(error)
     assert len(str(exited("x", 1, "e" * 10 * STDERR_KEPT))) < STDERR_KEPT + 50
     assert str(exited("x", 2, "")) == "x exited 2: no message"
+
+
+# ------------------------------------------------------------------ a helper's exit status over attach
+
+
+class _ExitsOne:
+    """An engine whose helper writes some stdout and a line of stderr over attach, then exits 1
+    (what GNU tar does when a file changed while it read it)."""
+
+    def attach_socket(self, cid: str, params: dict) -> Any:
+        ours, engine = socket.socketpair()
+
+        def frame(stream: int, data: bytes) -> bytes:
+            return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+        engine.sendall(frame(1, b"archive bytes") + frame(2, b"tar: ./log: file changed as we read it\n"))
+        engine.close()
+        return ours.makefile("rb", buffering=0)  # a raw SocketIO, as docker-py's attach gives
+
+    def start(self, cid: str) -> None:
+        pass
+
+    def wait(self, cid: str, timeout: float | None = None) -> dict:
+        return {"StatusCode": 1}
+
+
+def _attach_host(monkeypatch):
+    host = _host(monkeypatch)
+    monkeypatch.setenv("BACKUPD_TRANSFER", "attach")
+    host.api = _ExitsOne()
+    monkeypatch.setattr(host, "_create_helper", lambda *args, **kw: "cid", raising=False)
+    monkeypatch.setattr(host, "_remove", lambda cid: None, raising=False)
+    return host
+
+
+def test_a_tar_that_exits_1_over_attach_is_whole_with_a_warning_but_any_other_helper_fails(monkeypatch, caplog):
+    import pytest
+
+    from backupd.docker_host import HelperError, VolumeSource
+
+    host = _attach_host(monkeypatch)
+    with host.tar_stream(VolumeSource("v", "volume", "v", "jobs.j.volumes[0]")) as chunks:
+        assert b"".join(chunks) == b"archive bytes"
+    assert "files changed while being read" in caplog.text and "file changed as we read it" in caplog.text
+    with pytest.raises(HelperError, match="helper for restic dump exited 1: tar: ./log: file changed"):
+        with host.helper_output(["restic", "dump"], [], "restic dump") as chunks:
+            b"".join(chunks)

@@ -243,6 +243,48 @@ def test_the_daemon_adds_replaces_and_removes_scheduled_jobs_as_labels_change(tm
         sidecar.stop(grace=0)
 
 
+def test_the_daemon_reports_a_broken_label_once_when_it_appears_not_at_every_refresh() -> None:
+    from backupd.daemon import Jobs
+    from backupd.errors import BackupdError
+
+    containers: list[Container] | BackupdError = [app(), Container("solo", {**ON, "backupd.stop": "maybe"}, ("v",))]
+    reported: list[tuple[str, str, str]] = []
+
+    def read(written: Any) -> Any:
+        if isinstance(containers, BackupdError):
+            raise containers
+        return discover(written, containers)
+
+    jobs = Jobs(config(), read, lambda cfg, broken: reported.extend((j, e.container, e.label) for j, e in broken))
+    jobs.current()
+    assert reported == [("solo", "solo", "backupd.stop")]
+    jobs.current()  # the same breakage found again: an event, a poll, a SIGHUP
+    containers = BackupdError("engine away")
+    jobs.current()
+    containers = [app(), Container("solo", {**ON, "backupd.stop": "maybe"}, ("v",))]
+    jobs.current()
+    assert reported == [("solo", "solo", "backupd.stop")]
+    containers = [app(), Container("solo", {**ON, "backupd.volumes": "nope"}, ("v",))]
+    jobs.current()  # a different breakage of the same job is news
+    containers = [app()]
+    jobs.current()
+    containers = [app(), Container("solo", {**ON, "backupd.stop": "maybe"}, ("v",))]
+    jobs.current()  # fixed, then broken again: news again
+    assert [r[0] for r in reported] == ["solo", "solo", "solo"] and len(set(reported)) == 2
+
+
+def test_a_broken_label_of_a_job_the_config_overrides_is_not_reported() -> None:
+    from backupd.daemon import Jobs
+
+    written = parse_config({"discovery": {"enabled": True, "schedule": "0 3 * * *"},
+                            "jobs": {"solo": {"volumes": ["v"]}}})
+    reported: list[Any] = []
+    jobs = Jobs(written, lambda w: discover(w, [Container("solo", {**ON, "backupd.stop": "maybe"}, ("v",))]),
+                lambda cfg, broken: reported.extend(broken))
+    jobs.current()
+    assert reported == []
+
+
 def test_an_unknown_backupd_label_the_image_set_is_the_image_authors_and_ignored() -> None:
     labels = {**ON, "backupd.recipe": "abc"}
     assert read_container(Container("c", labels, ("v",), inherited=frozenset({"backupd.recipe"}))) is not None

@@ -89,6 +89,21 @@ def test_the_webhook_url_can_come_from_a_secret_file(receiver: Receiver, tmp_pat
     assert receiver.requests[0][1] == "/from-file"
 
 
+def test_a_broken_label_posts_the_webhook_naming_the_container_and_label_and_pings_fail(
+        receiver: Receiver) -> None:
+    from backupd.errors import LabelError
+
+    settings = Notifications(webhook_url=receiver.base + "/hook", ping_url=receiver.base + "/ping/uuid")
+    error = LabelError("shop-db-1", "backupd.database.pasword", "'pasword' is not an option")
+    notify.label_broken(settings, "shop", error)
+    assert [(m, p) for m, p, _ in receiver.requests] == [("POST", "/ping/uuid/fail"), ("POST", "/hook")]
+    body = json.loads(receiver.requests[1][2])
+    assert (body["job"], body["status"], body["backup_id"]) == ("shop", notify.LABEL_ERROR, None)
+    assert (body["container"], body["label"]) == ("shop-db-1", "backupd.database.pasword")
+    assert body["errors"] == [str(error)] and body["artifacts"] == []
+    assert "container" not in notify.RunReport("shop", None, "failed").payload()  # only when a label broke
+
+
 def test_an_unreachable_or_failing_receiver_never_raises_and_logs_only_the_host(
         receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
     closed = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
