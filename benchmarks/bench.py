@@ -327,7 +327,7 @@ def measure_repository(client, python: str, work: Path, volume: str, root: Path,
         sh(cmd, env=stop_env)
         downtimes = [recorded_downtime(python, config, stop_env, sh(cmd, env=stop_env).stdout.strip())
                      for _ in range(3)]
-        print(f"  downtime of backupd repository: stop_containers, unchanged: "
+        print("  downtime of backupd repository: stop_containers, unchanged: "
               + ", ".join(f"{d:.2f} s" for d in downtimes), flush=True)
         downtime = median(downtimes)
     finally:

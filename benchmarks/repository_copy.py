@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import drop_caches, volume_bytes  # run as benchmarks/repository_copy.py: its folder is on the path
+from bench import MiB, drop_caches, volume_bytes  # run as benchmarks/repository_copy.py: its folder is on the path
 
-MiB = 1 << 20
 REPOS = 3
 
 
