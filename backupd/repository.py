@@ -39,6 +39,7 @@ from backupd.catalog import BACKUP_ID_RE, DELETED, STORED, SUCCEEDED, ArtifactVi
 from backupd.config import Config, LocalDestination, S3Destination, SftpDestination
 from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, FedHelper, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
+from backupd.excludes import restic_args
 from backupd.names import decode_name, encode_name
 from backupd.redaction import remember
 from backupd.storage import Store
@@ -83,11 +84,12 @@ def source_path(name: str) -> str:
     return f"{SOURCE_ROOT}/{name}"
 
 
-def snapshot_tags(job: str, backup_id: str, source: str) -> str:
-    """restic's --tag value for a snapshot backupd makes: its mark, job and run, and what it was
-    read from (encoded: a tag list is split at commas), so `catalog rebuild` can recreate the
-    artifact whole from the snapshot alone."""
-    return f"backupd,job={job},backup={backup_id},source={encode_name(source)}"
+def snapshot_tags(job: str, backup_id: str, source: str, excludes: Iterable[str] = ()) -> str:
+    """restic's --tag value for a snapshot backupd makes: its mark, job and run, what it was read
+    from and the patterns left out of it (encoded: a tag list is split at commas), so `catalog
+    rebuild` can recreate the artifact whole from the snapshot alone."""
+    return ",".join([f"backupd,job={job},backup={backup_id},source={encode_name(source)}",
+                     *(f"exclude={encode_name(p)}" for p in excludes)])
 
 
 def is_snapshot(artifact: ArtifactView) -> bool:
@@ -293,8 +295,8 @@ class Restic:
     def backup(self, repo: Repository, source: VolumeSource, job: str, backup_id: str) -> dict[str, Any]:
         """Snapshot one volume; restic's JSON summary (snapshot_id, data_added, total_bytes_processed)."""
         out = self.run(repo, ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST,
-                              "--tag", snapshot_tags(job, backup_id, f"{source.kind}:{source.source}"),
-                              source_path(source.name)],
+                              "--tag", snapshot_tags(job, backup_id, f"{source.kind}:{source.source}", source.exclude),
+                              *restic_args(source.exclude, source_path(source.name)), source_path(source.name)],
                        f"backup of {source.kind} '{source.source}'",
                        [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)],
                        create=True)
@@ -442,7 +444,7 @@ class SnapshotWriter:
         its artifact is recorded when `finish` has copied it."""
         keys = {d: repository_key(self.job) for d in [*self.repos, *self.broken]}
         art_id = catalog.add_artifact(backup_id, "volume", source.name, f"{source.kind}:{source.source}",
-                                      FORMAT, FORMAT, keys)
+                                      FORMAT, FORMAT, keys, source.exclude)
         snapshots: dict[str, Snapshot] = {}
         errors = dict(self.broken)
         try:
@@ -740,26 +742,26 @@ def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, 
     """
     restic = Restic(host, config)
     repo = open_repository(config, host, job, destination)
-    runs: dict[str, dict[tuple[str, str], tuple[str, dict[str, Any]]]] = {}
+    runs: dict[str, dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any]]]] = {}
     for snap in restic.snapshots(repo):
         found = _rebuilt_artifact(snap, job)
         if isinstance(found, str):
             log.warning("catalog rebuild: snapshot %s in %s on %s %s: left out",
                         snap.get("short_id"), repo.key, destination, found)
             continue
-        backup_id, kind, name, source = found
-        runs.setdefault(backup_id, {}).setdefault((kind, name), (source, snap))
+        backup_id, kind, name, source, excludes = found
+        runs.setdefault(backup_id, {}).setdefault((kind, name), (source, excludes, snap))
     imported, skipped = [], []
     key = repository_key(job)
     for backup_id, held in sorted(runs.items()):
         started = datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
         artifacts = [{"kind": kind, "name": name, "source": source, "compression": FORMAT, "encryption": FORMAT,
-                      "status": SUCCEEDED, "size": None, "sha256": None,
+                      "status": SUCCEEDED, "size": None, "sha256": None, "excludes": list(excludes),
                       "destinations": [{"destination": destination, "key": key, "status": STORED,
                                         "snapshot_id": snap["short_id"]}]}
-                     for (kind, name), (source, snap) in sorted(held.items())]
+                     for (kind, name), (source, excludes, snap) in sorted(held.items())]
         data = {"id": backup_id, "job": job, "status": SUCCEEDED, "started_at": started.isoformat(),
-                "finished_at": max(str(s.get("time", "")) for _, s in held.values()) or None,
+                "finished_at": max(str(s.get("time", "")) for _, _, s in held.values()) or None,
                 "host": "", "artifacts": artifacts}
         if catalog.import_backup(data):
             imported.append(backup_id)
@@ -767,16 +769,16 @@ def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, 
         skipped.append(backup_id)
         known = {(a.kind, a.name) for a in catalog.get(backup_id).artifacts}
         added = catalog.add_copies(backup_id, [(kind, name, destination, key, STORED, None, snap["short_id"])
-                                               for (kind, name), (_, snap) in held.items()
+                                               for (kind, name), (_, _, snap) in held.items()
                                                if (kind, name) in known])
         if added:
             log.info("catalog rebuild: added %d snapshot(s) on %s to backup %s", added, destination, backup_id)
     return imported, skipped
 
 
-def _rebuilt_artifact(snap: dict[str, Any], job: str) -> tuple[str, str, str, str] | str:
-    """(backup id, kind, name, source) of the artifact a snapshot holds, or why it cannot be
-    taken back into the catalog."""
+def _rebuilt_artifact(snap: dict[str, Any], job: str) -> tuple[str, str, str, str, tuple[str, ...]] | str:
+    """(backup id, kind, name, source, exclude patterns) of the artifact a snapshot holds, or why
+    it cannot be taken back into the catalog."""
     from backupd.quiesce.databases import parse_source
 
     tags = snap.get("tags") or []
@@ -791,13 +793,18 @@ def _rebuilt_artifact(snap: dict[str, Any], job: str) -> tuple[str, str, str, st
     except UnicodeDecodeError:
         source = ""
     if kind == "volume":  # restore needs no source when it is told the target (--to-volume)
-        return backup_id, kind, name, source if source.partition(":")[0] in ("volume", "bind") else ""
+        try:
+            excludes = tuple(decode_name(t.partition("=")[2]) for t in tags if t.startswith("exclude="))
+        except UnicodeDecodeError:
+            return f"holds volume '{name}' of backup {backup_id} with an exclude tag that is not backupd's"
+        return (backup_id, kind, name, source if source.partition(":")[0] in ("volume", "bind") else "",
+                excludes)
     try:
         parse_source(source)
     except BackupdError:
         return (f"holds {kind} '{name}' of backup {backup_id} but not what it was dumped from (made by an "
                 f"older backupd); read it with `restic dump {snap.get('short_id')} {input_path(kind, name)}`")
-    return backup_id, kind, name, source
+    return backup_id, kind, name, source, ()
 
 
 READ_DATA_SUBSET = "10%"  # what `verify` reads back of each repository's data, chosen at random by restic

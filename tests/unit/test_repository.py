@@ -422,7 +422,7 @@ def test_rebuild_takes_dumps_back_with_the_source_their_snapshot_names_and_leave
     tags = ["backupd", "job=j", f"backup={run}"]
     snaps = [
         {"short_id": "v1", "time": "2026-11-22T03:00:09Z", "paths": ["/data/a"],
-         "tags": repository.snapshot_tags("j", run, "volume:app_data").split(",")},
+         "tags": repository.snapshot_tags("j", run, "volume:app_data", ("cache/*", "a,b")).split(",")},
         {"short_id": "d1", "time": "2026-11-22T03:00:02Z", "paths": [repository.input_path("database", "pg.a/b c")],
          "tags": repository.snapshot_tags("j", run, "postgres:pg/a%2Fb%20c").split(",")},
         {"short_id": "d2", "time": "2026-11-22T03:00:03Z", "paths": ["/database-old"], "tags": tags},
@@ -442,10 +442,10 @@ def test_rebuild_takes_dumps_back_with_the_source_their_snapshot_names_and_leave
     assert repository.rebuild_from_repository(None, catalog, None, "j", "far") == ([run], [])
     backup = catalog.get(run)
     assert backup.status == "succeeded"
-    assert [(a.kind, a.name, a.source, a.status, a.compression,
+    assert [(a.kind, a.name, a.source, a.status, a.compression, a.excludes,
              [(c.destination, c.status, c.snapshot_id) for c in a.copies]) for a in backup.artifacts] == [
-        ("database", "pg.a/b c", "postgres:pg/a%2Fb%20c", "succeeded", "restic", [("far", "stored", "d1")]),
-        ("volume", "a", "volume:app_data", "succeeded", "restic", [("far", "stored", "v1")])]
+        ("database", "pg.a/b c", "postgres:pg/a%2Fb%20c", "succeeded", "restic", (), [("far", "stored", "d1")]),
+        ("volume", "a", "volume:app_data", "succeeded", "restic", ("cache/*", "a,b"), [("far", "stored", "v1")])]
     left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert len(left_out) == 4
     assert sum("not what it was dumped from" in m for m in left_out) == 2
