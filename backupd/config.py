@@ -533,6 +533,21 @@ def _check_destination(config: "Config", path: str, dest: str) -> None:
 REPOSITORY_DESTINATIONS = ("local", "s3", "sftp")
 
 
+def _check_repository_excludes(where: str, job: Job) -> None:
+    """Every exclude pattern of a repository job must have a restic translation that leaves out
+    exactly what tar would (backupd.excludes.restic_pattern)."""
+    from backupd.excludes import restic_pattern
+
+    listed = [(f"{where}.exclude[{i}]", p) for i, p in enumerate(job.exclude)]
+    listed += [(f"{where}.volumes[{j}].exclude[{i}]", p) for j, v in enumerate(job.volumes)
+               for i, p in enumerate(v.exclude)]
+    for path, pattern in listed:
+        try:
+            restic_pattern(pattern, "/")
+        except ValueError as exc:
+            raise _KeyedError(path, str(exc)) from None
+
+
 def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
     """What repository mode needs: a password for every destination, restic's own encryption
     instead of age, and destinations restic is driven on."""
@@ -540,8 +555,7 @@ def _check_repository_job(config: "Config", job_name: str, job: Job) -> None:
     if job.encryption is not None:
         raise _KeyedError(f"{where}.encryption", "a repository is encrypted by restic with its password: "
                                                  "age encryption applies to format: archive only")
-    if job.exclude or any(v.exclude for v in job.volumes):
-        raise _KeyedError(f"{where}.exclude", "excludes are not supported with format: repository yet")
+    _check_repository_excludes(where, job)
     for name in job.destinations or list(config.destinations):
         dest = config.destinations[name]
         if dest.type not in REPOSITORY_DESTINATIONS:

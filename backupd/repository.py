@@ -39,7 +39,8 @@ from backupd.catalog import BACKUP_ID_RE, DELETED, STORED, SUCCEEDED, ArtifactVi
 from backupd.config import Config, LocalDestination, S3Destination, SftpDestination
 from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, FedHelper, HelperError, VolumeSource
 from backupd.errors import BackupdError, ConfigError
-from backupd.names import encode_name
+from backupd.excludes import restic_args
+from backupd.names import decode_name, encode_name
 from backupd.redaction import remember
 from backupd.storage import Store
 from backupd.storage.base import REPOSITORY_ROOT
@@ -81,6 +82,14 @@ def repository_key(job: str) -> str:
 def source_path(name: str) -> str:
     """The stable path a volume is read from (and restored to): restic records it."""
     return f"{SOURCE_ROOT}/{name}"
+
+
+def snapshot_tags(job: str, backup_id: str, source: str, excludes: Iterable[str] = ()) -> str:
+    """restic's --tag value for a snapshot backupd makes: its mark, job and run, what it was read
+    from and the patterns left out of it (encoded: a tag list is split at commas), so `catalog
+    rebuild` can recreate the artifact whole from the snapshot alone."""
+    return ",".join([f"backupd,job={job},backup={backup_id},source={encode_name(source)}",
+                     *(f"exclude={encode_name(p)}" for p in excludes)])
 
 
 def is_snapshot(artifact: ArtifactView) -> bool:
@@ -240,13 +249,13 @@ class Restic:
         except HelperError as exc:
             raise RepositoryError(f"repository {repo.key} on {repo.destination}: {exc}") from None
 
-    def backup_input(self, repo: Repository, path: str, job: str, backup_id: str,
+    def backup_input(self, repo: Repository, path: str, job: str, backup_id: str, source: str,
                      purpose: str) -> AbstractContextManager[FedHelper]:
         """A helper running `restic backup --stdin` into the repository, stored as file `path`
         (the same name every run, so restic's chunking finds what earlier runs stored). Its
         snapshot exists only if FedHelper.finish is called (see DockerHost.fed_helper)."""
         args = ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST, "--stdin", "--stdin-filename", path,
-                "--tag", f"backupd,job={job},backup={backup_id}"]
+                "--tag", snapshot_tags(job, backup_id, source)]
         command, mounts, options = self._session(repo, args, create=True)
         return self.host.fed_helper(command, mounts, purpose, **options)
 
@@ -286,7 +295,8 @@ class Restic:
     def backup(self, repo: Repository, source: VolumeSource, job: str, backup_id: str) -> dict[str, Any]:
         """Snapshot one volume; restic's JSON summary (snapshot_id, data_added, total_bytes_processed)."""
         out = self.run(repo, ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST,
-                              "--tag", f"backupd,job={job},backup={backup_id}", source_path(source.name)],
+                              "--tag", snapshot_tags(job, backup_id, f"{source.kind}:{source.source}", source.exclude),
+                              *restic_args(source.exclude, source_path(source.name)), source_path(source.name)],
                        f"backup of {source.kind} '{source.source}'",
                        [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)],
                        create=True)
@@ -341,10 +351,32 @@ def _summary(repo: Repository, out: str) -> dict[str, Any]:
                           f"summary: {out[-300:]}")
 
 
+STREAMED_KINDS = ("database",)  # artifacts stored as one file of a snapshot (see input_path)
+
+
 def input_path(kind: str, name: str) -> str:
     """The file a streamed artifact (a dump) is stored as in its snapshot: named by what it
     holds, the same every run (encoded: a database called `a/b` is one file name)."""
     return f"/{kind}-{encode_name(name)}"
+
+
+def snapshot_holds(paths: list[str]) -> tuple[str, str] | None:
+    """(kind, name) of the artifact a backupd snapshot holds, from its paths (the inverse of
+    source_path and input_path); None for a snapshot backupd did not make this way."""
+    if len(paths) != 1:
+        return None
+    path = paths[0]
+    if path.startswith(SOURCE_ROOT + "/"):
+        name = path[len(SOURCE_ROOT) + 1:]
+        return ("volume", name) if name and "/" not in name and name not in (".", "..") else None
+    kind, dash, encoded = path[1:].partition("-")
+    if not path.startswith("/") or not dash or kind not in STREAMED_KINDS or not encoded:
+        return None
+    try:
+        name = decode_name(encoded)
+    except UnicodeDecodeError:
+        return None
+    return (kind, name) if input_path(kind, name) == path else None
 
 
 def copy_session(source: Repository, target: Repository) -> Repository | None:
@@ -412,7 +444,7 @@ class SnapshotWriter:
         its artifact is recorded when `finish` has copied it."""
         keys = {d: repository_key(self.job) for d in [*self.repos, *self.broken]}
         art_id = catalog.add_artifact(backup_id, "volume", source.name, f"{source.kind}:{source.source}",
-                                      FORMAT, FORMAT, keys)
+                                      FORMAT, FORMAT, keys, source.exclude)
         snapshots: dict[str, Snapshot] = {}
         errors = dict(self.broken)
         try:
@@ -498,7 +530,8 @@ class SnapshotWriter:
             for dest, repo in self.repos.items():
                 try:
                     feeds[dest] = helpers.enter_context(
-                        self.restic.backup_input(repo, path, self.job, backup_id, f"{kind} '{name}' into {dest}"))
+                        self.restic.backup_input(repo, path, self.job, backup_id, source,
+                                                 f"{kind} '{name}' into {dest}"))
                 except BackupdError as exc:
                     errors[dest] = str(exc)
             if not feeds:  # no repository to take it: the dump is not even started
@@ -698,49 +731,80 @@ def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, 
     """`catalog rebuild` for a repository job: re-create its backups from the snapshots in its
     repository on one destination. Returns (imported ids, ids already in the catalog).
 
-    backupd tags every snapshot `backupd,job=J,backup=ID` and reads each volume at
-    /data/<name>, so a snapshot names its job, run and volume; the run's start time is in its
-    id. Snapshots of one run become one backup, `succeeded`, with one artifact per volume and
-    a stored copy on this destination (size unknown: restic keeps no summary in 0.14). A run
-    the catalog already holds gains this destination's snapshot of each volume it knows.
-    Snapshots made otherwise (another job, by hand) are left out, each with a warning.
+    backupd tags every snapshot with its job, run and source (snapshot_tags) and stores a volume
+    at /data/<name>, a dump as the file /database-<name> (snapshot_holds), so a snapshot names
+    its job, run and artifact; the run's start time is in its id. Snapshots of one run become
+    one backup, `succeeded`, with one artifact per snapshot and a stored copy on this
+    destination (size unknown: restic keeps no summary in 0.14). A run the catalog already
+    holds gains this destination's snapshot of each artifact it knows. Snapshots made
+    otherwise (another job, by hand) are left out, each with a warning, as is a dump whose
+    snapshot does not say what it was dumped from (restore could not put it back).
     """
     restic = Restic(host, config)
     repo = open_repository(config, host, job, destination)
-    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    runs: dict[str, dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any]]]] = {}
     for snap in restic.snapshots(repo):
-        tags = snap.get("tags") or []
-        backup_id = next((t.partition("=")[2] for t in tags if t.startswith("backup=")), "")
-        paths = snap.get("paths") or []
-        name = paths[0][len(SOURCE_ROOT) + 1:] if len(paths) == 1 and paths[0].startswith(SOURCE_ROOT + "/") else ""
-        if "backupd" not in tags or f"job={job}" not in tags or not BACKUP_ID_RE.fullmatch(backup_id) \
-                or not name or "/" in name:
-            log.warning("catalog rebuild: snapshot %s in %s on %s was not made by backupd for job %s: left out",
-                        snap.get("short_id"), repo.key, destination, job)
+        found = _rebuilt_artifact(snap, job)
+        if isinstance(found, str):
+            log.warning("catalog rebuild: snapshot %s in %s on %s %s: left out",
+                        snap.get("short_id"), repo.key, destination, found)
             continue
-        runs.setdefault(backup_id, {}).setdefault(name, snap)
+        backup_id, kind, name, source, excludes = found
+        runs.setdefault(backup_id, {}).setdefault((kind, name), (source, excludes, snap))
     imported, skipped = [], []
     key = repository_key(job)
-    for backup_id, volumes in sorted(runs.items()):
+    for backup_id, held in sorted(runs.items()):
         started = datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
-        artifacts = [{"kind": "volume", "name": name, "source": "", "compression": FORMAT, "encryption": FORMAT,
-                      "status": SUCCEEDED, "size": None, "sha256": None,
+        artifacts = [{"kind": kind, "name": name, "source": source, "compression": FORMAT, "encryption": FORMAT,
+                      "status": SUCCEEDED, "size": None, "sha256": None, "excludes": list(excludes),
                       "destinations": [{"destination": destination, "key": key, "status": STORED,
                                         "snapshot_id": snap["short_id"]}]}
-                     for name, snap in sorted(volumes.items())]
+                     for (kind, name), (source, excludes, snap) in sorted(held.items())]
         data = {"id": backup_id, "job": job, "status": SUCCEEDED, "started_at": started.isoformat(),
-                "finished_at": max(str(s.get("time", "")) for s in volumes.values()) or None,
+                "finished_at": max(str(s.get("time", "")) for _, _, s in held.values()) or None,
                 "host": "", "artifacts": artifacts}
         if catalog.import_backup(data):
             imported.append(backup_id)
             continue
         skipped.append(backup_id)
-        known = {a.name for a in catalog.get(backup_id).artifacts if a.kind == "volume"}
-        added = catalog.add_copies(backup_id, [("volume", name, destination, key, STORED, None, snap["short_id"])
-                                               for name, snap in volumes.items() if name in known])
+        known = {(a.kind, a.name) for a in catalog.get(backup_id).artifacts}
+        added = catalog.add_copies(backup_id, [(kind, name, destination, key, STORED, None, snap["short_id"])
+                                               for (kind, name), (_, _, snap) in held.items()
+                                               if (kind, name) in known])
         if added:
             log.info("catalog rebuild: added %d snapshot(s) on %s to backup %s", added, destination, backup_id)
     return imported, skipped
+
+
+def _rebuilt_artifact(snap: dict[str, Any], job: str) -> tuple[str, str, str, str, tuple[str, ...]] | str:
+    """(backup id, kind, name, source, exclude patterns) of the artifact a snapshot holds, or why
+    it cannot be taken back into the catalog."""
+    from backupd.quiesce.databases import parse_source
+
+    tags = snap.get("tags") or []
+    backup_id = next((t.partition("=")[2] for t in tags if t.startswith("backup=")), "")
+    held = snapshot_holds(snap.get("paths") or [])
+    if "backupd" not in tags or f"job={job}" not in tags or not BACKUP_ID_RE.fullmatch(backup_id) or held is None:
+        return f"was not made by backupd for job {job}"
+    kind, name = held
+    encoded = next((t.partition("=")[2] for t in tags if t.startswith("source=")), None)
+    try:
+        source = decode_name(encoded) if encoded is not None else ""
+    except UnicodeDecodeError:
+        source = ""
+    if kind == "volume":  # restore needs no source when it is told the target (--to-volume)
+        try:
+            excludes = tuple(decode_name(t.partition("=")[2]) for t in tags if t.startswith("exclude="))
+        except UnicodeDecodeError:
+            return f"holds volume '{name}' of backup {backup_id} with an exclude tag that is not backupd's"
+        return (backup_id, kind, name, source if source.partition(":")[0] in ("volume", "bind") else "",
+                excludes)
+    try:
+        parse_source(source)
+    except BackupdError:
+        return (f"holds {kind} '{name}' of backup {backup_id} but not what it was dumped from (made by an "
+                f"older backupd); read it with `restic dump {snap.get('short_id')} {input_path(kind, name)}`")
+    return backup_id, kind, name, source, ()
 
 
 READ_DATA_SUBSET = "10%"  # what `verify` reads back of each repository's data, chosen at random by restic

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from tests.integration.test_volumes import backupd, listing, mountpoint, write_config
+from tests.integration.test_repository import repo_config, restic_image  # noqa: F401 - fixture
+from tests.integration.test_volumes import backupd, listing, mountpoint, snapshot, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +77,41 @@ def test_a_backup_whose_file_count_collapsed_is_suspicious_and_retention_holds(
     pruned = backupd(config, "prune", "--job", "j")
     assert pruned.returncode == 3 and "suspicious" in pruned.stderr
     assert len(listing(config)) == 4, "retention deleted nothing"
+
+
+def test_repository_mode_leaves_out_exactly_what_archive_mode_leaves_out(
+        docker_client, helper_image, restic_image, volume_factory, tmp_path):
+    """One volume, one set of patterns, both formats: the restored trees are the same, entry for entry."""
+    vol = volume_factory("excl-both")
+    root = mountpoint(docker_client, vol)
+    populate(root)
+    for path in ("x*y", "xzy", "a/b/c/b", "a/q/b", "$HOME", "dir.log/inner", ".hidden.log", "zażółć.log",
+                 "sp ace/f", "deep/1/2/3.log", "deep/1/f", "deep/top"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(path)
+    patterns = ["cache/*", "*.log", "-rf", "x\\*y", "a/**/b", "$HOME", "sp ace", "deep/*/*"]
+    config, _ = repo_config(tmp_path, helper_image, restic_image, {
+        "archive": {"format": "archive", "exclude": ["tmp/"], "volumes": [{"name": vol, "exclude": patterns}]},
+        "repo": {"exclude": ["tmp/"], "volumes": [{"name": vol, "exclude": patterns}]}})
+    ids = {job: backupd(config, "backup", job, check=True).stdout.strip() for job in ("archive", "repo")}
+    recorded = {e["job"]: e["artifacts"][0]["excludes"] for e in listing(config)}
+    assert recorded["archive"] == recorded["repo"] == ["tmp", *patterns]
+
+    trees = {}
+    for job, backup_id in ids.items():
+        target = f"{vol}-{job}"
+        try:
+            backupd(config, "restore", backup_id, "--volume", vol, "--to-volume", target, check=True)
+            trees[job] = snapshot(mountpoint(docker_client, target))
+        finally:
+            docker_client.volumes.get(target).remove(force=True)
+    assert trees["repo"] == trees["archive"]
+    present = {os.fsdecode(name) for name in trees["repo"]["entries"]}
+    assert {"cache", "data/real", "keep/tmp/w", "sub/deep.log", "xzy", "a/b/c/b", "a/q", "deep/top"} <= present
+    assert not present & {"cache/x", "tmp", "top.log", "-rf", "x*y", "a/q/b", "$HOME", "sp ace", "deep/1/f",
+                          "dir.log", ".hidden.log", "zażółć.log"}
+
+    # Each snapshot carries its patterns: a lost catalog gets them back as a manifest gives them back.
+    (tmp_path / "catalog.db").unlink()
+    backupd(config, "catalog", "rebuild", "--destination", "local", check=True)
+    assert {e["job"]: e["artifacts"][0]["excludes"] for e in listing(config)} == recorded

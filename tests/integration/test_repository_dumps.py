@@ -19,7 +19,7 @@ from docker.errors import NotFound
 from backupd.docker_host import HELPER_LABEL
 from tests.integration.test_quiesce import maria, pg_data, pg_fingerprint, psql  # noqa: F401 - fixture
 from tests.integration.test_repository import host_restic, repo_config, restic_image  # noqa: F401 - fixture
-from tests.integration.test_volumes import REPO, backupd, listing
+from tests.integration.test_volumes import REPO, backupd, listing, mountpoint
 
 pytestmark = pytest.mark.integration
 
@@ -194,3 +194,31 @@ def test_backupd_killed_mid_dump_leaves_no_snapshot_and_a_repository_restic_chec
     # The killed restic's lock stays until backupd's next session on this repository removes it.
     check = host_restic(repository, pw_file, "check", "--no-lock")
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_catalog_rebuild_takes_dumps_back_from_the_repository_and_restore_puts_the_data_back(
+        docker_client, helper_image, restic_image, pg_data, volume_factory, tmp_path):
+    vol = volume_factory("rebuild-dump")
+    (mountpoint(docker_client, vol) / "a.txt").write_text("a\n")
+    config, password = repo_config(tmp_path, helper_image, restic_image, {"j": {"volumes": [vol], "databases": [
+        {"name": "pg", "type": "postgres", "container": pg_data.name, "database": ["app"]}]}})
+    before = pg_fingerprint(docker_client, pg_data, "app")
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    [was] = listing(config)
+
+    (tmp_path / "catalog.db").unlink()  # the catalog is lost; the repository is not
+    rebuilt = backupd(config, "catalog", "rebuild", "--destination", "local")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "imported 1 backup(s) of job j from its repository on local" in rebuilt.stdout
+    [got] = listing(config)
+    assert got["id"] == backup_id and got["status"] == "succeeded"
+    assert {(a["kind"], a["name"], a["source"], a["status"]) for a in got["artifacts"]} \
+        == {(a["kind"], a["name"], a["source"], a["status"]) for a in was["artifacts"]} \
+        == {("volume", vol, f"volume:{vol}", "succeeded"),
+            ("database", "pg.app", f"postgres:{pg_data.name}/app", "succeeded")}
+
+    psql(docker_client, pg_data, "postgres", "DROP DATABASE app WITH (FORCE)")
+    restored = backupd(config, "restore", backup_id, "--database", "pg.app")
+    assert restored.returncode == 0, restored.stderr[-800:]
+    assert pg_fingerprint(docker_client, pg_data, "app") == before
+    assert password not in rebuilt.stdout + rebuilt.stderr + restored.stdout + restored.stderr

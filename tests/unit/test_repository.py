@@ -414,6 +414,59 @@ def test_rebuild_groups_backupd_snapshots_by_run_and_leaves_other_snapshots_out(
         == {"far": "s3", "local": "s3"}
 
 
+def test_rebuild_takes_dumps_back_with_the_source_their_snapshot_names_and_leaves_out_those_without(
+        tmp_path: Path, monkeypatch, caplog):
+    import backupd.repository as repository
+
+    run = "20261122T030000Z-abc123"
+    tags = ["backupd", "job=j", f"backup={run}"]
+    snaps = [
+        {"short_id": "v1", "time": "2026-11-22T03:00:09Z", "paths": ["/data/a"],
+         "tags": repository.snapshot_tags("j", run, "volume:app_data", ("cache/*", "a,b")).split(",")},
+        {"short_id": "d1", "time": "2026-11-22T03:00:02Z", "paths": [repository.input_path("database", "pg.a/b c")],
+         "tags": repository.snapshot_tags("j", run, "postgres:pg/a%2Fb%20c").split(",")},
+        {"short_id": "d2", "time": "2026-11-22T03:00:03Z", "paths": ["/database-old"], "tags": tags},
+        {"short_id": "d3", "time": "2026-11-22T03:00:04Z", "paths": ["/database-x"],
+         "tags": [*tags, "source=nonsense"]},
+        {"short_id": "d4", "time": "2026-11-22T03:00:04Z", "paths": ["/database-a%2"], "tags": tags},
+        {"short_id": "d5", "time": "2026-11-22T03:00:04Z", "paths": ["/elsewhere-x"], "tags": tags},
+    ]
+
+    class Listing:
+        def __init__(self, *a): pass
+        def snapshots(self, repo): return snaps
+
+    monkeypatch.setattr(repository, "Restic", Listing)
+    monkeypatch.setattr(repository, "open_repository", lambda config, host, job, dest: local_repo(dest, "/b"))
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    assert repository.rebuild_from_repository(None, catalog, None, "j", "far") == ([run], [])
+    backup = catalog.get(run)
+    assert backup.status == "succeeded"
+    assert [(a.kind, a.name, a.source, a.status, a.compression, a.excludes,
+             [(c.destination, c.status, c.snapshot_id) for c in a.copies]) for a in backup.artifacts] == [
+        ("database", "pg.a/b c", "postgres:pg/a%2Fb%20c", "succeeded", "restic", (), [("far", "stored", "d1")]),
+        ("volume", "a", "volume:app_data", "succeeded", "restic", ("cache/*", "a,b"), [("far", "stored", "v1")])]
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 4
+    assert sum("not what it was dumped from" in m for m in left_out) == 2
+    assert any("restic dump d2 /database-old" in m for m in left_out)
+
+    # Another destination's snapshot of the dump joins the run the catalog now holds.
+    snaps[1] = {**snaps[1], "short_id": "e1"}
+    assert repository.rebuild_from_repository(None, catalog, None, "j", "near") == ([], [run])
+    [dump] = [a for a in catalog.get(run).artifacts if a.kind == "database"]
+    assert {c.destination: c.snapshot_id for c in dump.copies} == {"far": "d1", "near": "e1"}
+
+
+def test_snapshot_tags_carry_any_source_as_one_tag():
+    from backupd.names import decode_name
+    from backupd.repository import snapshot_tags
+
+    tags = snapshot_tags("j", "20261122T030000Z-abc123", "bind:/srv/a,b c").split(",")
+    assert tags[:3] == ["backupd", "job=j", "backup=20261122T030000Z-abc123"] and len(tags) == 4
+    assert decode_name(tags[3].removeprefix("source=")) == "bind:/srv/a,b c"
+
+
 def test_an_sftp_repository_hands_ssh_the_verified_key_only_and_no_secret_on_its_command_line(
         tmp_path: Path, monkeypatch):
     import paramiko
@@ -476,7 +529,7 @@ def stream_writer(feeds: dict[str, FakeFeed], broken: dict[str, str] | None = No
     class FakeRestic:
         unlocked: list[str] = []
 
-        def backup_input(self, repo, path, job, backup_id, purpose):
+        def backup_input(self, repo, path, job, backup_id, source, purpose):
             assert path == "/database-pg.app"
             return nullcontext(feeds[repo.destination])
 
