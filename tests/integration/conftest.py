@@ -141,11 +141,16 @@ def sidecar_image(docker_client: docker.DockerClient, tmp_path_factory: pytest.T
     wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(ctx), "-w", str(ctx / "wheels")],
                            capture_output=True, text=True)
     assert wheel.returncode == 0, wheel.stderr[-2000:]
-    tag = f"backupd:test-{uuid.uuid4().hex[:8]}"
-    docker_client.images.build(path=str(ctx), tag=tag, rm=True, forcerm=True, buildargs={
-        "BASE_IMAGE": BASE_IMAGE, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/src/wheels"})
-    yield tag
+    build_id = uuid.uuid4().hex[:8]
+    tag = f"backupd:test-{build_id}"
     try:
-        docker_client.images.remove(tag, force=True)
-    except (NotFound, docker.errors.APIError):
-        pass
+        docker_client.images.build(path=str(ctx), tag=tag, rm=True, forcerm=True, buildargs={
+            "BASE_IMAGE": BASE_IMAGE, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/src/wheels", "BUILD_ID": build_id})
+        yield tag
+    finally:
+        try:
+            docker_client.images.remove(tag, force=True)
+        except (NotFound, docker.errors.APIError):
+            pass
+        # This build's own build stage only: another run on the engine may be building its own.
+        docker_client.images.prune(filters={"dangling": True, "label": f"backupd.build-stage={build_id}"})
