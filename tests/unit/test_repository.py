@@ -239,6 +239,21 @@ def local_repo(dest: str, source: str) -> "Repository":
                       password=f"pw-{dest}")
 
 
+def catalog_over(snaps: list[dict], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Catalog:
+    """An empty catalog to rebuild, with restic (faked) listing `snaps` in every destination's
+    repository: what `catalog rebuild` reads, without an engine (tests/integration rebuilds
+    from real repositories)."""
+    import backupd.repository as repository
+
+    class Listing:
+        def __init__(self, *a): pass
+        def snapshots(self, repo): return snaps
+
+    monkeypatch.setattr(repository, "Restic", Listing)
+    monkeypatch.setattr(repository, "open_repository", lambda config, host, job, dest: local_repo(dest, "/b"))
+    return Catalog(f"sqlite:///{tmp_path}/c.db")
+
+
 def test_a_copy_session_moves_a_local_source_aside_and_names_it_the_source():
     from backupd.repository import SOURCE_REPOSITORY_POINT, copy_session
 
@@ -392,13 +407,7 @@ def test_rebuild_groups_backupd_snapshots_by_run_and_leaves_other_snapshots_out(
          "tags": ["backupd", "job=j", "backup=../../evil"]},
     ]
 
-    class Listing:
-        def __init__(self, *a): pass
-        def snapshots(self, repo): return snaps
-
-    monkeypatch.setattr(repository, "Restic", Listing)
-    monkeypatch.setattr(repository, "open_repository", lambda config, host, job, dest: local_repo(dest, "/b"))
-    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    catalog = catalog_over(snaps, monkeypatch, tmp_path)
     imported, skipped = repository.rebuild_from_repository(None, catalog, None, "j", "far")
     assert imported == ["20261122T030000Z-abc123", "20261123T030000Z-def456"] and skipped == []
     first = catalog.get("20261122T030000Z-abc123")
@@ -432,13 +441,7 @@ def test_rebuild_takes_dumps_back_with_the_source_their_snapshot_names_and_leave
         {"short_id": "d5", "time": "2026-11-22T03:00:04Z", "paths": ["/elsewhere-x"], "tags": tags},
     ]
 
-    class Listing:
-        def __init__(self, *a): pass
-        def snapshots(self, repo): return snaps
-
-    monkeypatch.setattr(repository, "Restic", Listing)
-    monkeypatch.setattr(repository, "open_repository", lambda config, host, job, dest: local_repo(dest, "/b"))
-    catalog = Catalog(f"sqlite:///{tmp_path}/c.db")
+    catalog = catalog_over(snaps, monkeypatch, tmp_path)
     assert repository.rebuild_from_repository(None, catalog, None, "j", "far") == ([run], [])
     backup = catalog.get(run)
     assert backup.status == "succeeded"
