@@ -294,12 +294,12 @@ class Restic:
 
     def backup(self, repo: Repository, source: VolumeSource, job: str, backup_id: str) -> dict[str, Any]:
         """Snapshot one volume; restic's JSON summary (snapshot_id, data_added, total_bytes_processed)."""
+        path = source_path(source.name)
         out = self.run(repo, ["backup", "--json", "--quiet", "--host", SNAPSHOT_HOST,
                               "--tag", snapshot_tags(job, backup_id, f"{source.kind}:{source.source}", source.exclude),
-                              *restic_args(source.exclude, source_path(source.name)), source_path(source.name)],
+                              *restic_args(source.exclude, path), path],
                        f"backup of {source.kind} '{source.source}'",
-                       [Mount(source_path(source.name), source.source, type=source.kind, read_only=True)],
-                       create=True)
+                       [Mount(path, source.source, type=source.kind, read_only=True)], create=True)
         return _summary(repo, out)
 
     def copy(self, session: Repository, snapshot_ids: list[str], backup_id: str) -> dict[str, str]:
@@ -776,25 +776,30 @@ def rebuild_from_repository(config: Config, catalog: Catalog, host: DockerHost, 
     return imported, skipped
 
 
+def _tag_values(tags: list[str], key: str) -> list[str]:
+    """The values of a snapshot's `key=value` tags (see snapshot_tags), in order."""
+    return [tag.partition("=")[2] for tag in tags if tag.startswith(key + "=")]
+
+
 def _rebuilt_artifact(snap: dict[str, Any], job: str) -> tuple[str, str, str, str, tuple[str, ...]] | str:
     """(backup id, kind, name, source, exclude patterns) of the artifact a snapshot holds, or why
     it cannot be taken back into the catalog."""
     from backupd.quiesce.databases import parse_source
 
     tags = snap.get("tags") or []
-    backup_id = next((t.partition("=")[2] for t in tags if t.startswith("backup=")), "")
+    backup_id = next(iter(_tag_values(tags, "backup")), "")
     held = snapshot_holds(snap.get("paths") or [])
     if "backupd" not in tags or f"job={job}" not in tags or not BACKUP_ID_RE.fullmatch(backup_id) or held is None:
         return f"was not made by backupd for job {job}"
     kind, name = held
-    encoded = next((t.partition("=")[2] for t in tags if t.startswith("source=")), None)
+    encoded = next(iter(_tag_values(tags, "source")), None)
     try:
         source = decode_name(encoded) if encoded is not None else ""
     except UnicodeDecodeError:
         source = ""
     if kind == "volume":  # restore needs no source when it is told the target (--to-volume)
         try:
-            excludes = tuple(decode_name(t.partition("=")[2]) for t in tags if t.startswith("exclude="))
+            excludes = tuple(decode_name(value) for value in _tag_values(tags, "exclude"))
         except UnicodeDecodeError:
             return f"holds volume '{name}' of backup {backup_id} with an exclude tag that is not backupd's"
         return (backup_id, kind, name, source if source.partition(":")[0] in ("volume", "bind") else "",

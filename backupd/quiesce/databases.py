@@ -37,7 +37,6 @@ def reports_error(stderr: str) -> bool:
     """A tool that exits 0 but prints an error line still failed (warnings are fine)."""
     return any(ERROR_WORD.search(line) and "warning" not in line.lower() for line in stderr.splitlines())
 QUERY_TIMEOUT = 60.0
-MARKER_SEP = ":"  # between an entry's name and a dump of no one database (the roles)
 QUERY_OUTPUT_MAX = 64 << 20  # a listing is never cut short: more than this fails instead
 
 
@@ -185,6 +184,9 @@ def marker_source(kind: str, server: str, what: str) -> str:
     return f"{kind}:{server}/*{what}"
 
 
+MARKER_SEP = ":"  # between an entry's name and a dump of no one database (the roles)
+
+
 def database_artifact(entry: str, database: str) -> str:
     """'pg.app': one database of an entry that dumps several."""
     return f"{entry}.{database}"
@@ -205,7 +207,7 @@ def made_by(artifact: str, entry: str) -> bool:
 def entry_of(artifact: str) -> str:
     """A best guess at the entry an artifact came from, when no configured entry made it
     (an entry name may itself hold '.')."""
-    return re.split(r"[.:]", artifact, maxsplit=1)[0]
+    return re.split(f"[.{re.escape(MARKER_SEP)}]", artifact, maxsplit=1)[0]
 
 
 def parse_source(source: str) -> Source:
