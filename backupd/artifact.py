@@ -139,9 +139,9 @@ def store_artifact(
         logger.error("%s %s reached no destination: %s", kind, name, exc)
         return "failed"
     except BaseException as exc:
-        sink.stop()
+        sink.stop(discard=True)
         if watch is not None:
-            watch.stop()
+            watch.stop(discard=True)
         progress.done()
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
         if not fan.closed:

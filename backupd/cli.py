@@ -14,11 +14,10 @@ import logging
 import os
 import signal
 import sys
-import threading
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from backupd import __version__
+from backupd import __version__, interrupts
 from backupd.catalog import SUCCEEDED, PARTIAL, BackupSummary, BackupView, Catalog
 from backupd.config import Config, default_config_path, load_config
 
@@ -473,20 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sigterm_as_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C, so every finally (helper removal, upload abort,
-    container restart, catalog record) runs before the process exits."""
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     # What the imports built lives until exit: frozen, no collection walks it again, nor the
     # last one at exit (which took 0.15 s with SQLAlchemy loaded, for every command).
     gc.freeze()
     gc.enable()  # backupd.__main__ turns it off while the imports run
     args = build_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    interrupts.install()  # SIGTERM unwinds like Ctrl-C: every finally runs
     setup_logging(args.log_level, args.log_format)
     if getattr(args, "to_volume", None) and not getattr(args, "volume", None):
         print("backupd: error: --to-volume goes with --volume", file=sys.stderr)
@@ -509,4 +501,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     finally:
+        interrupts.hold_from_now()
         ctx.close()

@@ -21,6 +21,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Protocol
 import zstandard
 
 from backupd.errors import IntegrityError
+from backupd.interrupts import held
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +298,13 @@ class ThreadedSink:
         self.downstream = downstream
         self.error: BaseException | None = None
         self._queue: "queue.Queue[object]" = queue.Queue(maxsize=depth)
+        self._discard = False
         self._thread = threading.Thread(target=self._run, name="stored-bytes", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not self._DONE:
-            if self.error is None:
+            if self.error is None and not self._discard:
                 try:
                     self.downstream.write(item)  # type: ignore[arg-type]
                 except BaseException as exc:  # noqa: BLE001 - handed to the writer's thread
@@ -314,13 +316,17 @@ class ThreadedSink:
 
     def write(self, data: bytes) -> None:
         self._raise()
-        self._queue.put(data)
+        with held():
+            self._queue.put(data)
 
-    def stop(self) -> None:
-        """Finish the thread (pending chunks are written or, after an error, dropped)."""
+    def stop(self, discard: bool = False) -> None:
+        """Finish the thread. Pending chunks are written, unless `discard` (the stream is being
+        abandoned) or an error came first: then they are dropped."""
+        self._discard = self._discard or discard
         if self._thread.is_alive():
-            self._queue.put(self._DONE)
-            self._thread.join()
+            with held():
+                self._queue.put(self._DONE)
+                self._thread.join()
 
     def close(self) -> None:
         self.stop()
@@ -364,7 +370,11 @@ def prefetched(chunks: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:
 
     threading.Thread(target=produce, name="prefetch", daemon=True).start()
     try:
-        while (item := items.get()) is not end:
+        while True:
+            with held():
+                item = items.get()
+            if item is end:
+                break
             yield item  # type: ignore[misc]
         if failure:
             raise failure[0]

@@ -706,8 +706,12 @@ def test_sigterm_mid_backup_leaves_no_archive_no_helper_and_a_failed_record(
         assert proc.poll() is None and time.monotonic() < deadline, "backup never started writing"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)  # read while waiting: a full stderr pipe would block the process
-    assert proc.returncode != 0, err[-2000:]
+    try:
+        _, err = proc.communicate(timeout=60)  # read while waiting: a full stderr pipe would block the process
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"backupd did not exit within 60 s of SIGTERM; its log:\n{proc.communicate()[1][-3000:]}")
+    assert proc.returncode == 130, err[-2000:]
     assert stored_files(tmp_path) == [], "a partial or final file was left behind"
     [entry] = listing(config)
     assert entry["status"] == "failed" and "interrupted" in entry["error"]
