@@ -53,17 +53,25 @@ class Signals:
 Breakages = list[tuple[str, LabelError]]  # (discovered job, what keeps it from running)
 
 
-def notify_broken(config: Config, broken: Breakages) -> None:
+def notify_wait(config: Config) -> float:
+    """How long a stop waits for label notifications in flight: a ping and a webhook."""
+    return 2 * config.notifications.timeout.total_seconds() + 1
+
+
+def notify_broken(config: Config, broken: Breakages) -> threading.Thread | None:
     """Send each breakage through the notifications, from a thread of its own: a receiver that
-    does not answer must not hold the main loop (signals, container events) for its timeout."""
+    does not answer must not hold the main loop (signals, container events) for its timeout.
+    Returns the sending thread, which the daemon waits for before it exits."""
     if not broken or not (config.notifications.ping_url or notify.webhook_url(config.notifications)):
-        return
+        return None
 
     def send() -> None:
         for job, error in broken:
             notify.label_broken(config.notifications, job, error)
 
-    threading.Thread(target=send, name="label-notify", daemon=True).start()
+    thread = threading.Thread(target=send, name="label-notify", daemon=True)
+    thread.start()
+    return thread
 
 
 class Jobs:
@@ -74,10 +82,11 @@ class Jobs:
     breaks a job is reported through `on_broken` when it first appears, not at every refresh."""
 
     def __init__(self, written: Config, discover: Callable[[Config], Discovered],
-                 on_broken: Callable[[Config, Breakages], None] = notify_broken) -> None:
+                 on_broken: Callable[[Config, Breakages], threading.Thread | None] = notify_broken) -> None:
         self.written = written
         self._discover = discover
         self._on_broken = on_broken
+        self._sending: list[threading.Thread] = []
         self.last: Discovered | None = None
 
     def current(self) -> Config:
@@ -92,9 +101,18 @@ class Jobs:
                 return self.written
             return discover(self.written, self.last.containers).config
         log_changes(self.last, found)
-        self._on_broken(self.written, new_breakages(self.last, found))
+        sending = self._on_broken(self.written, new_breakages(self.last, found))
+        self._sending = [t for t in self._sending if t.is_alive()] + ([sending] if sending else [])
         self.last = found
         return found.config
+
+    def finish_notifying(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for label notifications still being sent (a breakage found
+        just before SIGTERM is still reported); False if some were not done in time."""
+        deadline = time.monotonic() + timeout
+        for thread in self._sending:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._sending)
 
 
 def reload_config(sidecar: Sidecar, path: str, load: Callable[[str], Config] = load_config,
@@ -172,7 +190,7 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
     log.info("backupd running: %d scheduled entr%s; SIGHUP reloads %s, SIGTERM stops "
              "(a stop may take up to %.0fs: give the container a longer stop grace period)",
              len(sidecar.entries()), "y" if len(sidecar.entries()) == 1 else "ies", config_path,
-             grace + CANCEL_WAIT)
+             grace + CANCEL_WAIT + notify_wait(config))
     next_recovery = time.monotonic() + RECOVER_EVERY
     try:
         while not signals.stop:
@@ -193,6 +211,8 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
         if not watcher.stop():
             log.warning("the Docker event stream did not close in time")
         clean = sidecar.stop()
+        if not jobs.finish_notifying(notify_wait(jobs.written)):
+            log.warning("a label-error notification was still being sent at exit and may be lost")
         log.info("backupd stopped%s", "" if clean else " (running backups were cancelled)")
     finally:
         watcher.stop()

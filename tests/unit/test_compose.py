@@ -59,11 +59,13 @@ def test_the_mounted_config_names_the_stacks_volume_and_database_and_stops_withi
     assert config.jobs["app"].volumes[0].name == stack["volumes"]["appdata"]["name"]
     assert config.jobs["db"].databases[0].container == stack["services"]["db"]["container_name"]
     assert {e.id for e in entries_of(config)} == {"backup:app", "backup:db"}
+    from backupd.daemon import notify_wait
     from backupd.scheduler import CANCEL_WAIT
 
-    # SIGTERM: stop_grace for running runs, then CANCEL_WAIT to unwind, all before Docker's SIGKILL
+    # SIGTERM: stop_grace for running runs, then CANCEL_WAIT to unwind, then label notifications
+    # still in flight, all before Docker's SIGKILL
     assert stack["services"]["backupd"]["stop_grace_period"] == "6m"
-    assert config.scheduler.stop_grace.total_seconds() + CANCEL_WAIT < 6 * 60
+    assert config.scheduler.stop_grace.total_seconds() + CANCEL_WAIT + notify_wait(config) < 6 * 60
     assert config.notifications.webhook_url_file == Path("/run/secrets/webhook_url")
 
 

@@ -363,3 +363,34 @@ def test_an_engine_gone_away_while_labels_are_read_is_a_backupd_error_and_the_jo
         assert set(jobs.current().jobs) == {"shop"}
     finally:
         app_.close()
+
+
+def test_a_label_notification_still_being_sent_at_stop_is_waited_for_and_a_stuck_one_is_not() -> None:
+    """A breakage found just before SIGTERM is still reported: the daemon waits for its sender
+    before exiting, but not beyond the bound it was given."""
+    import threading
+    import time
+
+    from backupd.daemon import Jobs
+
+    sent: list[str] = []
+    release = threading.Event()
+
+    def send_slowly(cfg: Any, broken: Any) -> threading.Thread | None:
+        def send() -> None:
+            release.wait(5)
+            sent.extend(job for job, _ in broken)
+
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        return thread
+
+    jobs = Jobs(config(), lambda w: discover(w, [Container("solo", {**ON, "backupd.stop": "maybe"}, ("v",))]),
+                send_slowly)
+    jobs.current()
+    started = time.monotonic()
+    assert jobs.finish_notifying(0.2) is False  # stuck: given up after the bound
+    assert time.monotonic() - started < 2 and sent == []
+    threading.Timer(0.3, release.set).start()
+    assert jobs.finish_notifying(5) is True
+    assert sent == ["solo"]
