@@ -43,6 +43,7 @@ from docker.types import LogConfig, Mount  # noqa: E402
 from backupd.config import VolumeSelector
 from backupd.errors import BackupdError, ConfigError, NotFoundError
 from backupd.excludes import merged, tar_args
+from backupd.interrupts import held
 from backupd.private import private_dir
 
 log = logging.getLogger(__name__)
@@ -375,33 +376,35 @@ class DockerHost:
                        hostname: str | None = None, tmpfs: dict[str, str] | None = None) -> str:
         """A helper container (not started) with only the capabilities `caps`; `tmpfs`: in-memory
         mounts (path: options) for files that must never reach a disk."""
-        # Named up front: if we are interrupted while the engine creates it, we can still remove it.
+        # Named up front, and an interrupt held until the engine has answered: the create is then
+        # done, so removing it by name cannot race the engine still creating it.
         name = f"backupd-helper-{uuid.uuid4().hex[:12]}"
         try:
-            created = self.api.create_container(
-                image or self.helper_image,
-                # The helper may be backupd's own image, whose ENTRYPOINT is backupd: override it.
-                entrypoint=command[:1],
-                command=command[1:],
-                user="0:0",  # reads every file of the volume and restores owners, whatever the image's USER
-                name=name,
-                stdin_open=stdin,  # with detach=False this also sets StdinOnce
-                detach=not stdin,
-                network_disabled=network is None,  # only a helper that reaches a destination gets one
-                environment=environment,
-                hostname=hostname,
-                labels={HELPER_LABEL: purpose or "1", OWNER_LABEL: self.owner},
-                # No log driver: the archive must not be copied into the engine's logs on disk
-                # (json-file would stage every byte and cut throughput tenfold).
-                # The memory limit holds the helper's page cache too: a backup does not push the
-                # host's working set out of memory, and a restore's writes reach the disk as they
-                # go instead of all at once when the engine removes the container (cgroup exit
-                # flushes its dirty pages: about 1 s per 2 GiB restored, measured).
-                host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none"),
-                                                        mem_limit=self.helper_memory, network_mode=network,
-                                                        cap_drop=["ALL"], cap_add=list(caps) or None,
-                                                        security_opt=HELPER_SECURITY_OPT, tmpfs=tmpfs),
-            )
+            with held():
+                created = self.api.create_container(
+                    image or self.helper_image,
+                    # The helper may be backupd's own image, whose ENTRYPOINT is backupd: override it.
+                    entrypoint=command[:1],
+                    command=command[1:],
+                    user="0:0",  # reads every file of the volume and restores owners, whatever the image's USER
+                    name=name,
+                    stdin_open=stdin,  # with detach=False this also sets StdinOnce
+                    detach=not stdin,
+                    network_disabled=network is None,  # only a helper that reaches a destination gets one
+                    environment=environment,
+                    hostname=hostname,
+                    labels={HELPER_LABEL: purpose or "1", OWNER_LABEL: self.owner},
+                    # No log driver: the archive must not be copied into the engine's logs on disk
+                    # (json-file would stage every byte and cut throughput tenfold).
+                    # The memory limit holds the helper's page cache too: a backup does not push the
+                    # host's working set out of memory, and a restore's writes reach the disk as they
+                    # go instead of all at once when the engine removes the container (cgroup exit
+                    # flushes its dirty pages: about 1 s per 2 GiB restored, measured).
+                    host_config=self.api.create_host_config(mounts=mounts, log_config=LogConfig(type="none"),
+                                                            mem_limit=self.helper_memory, network_mode=network,
+                                                            cap_drop=["ALL"], cap_add=list(caps) or None,
+                                                            security_opt=HELPER_SECURITY_OPT, tmpfs=tmpfs),
+                )
         except ImageNotFound:
             key = "repository_image" if image else "helper_image"
             raise ConfigError(f"{key}: image '{image or self.helper_image}' is not present on the Docker engine") from None

@@ -259,3 +259,62 @@ def test_a_tar_that_exits_1_over_attach_is_whole_with_a_warning_but_any_other_he
     with pytest.raises(HelperError, match="helper for restic dump exited 1: tar: ./log: file changed"):
         with host.helper_output(["restic", "dump"], [], "restic dump") as chunks:
             b"".join(chunks)
+
+
+# ------------------------------------------------------------------ an interrupt while a helper is created
+
+
+class _Engine:
+    """Creates and removes containers by name; a SIGTERM arrives while it is creating."""
+
+    def __init__(self) -> None:
+        self.containers: set[str] = set()
+
+    def create_host_config(self, **kwargs: Any) -> dict:
+        return {}
+
+    def create_container(self, image: str, name: str, **kwargs: Any) -> dict:
+        import signal
+
+        created = threading.Event()
+
+        def engine() -> None:  # finishes creating it whatever the client does meanwhile
+            time.sleep(0.05)
+            self.containers.add(name)
+            created.set()
+
+        threading.Thread(target=engine).start()
+        signal.raise_signal(signal.SIGTERM)  # lands while the client waits for the answer
+        created.wait(5)
+        return {"Id": name}
+
+    def remove_container(self, cid: str, **kwargs: Any) -> None:
+        from docker.errors import NotFound
+
+        if cid not in self.containers:
+            raise NotFound("no such container")
+        self.containers.discard(cid)
+
+
+def test_a_sigterm_while_the_engine_creates_a_helper_is_raised_once_it_exists_and_it_is_removed(monkeypatch):
+    """Interrupted mid-request, the remove by name used to reach the engine before the create
+    had finished, and the helper was left behind (seen after a SIGTERM at start-up)."""
+    import signal
+
+    import pytest
+
+    from backupd import interrupts
+
+    host = _host(monkeypatch)
+    host.api = engine = _Engine()
+    host._helper_image, host.owner, host.helper_memory = "backupd-helper:test", "me", None
+    saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            host._create_helper(["tar", "--version"], [], purpose="the GNU tar check")
+    finally:
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGINT, saved[1])
+    time.sleep(0.2)  # an engine still creating it would be done by now
+    assert engine.containers == set()
