@@ -125,7 +125,8 @@ def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daem
 def test_a_cli_backup_of_a_job_the_daemon_is_running_waits_and_never_overlaps(
         docker_client, helper_image, held_app, daemons, tmp_path):
     app, vol = held_app
-    config = write_config(tmp_path, helper_image, {"slow": slow_job(vol, app)}, scheduler={"misfire_grace": "30s"})
+    config = write_config(tmp_path, helper_image, {"slow": slow_job(vol, app)},
+                          scheduler={"misfire_grace": "30s", "stop_grace": "1s"})
     daemon = daemons(config)
     wait_until(lambda: [b for b in listing(config) if b["status"] == "running"], "the daemon's run", 90, daemon.text)
     cli = backupd(config, "backup", "slow")
@@ -137,6 +138,8 @@ def test_a_cli_backup_of_a_job_the_daemon_is_running_waits_and_never_overlaps(
     assert len(runs) >= 2 and all(b["status"] == "succeeded" for b in runs), runs
     for earlier, later in zip(runs, runs[1:]):
         assert earlier["finished_at"] <= later["started_at"], "two runs of one job overlapped"
+    daemon.stop()  # its next scheduled run may hold the app stopped: stopping must start it again
+    assert daemon.proc.returncode == 0, daemon.text()[-3000:]
     assert status_of(app) == "running"
 
 
