@@ -17,12 +17,14 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 
+@dataclass
 class _State:
-    depth = 0  # held() sections the main thread is in
-    pending = False  # an interrupt arrived in one of them
+    depth: int = 0  # held() sections the main thread is in
+    pending: bool = False  # an interrupt arrived in one of them
 
 
 _state = _State()
