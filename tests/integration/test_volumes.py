@@ -718,6 +718,57 @@ def test_sigterm_mid_backup_leaves_no_archive_no_helper_and_a_failed_record(
     assert docker_client.containers.list(all=True, filters={"label": "backupd.helper", "volume": vol}) == []
 
 
+def test_sigterm_mid_restore_into_a_new_volume_leaves_no_volume_and_no_helper(
+        docker_client, helper_image, volume_factory, tmp_path):
+    """Ctrl-C or SIGTERM while a restore writes: the half-restored new volume, which would look
+    whole, is removed, with its helper; the process exits 130."""
+    import signal
+    import time
+
+    from docker.errors import NotFound
+
+    vol = volume_factory("sigrestore")
+    with open(mountpoint(docker_client, vol) / "big.bin", "wb") as f:
+        for _ in range(400):
+            f.write(os.urandom(1 << 20))
+    config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}})
+    backup_id = backupd(config, "backup", "j", check=True).stdout.strip()
+    target = f"{vol}-restored"
+
+    def restored_bytes() -> int:
+        try:
+            return (mountpoint(docker_client, target) / "big.bin").stat().st_size
+        except (NotFound, FileNotFoundError):
+            return 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(config), "restore", backup_id,
+                             "--volume", vol, "--to-volume", target],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 60
+        while restored_bytes() < 4 << 20:
+            assert proc.poll() is None and time.monotonic() < deadline, "the restore never started writing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"backupd did not exit within 60 s of SIGTERM; its log:\n{proc.communicate()[1][-3000:]}")
+        assert proc.returncode == 130, err[-2000:]
+        assert target not in {v.name for v in docker_client.volumes.list()}, "a half-restored volume was left"
+        helpers = docker_client.containers.list(all=True, filters={"label": "backupd.helper"})
+        assert not [c for c in helpers if any(m.get("Name") in (vol, target) for m in c.attrs["Mounts"])]
+    finally:
+        for container in docker_client.containers.list(all=True, filters={"volume": target}):
+            container.remove(force=True)
+        try:
+            docker_client.volumes.get(target).remove(force=True)
+        except NotFound:
+            pass
+
+
 def test_helpers_leave_no_anonymous_volumes_behind(docker_client, helper_image, volume_factory, tmp_path):
     """A helper image that declares VOLUMEs (backupd's own does) gets anonymous volumes with every
     helper; removing the helper must remove them, or each backup and restore leaves two behind."""
