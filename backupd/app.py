@@ -92,6 +92,8 @@ class Operations(Protocol):
     def verify_latest(self, job: str, *, config: Config | None = None,
                       stop: threading.Event | None = None) -> list[str]: ...
 
+    def end_helpers(self) -> int: ...
+
 
 JOB_LEASE = "job:"
 
@@ -163,7 +165,7 @@ class App:
             log.warning("backup %s was left running by a stopped backupd: recorded failed", backup_id,
                         extra={"backup_id": backup_id})
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
-        report.helpers_removed = host.remove_stale_helpers(self.leases.owner_known_dead)
+        report.helpers_removed = host.remove_helpers(self.leases.owner_known_dead)
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
         if report.failed_runs:  # their uploads may have left leftovers: sweep again at next use
             with self._sweeping:
@@ -384,6 +386,20 @@ class App:
             checks = verify_backup(config, self.catalog, stores, backups[0].id,
                                    check_snapshot=snapshot_checker(config, lambda: self.host))
         return [f"{c.artifact} on {c.destination}: {c.detail}" for c in checks if not c.ok]
+
+    def end_helpers(self) -> int:
+        """Remove this backupd's helper containers: cancelled runs blocked on one (a restic
+        snapshot, a restore) then unwind, restarting what they stopped. Returns how many."""
+        from docker.errors import DockerException
+        from requests import RequestException
+
+        if self._host is None:  # never connected: no helper of ours exists
+            return 0
+        try:
+            return self._host.remove_helpers(lambda owner: owner == self.leases.me.id)
+        except (DockerException, RequestException) as exc:  # an engine gone away raises the latter
+            log.warning("could not end the helpers of cancelled runs: %s: %s", type(exc).__name__, exc)
+            return 0
 
     def hold_for_restore(self, volume: str | None, container: str | None, wait: float | None = None,
                          job: str | None = None) -> Any:

@@ -425,17 +425,18 @@ class DockerHost:
         except APIError as exc:
             log.warning("could not remove helper container %s: %s", cid[:12], exc)
 
-    def remove_stale_helpers(self, owner_dead: Callable[[str | None], bool]) -> int:
-        """Helpers left by a killed backupd hold volumes busy: remove those whose owner is dead.
+    def remove_helpers(self, whose: Callable[[str | None], bool]) -> int:
+        """Remove the helpers whose owner (catalog owner id, None if unlabelled) `whose` picks.
 
-        Helpers of live processes, and of backupd installations with another catalog on the
-        same engine, are left alone.
+        At start-up: those a killed backupd left, holding volumes busy (helpers of live processes,
+        and of backupd installations with another catalog on the same engine, are left alone).
+        At a cancel: this backupd's own, so runs blocked reading them unwind.
         """
-        stale = [c for c in self.api.containers(all=True, filters={"label": HELPER_LABEL})
-                 if owner_dead((c.get("Labels") or {}).get(OWNER_LABEL) or None)]
-        for c in stale:
+        picked = [c for c in self.api.containers(all=True, filters={"label": HELPER_LABEL})
+                  if whose((c.get("Labels") or {}).get(OWNER_LABEL) or None)]
+        for c in picked:
             self._remove(c["Id"])
-        return len(stale)
+        return len(picked)
 
     def engine_id(self) -> str:
         """The engine's own id: held containers and helpers belong to one engine."""

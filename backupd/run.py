@@ -117,6 +117,11 @@ def run_backup(
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
             pass
 
+    def check_cancel(what: str) -> None:
+        """Between steps: a run whose helper the cancel ended must not start the next one."""
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"{what}: backup cancelled")
+
     errors: list[str] = []
     warnings: list[str] = []
     snapshots = None
@@ -129,6 +134,7 @@ def run_backup(
             snapshots = SnapshotWriter(config, host, job_name, plan.stores)
         logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
         for dump in plan.dumps:
+            check_cancel(f"database '{dump.artifact}'")
             if snapshots is not None:
                 stream_snapshot(snapshots, "database", dump.artifact, dump.source, dump.open)
             else:
@@ -143,6 +149,7 @@ def run_backup(
                 logger.info("step 4/6: %s volumes (%d)", "snapshot" if repository else "archive",
                             len(plan.volumes))
                 for src in plan.volumes:
+                    check_cancel(f"volume '{src.name}'")
                     if snapshots is not None:
                         snapshots.snapshot(catalog, backup_id, src)
                     else:
@@ -156,6 +163,7 @@ def run_backup(
                 logger.info("containers were stopped for %.1f s", downtime)
         errors += restart_problems
         if snapshots is not None:  # the volumes are read: copies to the other repositories need no downtime
+            check_cancel("copies to the other repositories")
             snapshots.finish(catalog, backup_id)
     except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
         errors.append(str(exc) or type(exc).__name__)

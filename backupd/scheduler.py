@@ -364,9 +364,17 @@ class Sidecar:
         log.warning("stop_grace of %.0fs passed: cancelling %s", grace,
                     ", ".join(f"{r.action} of {r.job}" for r in self.running()))
         self.cancel.set()
-        if not self._wait_idle(CANCEL_WAIT):
-            log.error("runs still going %.0fs after cancel; exiting anyway", CANCEL_WAIT)
-        return False
+        # A run blocked on a helper (a restic snapshot, a slow dump) sees the cancel only when
+        # the helper ends: end this backupd's helpers, again each second for any a run started
+        # just before it saw the cancel. Runs then unwind: containers started, run recorded.
+        deadline = time.monotonic() + CANCEL_WAIT
+        while True:
+            self.ops.end_helpers()
+            if self._wait_idle(min(1.0, max(0.0, deadline - time.monotonic()))):
+                return False
+            if time.monotonic() >= deadline:
+                log.error("runs still going %.0fs after cancel; exiting anyway", CANCEL_WAIT)
+                return False
 
     # ------------------------------------------------------------ health
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.integration.services import APP_COMMAND
+from tests.integration.test_repository import repo_config, restic_image  # noqa: F401 - a fixture
 from tests.integration.test_sidecar import SOCKET, _fill
 from tests.integration.test_volumes import REPO, backupd, listing, write_config
 
@@ -225,3 +226,37 @@ def test_recovery_leaves_alone_the_helpers_of_a_backupd_with_another_catalog(
         assert status_of(foreign) == "running"
     finally:
         foreign.remove(force=True)
+
+
+def test_a_cancelled_snapshot_stuck_in_its_helper_is_ended_and_the_stopped_app_started(
+        docker_client, helper_image, restic_image, held_app, daemons, tmp_path):
+    """SIGTERM while a scheduled restic snapshot hangs (its helper frozen here, as on an upload
+    that stalls): once stop_grace has passed the daemon ends its own helpers, the run unwinds and
+    the app it stopped runs again. Before, the run never saw the cancel: the daemon gave up after
+    30 s and exited with the app stopped."""
+    app, vol = held_app
+    with open(Path(docker_client.volumes.get(vol).attrs["Mountpoint"]) / "big.bin", "wb") as f:
+        for _ in range(300):  # seconds of restic work: time to catch its helper
+            f.write(os.urandom(1 << 20))
+    config, _ = repo_config(tmp_path, helper_image, restic_image,
+                            {"slow": {"schedule": "* * * * *", "volumes": [vol], "stop_containers": [app.name]}})
+    settings = json.loads(config.read_text())
+    settings["scheduler"] = {"misfire_grace": "30s", "stop_grace": "1s"}
+    config.write_text(json.dumps(settings))
+    daemon = daemons(config)
+
+    def snapshot_helper() -> Any:
+        helpers = docker_client.containers.list(filters={"label": "backupd.helper", "volume": vol})
+        return next((c for c in helpers if c.labels["backupd.helper"].startswith("backup of")), None)
+
+    helper = wait_until(lambda: status_of(app) == "exited" and snapshot_helper(), "the scheduled snapshot",
+                        90, daemon.text)
+    helper.pause()
+    started = time.monotonic()
+    daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.text()[-3000:]
+    assert time.monotonic() - started < 20, "the stop waited the cancelled run out"
+    assert status_of(app) == "running", daemon.text()[-3000:]
+    assert no_helpers_on(docker_client, vol)
+    [run] = listing(config)
+    assert run["status"] == "failed" and "cancelled" in run["error"], run

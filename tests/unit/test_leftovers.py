@@ -174,7 +174,7 @@ class FakeHost:
     def engine_id(self) -> str:
         return "engine"
 
-    def remove_stale_helpers(self, alive) -> int:  # noqa: ANN001
+    def remove_helpers(self, alive) -> int:  # noqa: ANN001
         return 0
 
 

@@ -108,6 +108,10 @@ class FakeOps:
         self.calls.append((VERIFY, job))
         return []
 
+    def end_helpers(self) -> int:
+        self.calls.append(("end_helpers", ""))
+        return 0
+
 
 def make_sidecar(config: Any, clock: Clock, tmp_path: Path, threaded: bool = False,
                  ops: FakeOps | None = None, **kwargs: Any) -> tuple[Sidecar, list[tuple[str, str]]]:
@@ -394,6 +398,30 @@ def test_stop_cancels_a_run_that_outlasts_the_grace_and_waits_for_it_to_unwind(c
     started = time.monotonic()
     assert sidecar.stop(grace=0.2) is False
     assert unwound.is_set() and sidecar.running() == []
+    assert time.monotonic() - started < 5
+
+
+def test_a_cancelled_run_blocked_on_a_helper_is_freed_by_ending_the_helpers(clock: Clock, tmp_path: Path) -> None:
+    """A run waiting on a helper (a restic snapshot) never looks at the cancel flag: the stop ends
+    this backupd's helpers, again each second for one started late, until the run has unwound."""
+    ops = FakeOps()
+    sidecar, _ = make_sidecar(config_of({"a": {"volumes": ["v"]}}), clock, tmp_path, ops=ops)
+    helper_ended = threading.Event()
+    ends: list[float] = []
+
+    def end_helpers() -> int:
+        ends.append(time.monotonic())
+        if len(ends) == 2:  # the first removal missed the helper the run started just then
+            helper_ended.set()
+        return 1
+
+    ops.end_helpers = end_helpers  # type: ignore[method-assign]
+    sidecar.actions[BACKUP] = lambda cfg, job, logger: helper_ended.wait(30)
+    threading.Thread(target=sidecar.fire, args=(BACKUP, "a")).start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert sidecar.stop(grace=0.2) is False
+    assert sidecar.running() == [] and len(ends) == 2
     assert time.monotonic() - started < 5
 
 
