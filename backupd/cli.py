@@ -94,12 +94,24 @@ def cmd_backup(ctx: Context) -> int:
 
 
 def cmd_run(ctx: Context) -> int:
-    from backupd.daemon import run_daemon
+    from backupd.daemon import RUNS_LEFT, run_daemon
 
     from backupd.http import http_bind
 
     bind = http_bind(ctx.args.http, os.environ.get("BACKUPD_HTTP"), ctx.config.http)
-    return run_daemon(ctx.args.config or default_config_path(), ctx.app, bind)
+    code = run_daemon(ctx.args.config or default_config_path(), ctx.app, bind)
+    if code == RUNS_LEFT:
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int) -> None:
+    """Exit without waiting for threads: a run that ignored its cancel still holds a scheduler
+    thread, which Python would wait for at exit, forever. What it left (a container stopped, a
+    row running) is recovered by the next start."""
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def cmd_list(ctx: Context) -> int:

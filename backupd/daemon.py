@@ -27,6 +27,8 @@ from backupd.scheduler import CANCEL_WAIT, Sidecar
 
 log = logging.getLogger(__name__)
 
+RUNS_LEFT = 1  # exit code: a cancelled run did not unwind in time (the next start recovers it)
+
 
 class Signals:
     """Flags set by signal handlers, read by the main loop."""
@@ -218,4 +220,6 @@ def run_daemon(config_path: str, app: App, http_bind: str | None, signals: Signa
         watcher.stop()
         if endpoint is not None:
             endpoint.close()
+    if sidecar.running():  # logged by the stop: "runs still going ... exiting anyway"
+        return RUNS_LEFT
     return 0

@@ -51,6 +51,16 @@ def helper_image(docker_client: docker.DockerClient) -> str:
         _fail(exc)
 
 
+def remove_volume(client: docker.DockerClient, name: str) -> None:
+    """Remove a volume if it exists; a volume in use cannot be removed, so its users go first."""
+    for container in client.containers.list(all=True, filters={"volume": name}):
+        container.remove(force=True)
+    try:
+        client.volumes.get(name).remove(force=True)
+    except NotFound:
+        pass
+
+
 @pytest.fixture
 def volume_factory(docker_client: docker.DockerClient) -> Iterator[Callable[..., str]]:
     """make(prefix="t") -> name of a new, uniquely named volume; removed (with its users) afterwards."""
@@ -64,13 +74,7 @@ def volume_factory(docker_client: docker.DockerClient) -> Iterator[Callable[...,
 
     yield make
     for name in made:
-        # A volume in use cannot be removed: drop the containers still holding it first.
-        for container in docker_client.containers.list(all=True, filters={"volume": name}):
-            container.remove(force=True)
-        try:
-            docker_client.volumes.get(name).remove(force=True)
-        except NotFound:
-            pass
+        remove_volume(docker_client, name)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from tests.integration.conftest import remove_volume
 from tests.integration.services import APP_COMMAND
 
 pytestmark = pytest.mark.integration
@@ -761,12 +762,7 @@ def test_sigterm_mid_restore_into_a_new_volume_leaves_no_volume_and_no_helper(
         helpers = docker_client.containers.list(all=True, filters={"label": "backupd.helper"})
         assert not [c for c in helpers if any(m.get("Name") in (vol, target) for m in c.attrs["Mounts"])]
     finally:
-        for container in docker_client.containers.list(all=True, filters={"volume": target}):
-            container.remove(force=True)
-        try:
-            docker_client.volumes.get(target).remove(force=True)
-        except NotFound:
-            pass
+        remove_volume(docker_client, target)  # made by the restore, if the test failed
 
 
 def test_helpers_leave_no_anonymous_volumes_behind(docker_client, helper_image, volume_factory, tmp_path):

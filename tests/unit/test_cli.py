@@ -182,3 +182,32 @@ def test_list_schedule_prints_a_table(capsys, config_file):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["JOB", "ACTION", "SCHEDULE", "TIMEZONE", "NEXT", "RUN"]
     assert all(line == line.rstrip() for line in lines)
+
+
+def test_a_stop_that_left_a_run_going_exits_at_once_with_its_code(config_file, monkeypatch):
+    """`backupd run` whose stop could not unwind a run leaves without waiting for its thread."""
+    import backupd.cli
+    import backupd.daemon
+
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+
+    monkeypatch.setattr(backupd.daemon, "run_daemon", lambda *args, **kwargs: backupd.daemon.RUNS_LEFT)
+    monkeypatch.setattr(backupd.cli, "exit_now", exit_now)
+    main(["--config", str(config_file), "run"])
+    assert exits == [backupd.daemon.RUNS_LEFT]
+
+
+def test_exit_now_does_not_wait_for_a_thread_that_never_ends():
+    import subprocess
+    import sys
+
+    code = ("import threading, time\n"
+            "from backupd.cli import exit_now\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon thread\n"
+            "exit_now(1)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 1, proc.stderr

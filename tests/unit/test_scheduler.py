@@ -466,6 +466,47 @@ def test_the_daemon_reloads_on_sighup_flag_and_exits_0_on_stop(
     assert result == [0] and not made[0].alive()
 
 
+def test_a_run_that_ignores_its_cancel_makes_the_daemon_exit_1_at_once_not_wait_forever(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A run stuck where neither the cancel nor ending the helpers reaches it (a hook's exec
+    that hangs): the stop gives up after CANCEL_WAIT and the daemon reports it with exit 1;
+    `backupd run` then leaves without waiting for the run's thread (see test_cli)."""
+    monkeypatch.setattr(sched_mod, "CANCEL_WAIT", 0.3)
+    path = tmp_path / "backupd.yml"
+    path.write_text("jobs:\n  a:\n    schedule: '0 3 * * *'\n    volumes: [v]\n")
+    config = parse_config({"catalog": f"sqlite:///{tmp_path / 'c.db'}", "scheduler": {"stop_grace": "1s"},
+                           "jobs": {"a": {"schedule": "0 3 * * *", "volumes": ["v"]}}})
+    app = SimpleNamespace(config=config, catalog=Catalog(config.catalog), clock=lambda: T0, host=None,
+                          end_helpers=lambda: 0)
+    made: list[Sidecar] = []
+    real = sched_mod.Sidecar
+
+    def capture(*args: Any, **kwargs: Any) -> Sidecar:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr("backupd.daemon.Sidecar", capture)
+    signals = Signals()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(
+        run_daemon(str(path), app, None, signals)))  # type: ignore[arg-type]
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not made or not made[0].alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    release = threading.Event()
+    made[0].actions[BACKUP] = lambda cfg, job, logger: release.wait(30)  # deaf to the cancel
+    threading.Thread(target=made[0].fire, args=(BACKUP, "a")).start()
+    while not made[0].running():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    signals._on_stop(15, None)
+    thread.join(10)
+    release.set()
+    assert result == [1]
+
+
 # ---------------------------------------------------------------- health
 
 
