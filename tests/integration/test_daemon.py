@@ -1,7 +1,8 @@
 """The daemon as users run it (`backupd run` on the host, and the image as a sidecar container)
 keeps the promises the CLI keeps, on a real engine:
 
-- a container a killed daemon held stopped is started by the next daemon within 10 s, also
+- a container a killed daemon held stopped is started by the next daemon at its start (within
+  30 s on a loaded CI machine: the start itself is most of it), also
   when the next daemon is a new container with a new hostname (Compose recreated it);
 - a CLI backup of a job the daemon is running waits for it and never overlaps it.
 
@@ -113,8 +114,8 @@ def test_a_container_held_stopped_by_a_killed_daemon_is_started_by_the_next_daem
 
     killed_at = time.monotonic()
     second = daemons(config)
-    wait_until(lambda: status_of(app) == "running", "the app started again", 10, second.text)
-    assert time.monotonic() - killed_at < 10
+    wait_until(lambda: status_of(app) == "running", "the app started again", 30, second.text)
+    assert time.monotonic() - killed_at < 30
     wait_until(lambda: no_helpers_on(docker_client, vol), "the dead daemon's helper removed", 10, second.text)
     recovered = wait_until(lambda: [json.loads(line) for line in second.text().splitlines()
                                     if "start-up recovery" in line], "the recovery log line", 10, second.text)
@@ -188,7 +189,7 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
     second.reload()
     first.reload()
     assert second.attrs["Config"]["Hostname"] != first.attrs["Config"]["Hostname"]
-    wait_until(lambda: status_of(app) == "running", "the app started by the new container", 10,
+    wait_until(lambda: status_of(app) == "running", "the app started by the new container", 30,
                lambda: second.logs().decode(errors="replace"))
     wait_until(lambda: "start-up recovery: " in second.logs().decode(errors="replace"), "the recovery log line",
                10, lambda: second.logs().decode(errors="replace"))
@@ -260,3 +261,24 @@ def test_a_cancelled_snapshot_stuck_in_its_helper_is_ended_and_the_stopped_app_s
     assert no_helpers_on(docker_client, vol)
     [run] = listing(config)
     assert run["status"] == "failed" and "cancelled" in run["error"], run
+
+
+def test_a_run_deaf_to_its_cancel_does_not_keep_the_daemon_from_exiting(
+        docker_client, helper_image, held_app, daemons, tmp_path):
+    """A run stuck where no cancel reaches it (a before hook hanging in its container): the stop
+    gives it stop_grace and 30 s, then `backupd run` exits 1 without it. Before, the run's
+    scheduler thread kept the process alive until Docker's SIGKILL."""
+    app, vol = held_app
+    job = {"schedule": "* * * * *", "volumes": [vol],
+           "hooks": {"before": [{"container": app.name, "command": ["sleep", "300"], "timeout": "10m"}]}}
+    config = write_config(tmp_path, helper_image, {"hung": job},
+                          scheduler={"misfire_grace": "30s", "stop_grace": "1s"})
+    daemon = daemons(config)
+    wait_until(lambda: "step 1/6: before hooks" in daemon.text(), "the scheduled run's before hook", 90, daemon.text)
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.proc.wait(90)
+    took = time.monotonic() - started
+    assert daemon.proc.returncode == 1, daemon.text()[-3000:]
+    assert took < 45, f"exited {took:.0f} s after SIGTERM"
+    assert "exiting anyway" in daemon.text()
