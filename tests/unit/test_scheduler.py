@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -432,13 +433,25 @@ def test_no_run_starts_once_stopping(clock: Clock, tmp_path: Path) -> None:
     assert calls == []
 
 
-def test_the_daemon_reloads_on_sighup_flag_and_exits_0_on_stop(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@dataclass
+class InProcessDaemon:
+    """run_daemon in a thread on a real catalog, with the Sidecar it built and its result."""
+
+    path: Path
+    sidecar: Sidecar
+    signals: Signals
+    thread: threading.Thread
+    result: list[int]
+
+
+def start_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scheduler: dict | None = None,
+                 **app_extra: Any) -> InProcessDaemon:
+    """Job a at 03:00 in the config file; returns once the scheduler is alive."""
     path = tmp_path / "backupd.yml"
     path.write_text("jobs:\n  a:\n    schedule: '0 3 * * *'\n    volumes: [v]\n")
-    config = parse_config({"catalog": f"sqlite:///{tmp_path / 'c.db'}",
+    config = parse_config({"catalog": f"sqlite:///{tmp_path / 'c.db'}", "scheduler": scheduler or {},
                            "jobs": {"a": {"schedule": "0 3 * * *", "volumes": ["v"]}}})
-    app = SimpleNamespace(config=config, catalog=Catalog(config.catalog), clock=lambda: T0, host=None)
+    app = SimpleNamespace(config=config, catalog=Catalog(config.catalog), clock=lambda: T0, host=None, **app_extra)
     made: list[Sidecar] = []
     real = sched_mod.Sidecar
 
@@ -456,14 +469,21 @@ def test_the_daemon_reloads_on_sighup_flag_and_exits_0_on_stop(
     while not made or not made[0].alive():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    path.write_text("jobs:\n  b:\n    schedule: '0 4 * * *'\n    volumes: [v]\n")
-    signals._on_reload(1, None)
-    while [e.job for e in made[0].entries()] != ["b"]:
+    return InProcessDaemon(path, made[0], signals, thread, result)
+
+
+def test_the_daemon_reloads_on_sighup_flag_and_exits_0_on_stop(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    daemon = start_daemon(monkeypatch, tmp_path)
+    deadline = time.monotonic() + 5
+    daemon.path.write_text("jobs:\n  b:\n    schedule: '0 4 * * *'\n    volumes: [v]\n")
+    daemon.signals._on_reload(1, None)
+    while [e.job for e in daemon.sidecar.entries()] != ["b"]:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    signals._on_stop(15, None)
-    thread.join(10)
-    assert result == [0] and not made[0].alive()
+    daemon.signals._on_stop(15, None)
+    daemon.thread.join(10)
+    assert daemon.result == [0] and not daemon.sidecar.alive()
 
 
 def test_a_run_that_ignores_its_cancel_makes_the_daemon_exit_1_at_once_not_wait_forever(
@@ -472,39 +492,18 @@ def test_a_run_that_ignores_its_cancel_makes_the_daemon_exit_1_at_once_not_wait_
     that hangs): the stop gives up after CANCEL_WAIT and the daemon reports it with exit 1;
     `backupd run` then leaves without waiting for the run's thread (see test_cli)."""
     monkeypatch.setattr(sched_mod, "CANCEL_WAIT", 0.3)
-    path = tmp_path / "backupd.yml"
-    path.write_text("jobs:\n  a:\n    schedule: '0 3 * * *'\n    volumes: [v]\n")
-    config = parse_config({"catalog": f"sqlite:///{tmp_path / 'c.db'}", "scheduler": {"stop_grace": "1s"},
-                           "jobs": {"a": {"schedule": "0 3 * * *", "volumes": ["v"]}}})
-    app = SimpleNamespace(config=config, catalog=Catalog(config.catalog), clock=lambda: T0, host=None,
-                          end_helpers=lambda: 0)
-    made: list[Sidecar] = []
-    real = sched_mod.Sidecar
-
-    def capture(*args: Any, **kwargs: Any) -> Sidecar:
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr("backupd.daemon.Sidecar", capture)
-    signals = Signals()
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(
-        run_daemon(str(path), app, None, signals)))  # type: ignore[arg-type]
-    thread.start()
+    daemon = start_daemon(monkeypatch, tmp_path, {"stop_grace": "1s"}, end_helpers=lambda: 0)
     deadline = time.monotonic() + 5
-    while not made or not made[0].alive():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
     release = threading.Event()
-    made[0].actions[BACKUP] = lambda cfg, job, logger: release.wait(30)  # deaf to the cancel
-    threading.Thread(target=made[0].fire, args=(BACKUP, "a")).start()
-    while not made[0].running():
+    daemon.sidecar.actions[BACKUP] = lambda cfg, job, logger: release.wait(30)  # deaf to the cancel
+    threading.Thread(target=daemon.sidecar.fire, args=(BACKUP, "a")).start()
+    while not daemon.sidecar.running():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    signals._on_stop(15, None)
-    thread.join(10)
+    daemon.signals._on_stop(15, None)
+    daemon.thread.join(10)
     release.set()
-    assert result == [1]
+    assert daemon.result == [1]
 
 
 # ---------------------------------------------------------------- health
