@@ -47,6 +47,13 @@ class Cancelled(BackupdError):
     """The run was asked to stop (SIGTERM) and aborted cleanly."""
 
 
+def check_cancel(cancel: threading.Event | None, what: str) -> None:
+    """Raise Cancelled if the run was cancelled: between chunks of a stream, and between a
+    run's steps (a run whose helper the cancel ended must not start the next one)."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{what}: backup cancelled")
+
+
 def artifact_key(job: str, backup_id: str, kind: str, name: str, suffix: str) -> str:
     """Where a copy lives in every store: grouped by job and backup, named by what it holds
     (encoded, so a database called `a/b` or `..` is one plain file name)."""
@@ -110,8 +117,7 @@ def store_artifact(
     try:
         with open_source() as chunks:
             for chunk in chunks:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"{kind} '{name}': backup cancelled")
+                check_cancel(cancel, f"{kind} '{name}'")
                 if watch is not None and refused is None:
                     try:
                         watch.write(chunk)

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 from docker.types import Mount
 
-from backupd.artifact import Cancelled, SourceOpener
+from backupd.artifact import SourceOpener, check_cancel
 from backupd.catalog import BACKUP_ID_RE, DELETED, STORED, SUCCEEDED, ArtifactView, Catalog
 from backupd.config import Config, LocalDestination, S3Destination, SftpDestination
 from backupd.docker_host import READ_CAPS, RESTORE_CAPS, DockerHost, FedHelper, HelperError, VolumeSource
@@ -539,8 +539,7 @@ class SnapshotWriter:
             try:
                 with open_source() as chunks:
                     for chunk in chunks:
-                        if cancel is not None and cancel.is_set():
-                            raise Cancelled(f"{kind} '{name}': backup cancelled")
+                        check_cancel(cancel, f"{kind} '{name}'")
                         for feed in feeds.values():
                             feed.write(chunk)  # a helper that stopped reading says why at finish
             except BaseException as exc:

@@ -17,7 +17,7 @@ from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from backupd.artifact import Cancelled, store_artifact
+from backupd.artifact import Cancelled, check_cancel, store_artifact
 from backupd.quiesce.databases import Dump, check_unique, plan_dumps
 from backupd.quiesce.hooks import run_hooks
 from backupd.quiesce.stop import held, resolve_containers
@@ -117,11 +117,6 @@ def run_backup(
         except Exception:  # noqa: BLE001 - recorded on the artifact; go on with the others
             pass
 
-    def check_cancel(what: str) -> None:
-        """Between steps: a run whose helper the cancel ended must not start the next one."""
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"{what}: backup cancelled")
-
     errors: list[str] = []
     warnings: list[str] = []
     snapshots = None
@@ -134,7 +129,7 @@ def run_backup(
             snapshots = SnapshotWriter(config, host, job_name, plan.stores)
         logger.info("step 2/6: database dumps (%d)", len(plan.dumps))
         for dump in plan.dumps:
-            check_cancel(f"database '{dump.artifact}'")
+            check_cancel(cancel, f"database '{dump.artifact}'")
             if snapshots is not None:
                 stream_snapshot(snapshots, "database", dump.artifact, dump.source, dump.open)
             else:
@@ -149,7 +144,7 @@ def run_backup(
                 logger.info("step 4/6: %s volumes (%d)", "snapshot" if repository else "archive",
                             len(plan.volumes))
                 for src in plan.volumes:
-                    check_cancel(f"volume '{src.name}'")
+                    check_cancel(cancel, f"volume '{src.name}'")
                     if snapshots is not None:
                         snapshots.snapshot(catalog, backup_id, src)
                     else:
@@ -163,7 +158,7 @@ def run_backup(
                 logger.info("containers were stopped for %.1f s", downtime)
         errors += restart_problems
         if snapshots is not None:  # the volumes are read: copies to the other repositories need no downtime
-            check_cancel("copies to the other repositories")
+            check_cancel(cancel, "copies to the other repositories")
             snapshots.finish(catalog, backup_id)
     except BaseException as exc:  # before-hook failure, cancel, Ctrl-C: after-hooks still run
         errors.append(str(exc) or type(exc).__name__)
