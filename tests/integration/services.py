@@ -102,24 +102,46 @@ def require_image(client: docker.DockerClient, image: str) -> str:
     return image
 
 
+def run_to_end(client: docker.DockerClient, image: str, command: list[str], timeout: float = 300,
+               **kwargs: object) -> tuple[int, bytes, bytes]:
+    """Run a container to its end: (exit status, stdout, stderr), read through an attach made
+    before it starts. Its logs read after it exits can come back short under load (the engine
+    stops waiting for its log copier two seconds after the exit). Removed with its anonymous
+    volumes (backupd's image declares two), which `containers.run(remove=True)` leaves behind."""
+    container = client.containers.create(image, command, labels=TEST_LABELS, **kwargs)
+    out, err = bytearray(), bytearray()
+    try:
+        stream = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
+        container.start()
+        for stdout, stderr in stream:
+            out += stdout or b""
+            err += stderr or b""
+        return container.wait(timeout=timeout)["StatusCode"], bytes(out), bytes(err)
+    finally:
+        container.remove(force=True, v=True)
+
+
 def fill_volume(client: docker.DockerClient, helper_image: str, volume: str, script: str,
                 timeout: float = 300) -> str:
-    """Run `sh -c script` in a helper container with `volume` at /data (rw); return its output.
+    """Run `sh -c script` in a helper container with `volume` at /data (rw); return its output
+    (stdout, then stderr).
 
     Note: the helper's sh is busybox with standalone applets, so a bare `tar` inside
     `sh -c` is busybox tar; call `/bin/tar` for GNU tar.
     """
-    container = client.containers.run(
-        helper_image, ["sh", "-c", script], detach=True, labels=TEST_LABELS,
-        volumes={volume: {"bind": "/data", "mode": "rw"}})
-    try:
-        status = container.wait(timeout=timeout)["StatusCode"]
-        output = container.logs(stdout=True, stderr=True).decode(errors="replace")
-        if status != 0:
-            raise ServiceError(f"helper script exited {status} on volume {volume}:\n{script}\n--- output:\n{output}")
-        return output
-    finally:
-        container.remove(force=True)
+    status, out, err = run_to_end(client, helper_image, ["sh", "-c", script], timeout,
+                                  volumes={volume: {"bind": "/data", "mode": "rw"}})
+    output = (out + err).decode(errors="replace")
+    if status != 0:
+        raise ServiceError(f"helper script exited {status} on volume {volume}:\n{script}\n--- output:\n{output}")
+    return output
+
+
+def volume_files(client: docker.DockerClient, volume: str) -> list[str]:
+    """The files in a volume, relative to its root, read on the host (the tests run beside the
+    engine): no container whose output could come back short."""
+    root = Path(client.volumes.get(volume).attrs["Mountpoint"])
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------ S3 (SeaweedFS)

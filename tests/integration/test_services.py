@@ -8,18 +8,20 @@ from pathlib import Path
 import pytest
 
 try:
-    from .services import DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, remove_dead_dbs, unique_name
+    from .services import (DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, remove_dead_dbs, run_to_end,
+                           unique_name)
 except ImportError:
-    from services import DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, remove_dead_dbs, unique_name
+    from services import (DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, remove_dead_dbs, run_to_end,
+                          unique_name)
 
 pytestmark = pytest.mark.integration
 
 
 def test_helper_image_has_gnu_tar_and_busybox(docker_client, helper_image):
-    out = docker_client.containers.run(helper_image, ["tar", "--version"], remove=True)
-    assert out.startswith(b"tar (GNU tar)"), out
-    out = docker_client.containers.run(helper_image, ["sh", "-c", "find / -maxdepth 0"], remove=True)
-    assert out == b"/\n"
+    status, out, err = run_to_end(docker_client, helper_image, ["tar", "--version"])
+    assert status == 0 and out.startswith(b"tar (GNU tar)"), (out, err)
+    status, out, err = run_to_end(docker_client, helper_image, ["sh", "-c", "find / -maxdepth 0"])
+    assert (status, out) == (0, b"/\n"), err
 
 
 def test_fill_volume_writes_into_the_volume(docker_client, helper_image, volume_factory):

@@ -26,6 +26,8 @@ import docker
 import pytest
 from docker.errors import NotFound
 
+from tests.integration.services import run_to_end, volume_files
+
 SOCKET = "/var/run/docker.sock"
 
 
@@ -87,20 +89,6 @@ def _fill(client: docker.DockerClient, image: str, volume: str, megabytes: int) 
         holder.remove(force=True, v=True)
 
 
-def run_once(client: docker.DockerClient, image: str, command: list[str], **kwargs: Any) -> bytes:
-    """Run a container to its end and return its stdout; removed with its anonymous volumes
-    (backupd's image declares two), which `containers.run(remove=True)` leaves behind."""
-    container = client.containers.create(image, command, **kwargs)
-    try:
-        container.start()
-        code = container.wait(timeout=120)["StatusCode"]
-        out = container.logs(stdout=True, stderr=False)
-        assert code == 0, container.logs(stdout=False, stderr=True).decode(errors="replace")[-2000:]
-        return out
-    finally:
-        container.remove(force=True, v=True)
-
-
 class Sidecar:
     """A running sidecar container and the ways a test looks at it."""
 
@@ -148,8 +136,10 @@ class Sidecar:
             if code != 0:  # e.g. the sidecar is still creating the catalog: ask again next poll
                 return []
             return json.loads(out[0])
-        return json.loads(run_once(self.client, self.image, ["list", "--json"], volumes=self.volumes,
-                                   network_mode="none"))
+        status, out, err = run_to_end(self.client, self.image, ["list", "--json"], volumes=self.volumes,
+                                      network_mode="none")
+        assert status == 0, err.decode(errors="replace")[-2000:]
+        return json.loads(out)
 
     def wait_for(self, check: Any, what: str, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -211,9 +201,7 @@ def test_image_backs_up_on_a_minute_schedule_applies_retention_and_reports_healt
     [backup] = sidecar.backups()
     assert backup["status"] == "succeeded"
     assert [a["name"] for a in backup["artifacts"]][0].startswith("scdata-")
-    on_disk = run_once(docker_client, sidecar.image, ["sh", "-c", "find /backups -name '*.tar.*'"], entrypoint=[],
-                       volumes={backups_volume: {"bind": "/backups", "mode": "ro"}},
-                       network_mode="none").decode().split()
+    on_disk = [f for f in volume_files(docker_client, backups_volume) if ".tar." in f]
     assert len(on_disk) == 1 and backup["id"] in on_disk[0], on_disk
 
     status, body = sidecar.get("/healthz")
@@ -256,8 +244,7 @@ def test_sigterm_during_a_scheduled_run_cancels_it_cleanly_and_notifies_the_fail
     assert recorded["status"] == "failed", recorded
     assert "cancel" in (recorded["error"] or ""), recorded
 
-    leftovers = run_once(docker_client, sidecar.image, ["sh", "-c", "find /backups -type f"], entrypoint=[],
-                         volumes={backups_volume: {"bind": "/backups", "mode": "ro"}}, network_mode="none").decode()
+    leftovers = "\n".join(volume_files(docker_client, backups_volume))
     assert ".partial" not in leftovers, leftovers
     assert backup_id not in leftovers, "nothing of the cancelled run stays under a final name"
     helpers = docker_client.containers.list(all=True, filters={"volume": data, "label": "backupd.helper"})
