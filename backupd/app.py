@@ -46,12 +46,14 @@ class Recovery:
     failed_runs: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
     helpers_removed: int = 0
+    pipes_removed: int = 0  # named pipes (and host temp directories) of killed processes
     owners_forgotten: int = 0
     leftovers_removed: int = 0  # partial files and open multipart uploads, as destinations are first used
     leftover_bytes: int = 0
 
     def __str__(self) -> str:
-        if not (self.failed_runs or self.restarted or self.helpers_removed or self.leftovers_removed):
+        if not (self.failed_runs or self.restarted or self.helpers_removed or self.pipes_removed
+                or self.leftovers_removed):
             return "nothing left behind by an earlier backupd"
         parts = []
         if self.failed_runs:
@@ -61,6 +63,8 @@ class Recovery:
             parts.append(f"started container(s) left stopped: {', '.join(self.restarted)}")
         if self.helpers_removed:
             parts.append(f"removed {self.helpers_removed} stale helper container(s)")
+        if self.pipes_removed:
+            parts.append(f"removed {self.pipes_removed} named pipe(s) of killed runs")
         if self.leftovers_removed:
             parts.append(f"removed {self.leftovers_removed} leftover(s) of interrupted uploads "
                          f"({human_bytes(self.leftover_bytes)})")
@@ -156,6 +160,7 @@ class App:
         """Undo what dead backupd processes left behind; logs what it found (when `quiet`, only
         if it found something: the daemon repeats this every minute for CLI commands killed
         while it runs)."""
+        from backupd.docker_host import remove_dead_pipes
         from backupd.quiesce.stop import recover_held_containers
 
         host, alive = self.host, self.leases.owner_alive
@@ -166,13 +171,14 @@ class App:
                         extra={"backup_id": backup_id})
         report.restarted = recover_held_containers(self.catalog, host, alive, host.engine_id())
         report.helpers_removed = host.remove_helpers(self.leases.owner_known_dead)
+        report.pipes_removed = remove_dead_pipes(self.leases.owner_known_dead)  # before their owners are forgotten
         report.owners_forgotten = self.leases.forget_dead_owners(self.catalog.refers_to_owner)
         if report.failed_runs:  # their uploads may have left leftovers: sweep again at next use
             with self._sweeping:
                 self._swept.clear()
         if not quiet:
             log.info("start-up recovery: %s", report)
-        elif report.failed_runs or report.restarted or report.helpers_removed:
+        elif report.failed_runs or report.restarted or report.helpers_removed or report.pipes_removed:
             log.warning("recovery: %s", report)
         return report
 

@@ -17,6 +17,7 @@ import re
 import select
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -224,7 +225,9 @@ class DockerHost:
         if me is None:
             # A fresh private directory, never a predictable name in a shared /tmp: another
             # user could have made that first (0777, or a link to a directory of theirs).
-            local = Path(tempfile.mkdtemp(prefix="backupd-fifo-"))
+            # Named by its owner: when this process is killed, the next backupd's recovery
+            # knows whose it was (remove_dead_pipes).
+            local = Path(tempfile.mkdtemp(prefix=f"{FIFO_DIR_PREFIX}{self.owner}-"))
             weakref.finalize(self, shutil.rmtree, local, True)
             shared = FifoDir(local, Mount(FIFO_POINT, str(local), type="bind", read_only=True), FIFO_POINT)
             # In a container the engine does not know (e.g. the engine runs inside it too),
@@ -532,7 +535,7 @@ class DockerHost:
                                     READ_CAPS, strict=False) as chunks:
                 yield chunks
             return
-        with _fifo(fifo_dir, helper_writes=True) as (local, inside):
+        with _fifo(fifo_dir, self.owner, helper_writes=True) as (local, inside):
             command = [f"--file={inside}" if a == "--file=-" else a for a in tar_create(source.exclude)]
             cid = self._create_helper(command, [source.mount(read_only=True), fifo_dir.mount], purpose=purpose,
                                       caps=READ_CAPS)
@@ -587,7 +590,7 @@ class DockerHost:
         if fifo_dir is None:
             self._extract_over_attach(mount, chunks, purpose)
             return
-        with _fifo(fifo_dir) as (local, inside):
+        with _fifo(fifo_dir, self.owner) as (local, inside):
             command = [f"--file={inside}" if a == "--file=-" else a for a in TAR_EXTRACT]
             cid = self._create_helper(command, [mount, fifo_dir.mount], purpose=purpose, caps=RESTORE_CAPS)
             try:
@@ -916,14 +919,15 @@ class HelperStream(ExecStream):
 
 
 @contextmanager
-def _fifo(fifo_dir: FifoDir, helper_writes: bool = False) -> Iterator[tuple[Path, str]]:
-    """A fresh named pipe (local path, path inside the helper), removed afterwards.
+def _fifo(fifo_dir: FifoDir, owner: str, helper_writes: bool = False) -> Iterator[tuple[Path, str]]:
+    """A fresh named pipe (local path, path inside the helper), removed afterwards, named by
+    its owner so that recovery can remove it if the process is killed (remove_dead_pipes).
 
     A backup helper has no DAC_OVERRIDE, so when backupd is not root (the image runs as
     uid 10001) the pipe it writes must allow others to write; the 0700 directory it lies
     in keeps everyone else out.
     """
-    name = f"{uuid.uuid4().hex}.tar"
+    name = f"{owner}-{uuid.uuid4().hex}.tar"
     local = fifo_dir.local / name
     os.mkfifo(local, 0o600)
     if helper_writes:
@@ -932,6 +936,50 @@ def _fifo(fifo_dir: FifoDir, helper_writes: bool = False) -> Iterator[tuple[Path
         yield local, f"{fifo_dir.inside}/{name}"
     finally:
         local.unlink(missing_ok=True)
+
+
+FIFO_DIR_PREFIX = "backupd-fifo-"  # + owner id + "-" + random: a host process's pipe directory
+_OWNED = re.compile(r"([0-9a-f]{32})-[^/]+")  # owner id first, as _fifo and _find_fifo_dir name things
+
+
+def remove_dead_pipes(whose: Callable[[str | None], bool], temp_root: Path | None = None,
+                      state_pipes: Path = Path(STATE_DIR) / ".fifo") -> int:
+    """Remove what killed backupd processes left of their named pipes; how many were removed.
+
+    A process killed mid-copy (SIGKILL, or its exit without unwinding) leaves its pipe, and on
+    the host its private temp directory, behind. Only those whose owner `whose` picks (our
+    catalog's dead processes) are removed: in a shared /tmp, only real directories of our
+    own uid, never followed through a link.
+    """
+    removed = 0
+    temp_root = temp_root if temp_root is not None else Path(tempfile.gettempdir())
+    try:
+        entries = [e for e in os.scandir(temp_root) if e.name.startswith(FIFO_DIR_PREFIX)]
+    except OSError:
+        entries = []
+    for entry in entries:
+        owned = _OWNED.fullmatch(entry.name[len(FIFO_DIR_PREFIX):])
+        try:
+            ours = entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+        except OSError:
+            continue
+        if owned and ours and whose(owned.group(1)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    try:
+        pipes = list(os.scandir(state_pipes))
+    except OSError:  # not in the image, or no pipe made yet
+        pipes = []
+    for entry in pipes:
+        owned = _OWNED.fullmatch(entry.name)
+        if owned and entry.name.endswith(".tar") and whose(owned.group(1)):
+            try:
+                if stat.S_ISFIFO(entry.stat(follow_symlinks=False).st_mode):
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def _widen(fd: int) -> None:

@@ -46,12 +46,13 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float, logs: Callab
 class Daemon:
     """`backupd run` as a process on the host, its log in a file."""
 
-    def __init__(self, config: Path, log: Path, *args: str) -> None:
-        """`args` go after `run` (`--http 127.0.0.1:PORT`)."""
+    def __init__(self, config: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        """`args` go after `run` (`--http 127.0.0.1:PORT`); `env` adds to the environment."""
         self.log = log
         self.out = open(log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "backupd", "--log-format", "json", "--config",
-                                      str(config), "run", *args], env={**os.environ, "PYTHONPATH": str(REPO)},
+                                      str(config), "run", *args],
+                                     env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
                                      stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def text(self) -> str:
@@ -68,8 +69,8 @@ class Daemon:
 def daemons(tmp_path: Path):
     made: list[Daemon] = []
 
-    def start(config: Path) -> Daemon:
-        made.append(Daemon(config, tmp_path / f"daemon-{len(made)}.log"))
+    def start(config: Path, env: dict[str, str] | None = None) -> Daemon:
+        made.append(Daemon(config, tmp_path / f"daemon-{len(made)}.log", env=env))
         return made[-1]
 
     yield start
@@ -200,18 +201,23 @@ def test_a_container_held_by_a_killed_cli_backup_is_started_by_the_running_daemo
     app, vol = held_app
     job = {**slow_job(vol, app), "schedule": "0 0 1 1 *"}  # the daemon itself never runs it here
     config = write_config(tmp_path, helper_image, {"slow": job})
-    daemon = daemons(config)
+    temp = tmp_path / "tmp"  # the temp directory of both, where a CLI on the host makes its pipe
+    temp.mkdir()
+    daemon = daemons(config, {"TMPDIR": str(temp)})
     wait_until(lambda: "start-up recovery: " in daemon.text(), "the daemon's start", 30, daemon.text)
     cli = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(config), "backup", "slow"],
-                           env={**os.environ, "PYTHONPATH": str(REPO)},
+                           env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(temp)},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: status_of(app) == "exited", "the CLI backup stopping the app", 60)
+    wait_until(lambda: status_of(app) == "exited" and list(temp.glob("backupd-fifo-*/*.tar")),
+               "the CLI backup stopping the app and copying through its pipe", 60)
     cli.send_signal(signal.SIGKILL)
     cli.wait(10)
     assert status_of(app) == "exited"
     wait_until(lambda: status_of(app) == "running", "the daemon's periodic recovery starting the app", 75,
                daemon.text)
     assert "recovery: " in daemon.text() and app.name in daemon.text()
+    wait_until(lambda: not list(temp.iterdir()), "the killed CLI's pipe directory removed", 10,
+               lambda: f"{list(temp.iterdir())}\n{daemon.text()}")
 
 
 def test_recovery_leaves_alone_the_helpers_of_a_backupd_with_another_catalog(

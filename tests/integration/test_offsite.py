@@ -74,7 +74,8 @@ def test_a_partial_file_on_the_sftp_server_is_removed_and_a_live_runs_is_kept(sf
 def test_backups_killed_mid_upload_leave_nothing_once_the_next_run_is_done(
         docker_client, helper_image, volume_factory, tmp_path):
     """SIGKILL (no chance to abort) a backup to two local destinations mid-upload, a few times; the
-    next good run's start-up recovery removes every partial file. (15 random kills: benchmarks/.)"""
+    next good run's start-up recovery removes every partial file, and the named pipes (with their
+    private temp directories) the archives came through. (15 random kills: benchmarks/.)"""
     vol = volume_factory("killed")
     with open(mountpoint(docker_client, vol) / "big.bin", "wb") as f:
         for _ in range(120):
@@ -82,7 +83,9 @@ def test_backups_killed_mid_upload_leave_nothing_once_the_next_run_is_done(
     config = write_config(tmp_path, helper_image, {"j": {"volumes": [vol]}}, destinations={
         "one": {"type": "local", "path": str(tmp_path / "one")},
         "two": {"type": "local", "path": str(tmp_path / "two")}})
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    temp = tmp_path / "tmp"  # backupd's temp directory, this test's alone
+    temp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(temp)}
 
     def written_since(before: set[Path]) -> int:
         total = 0
@@ -104,10 +107,13 @@ def test_backups_killed_mid_upload_leave_nothing_once_the_next_run_is_done(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert len(list(tmp_path.glob("*/j/*/.*.partial-*"))) == 2  # the last kill's, one per destination
+    # The last kill's pipe, mid-copy, in its directory: each run removed the one killed before it.
+    assert len(list(temp.glob("backupd-fifo-*/*.tar"))) == 1 and len(list(temp.iterdir())) == 1
 
-    proc = backupd(config, "backup", "j", check=True)
-    assert "leftover(s) of interrupted uploads" in proc.stderr
+    proc = backupd(config, "backup", "j", check=True, env={"TMPDIR": str(temp)})
+    assert "leftover(s) of interrupted uploads" in proc.stderr and "named pipe(s) of killed runs" in proc.stderr
     assert list(tmp_path.glob("*/j/**/.*.partial-*")) == []
+    assert list(temp.iterdir()) == [], "the good run's own pipe directory goes with it"
     statuses = sorted(b["status"] for b in listing(config))
     assert statuses == ["failed", "failed", "failed", "succeeded"]
 

@@ -82,11 +82,15 @@ class _Me:
         self.attrs = {"Mounts": [{"Type": "volume", "Name": "state", "Destination": state_dir, "RW": True}]}
 
 
-def _host(monkeypatch, me=None):
+OWNER, OTHER = "a" * 32, "b" * 32  # catalog owner ids, as identity.this_process makes them
+
+
+def _host(monkeypatch, me=None, owner: str = OWNER):
     from backupd import docker_host
 
     host = docker_host.DockerHost.__new__(docker_host.DockerHost)
     host._fifo_dir = None
+    host.owner = owner
     monkeypatch.setattr(host, "own_container", lambda: me, raising=False)
     monkeypatch.setattr(docker_host, "in_container", lambda: False)
     monkeypatch.delenv("BACKUPD_TRANSFER", raising=False)
@@ -143,6 +147,42 @@ def test_in_the_sidecar_the_pipe_directory_is_made_0700_in_the_state_volume(tmp_
         os.umask(old)
     assert fifo_dir.local == tmp_path / ".fifo" and fifo_dir.inside == "/backupd-fifo/.fifo"
     assert stat.S_IMODE(os.lstat(fifo_dir.local).st_mode) == 0o700
+
+
+def test_recovery_removes_the_pipes_and_pipe_directories_a_killed_backupd_left_and_nothing_else(
+        tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from backupd.docker_host import _fifo, remove_dead_pipes
+
+    temp, state = tmp_path / "tmp", tmp_path / "state"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # Made as a backupd makes them: the dead one's host directory with its pipe left open...
+    # (Their hosts are kept: a host's directory goes with it when a process ends normally.)
+    hosts = [_host(monkeypatch, owner=OWNER), _host(monkeypatch, owner=OTHER)]
+    dead, live = (host.fifo_dir() for host in hosts)
+    _fifo(dead, OWNER).__enter__()  # never left: the process was killed inside
+    # ...and the pipes in the sidecar's state volume, with what else may lie about.
+    state.mkdir()
+    for name in (f"{OWNER}-1.tar", f"{OTHER}-2.tar"):
+        os.mkfifo(state / name)
+    (state / f"{OWNER}-3.tar").write_bytes(b"not a pipe")
+    (temp / "backupd-fifo-0").mkdir()  # an older version's name: no owner to judge
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (temp / f"backupd-fifo-{OWNER}-link").symlink_to(elsewhere)  # never followed
+    (temp / f"backupd-fifo-{OWNER}-file").write_text("")
+
+    removed = remove_dead_pipes(lambda owner: owner == OWNER, state_pipes=state)
+
+    assert removed == 2
+    assert not dead.local.exists() and live.local.is_dir()
+    assert sorted(p.name for p in state.iterdir()) == [f"{OWNER}-3.tar", f"{OTHER}-2.tar"]
+    assert sorted(p.name for p in temp.iterdir()) == sorted(
+        ["backupd-fifo-0", f"backupd-fifo-{OWNER}-link", f"backupd-fifo-{OWNER}-file", live.local.name])
+    assert elsewhere.is_dir()
 
 
 # ------------------------------------------------------------------ the helper image's tar

@@ -94,8 +94,8 @@ def test_the_pipe_a_backup_helper_writes_is_writable_by_others_in_a_directory_on
     from backupd.docker_host import _fifo
 
     fifo_dir = FifoDir(tmp_path, Mount(FIFO_POINT, str(tmp_path), type="bind", read_only=True), FIFO_POINT)
-    with _fifo(fifo_dir, helper_writes=True) as (local, inside):
+    with _fifo(fifo_dir, "a" * 32, helper_writes=True) as (local, inside):
         assert stat.S_ISFIFO(local.stat().st_mode) and stat.S_IMODE(local.stat().st_mode) == 0o622
-    with _fifo(fifo_dir) as (local, inside):  # a restore helper reads it with DAC_OVERRIDE
+    with _fifo(fifo_dir, "a" * 32) as (local, inside):  # a restore helper reads it with DAC_OVERRIDE
         assert stat.S_IMODE(local.stat().st_mode) == 0o600
     assert not any(tmp_path.iterdir())
