@@ -86,14 +86,18 @@ try:
         print(db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0])
     elif mode == "dump":
         work = tempfile.mkdtemp(prefix="backupd-sqlite-")
-        copy = os.path.join(work, "copy.db")
-        src = sqlite3.connect(uri(path, True), uri=True, timeout=60)
-        dst = sqlite3.connect(copy)
-        src.backup(dst)  # every page in one step: one read transaction, one moment
-        src.close()
-        check(dst, "the copy of " + path)
-        dst.close()
-        with open(copy, "rb") as f:
+        try:
+            copy = os.path.join(work, "copy.db")
+            src = sqlite3.connect(uri(path, True), uri=True, timeout=60)
+            dst = sqlite3.connect(copy)
+            src.backup(dst)  # every page in one step: one read transaction, one moment
+            src.close()
+            check(dst, "the copy of " + path)
+            dst.close()
+            f = open(copy, "rb")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # the copy is read through f: no copy of the data stays
+        with f:
             shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
         sys.stdout.buffer.flush()
     elif mode == "restore":

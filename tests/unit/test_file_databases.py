@@ -54,11 +54,12 @@ def test_sources_carry_the_sqlite_path_and_the_redis_server():
     assert (source.kind, source.server, source.database, source.marker) == ("redis", "cache", None, "all")
 
 
-def run_script(mode: str, path: Path, stdin: bytes = b"") -> subprocess.CompletedProcess:
+def run_script(mode: str, path: Path, stdin: bytes = b"", temp: Path | None = None) -> subprocess.CompletedProcess:
     """The helper's script as the helper runs it (as root it becomes the file's owner; here it
-    already is, and setuid to oneself is allowed)."""
+    already is, and setuid to oneself is allowed); `temp`: its TMPDIR."""
+    env = {**os.environ, "TMPDIR": str(temp)} if temp is not None else None
     return subprocess.run([sys.executable, *sqlite.command(mode, str(path))[1:]], input=stdin,
-                          capture_output=True)
+                          capture_output=True, env=env)
 
 
 def make_db(path: Path, rows: int) -> None:
@@ -78,9 +79,12 @@ def test_the_copy_script_copies_probes_and_restores_a_wal_database(tmp_path: Pat
     holder.execute("INSERT INTO t VALUES (100)")
     holder.commit()
 
-    dump = run_script("dump", live)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    dump = run_script("dump", live, temp=temp)
     assert dump.returncode == 0, dump.stderr
     assert dump.stdout[:16] == b"SQLite format 3\x00"
+    assert list(temp.iterdir()) == [], "no copy of the database stays behind"
     assert run_script("probe", live).stdout.strip() == b"1"
     assert run_script("probe", tmp_path / "none.db").stdout.strip() == b"missing"
     holder.close()
