@@ -198,6 +198,29 @@ def test_a_broken_label_reaches_the_webhook_once_naming_the_container_and_label_
     assert daemon.proc.returncode == 0
 
 
+def test_a_breakage_being_reported_at_sigterm_is_still_reported_before_the_daemon_exits(
+        tmp_path: Path, made: Made, webhook: Webhook) -> None:
+    """The failure ping of a broken label is slow to answer; SIGTERM comes while it is in flight.
+    The daemon finishes the ping and sends the webhook after it before it exits: nothing else
+    would tell anyone that the job is not backed up."""
+    bad = f"bad-{made.run}"
+    webhook.ping_delay = 4
+    config = write(tmp_path, made.helper_image, schedule="0 3 * * *",
+                   notifications={"webhook_url": webhook.url, "ping_url": webhook.ping_url, "timeout": "10s"})
+    made.container(f"{bad}-app", {"backupd.enable": "true", "backupd.job": bad, "backupd.stop": "maybe"},
+                   {f"{bad}-data": "/data"})
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: [p for p, _ in list(webhook.posts) if p.startswith("/ping")], "the failure ping", 30,
+                   daemon.text)
+    finally:
+        daemon.stop(signal.SIGTERM)
+    assert daemon.proc.returncode == 0, daemon.text()[-2000:]
+    paths = [p for p, _ in webhook.posts]
+    assert paths == ["/ping/check-uuid/fail", "/hook/secret-token-123"], paths
+    assert webhook.posts[1][1]["status"] == "label-error" and webhook.posts[1][1]["job"] == bad
+
+
 def start_databases(made: Made, job: str, password_file: Path) -> tuple[Any, Any]:
     require_image(made.client, DB_IMAGE)
     pg = made.container(

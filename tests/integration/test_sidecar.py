@@ -32,16 +32,22 @@ SOCKET = "/var/run/docker.sock"
 
 
 class Webhook:
-    """A loopback receiver that records every POST body."""
+    """A loopback receiver that records every POST body: a webhook's JSON, or a ping's text
+    (under /ping, answered only after `ping_delay` seconds, as a slow monitor would)."""
 
     def __init__(self) -> None:
         self.posts: list[tuple[str, dict[str, Any]]] = []
-        received = self.posts
+        self.ping_delay = 0.0
+        received, hook = self.posts, self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append((self.path, json.loads(body)))
+                if self.path.startswith("/ping"):
+                    received.append((self.path, {"text": body.decode(errors="replace")}))
+                    time.sleep(hook.ping_delay)
+                else:
+                    received.append((self.path, json.loads(body)))
                 self.send_response(204)
                 self.end_headers()
 
@@ -50,6 +56,7 @@ class Webhook:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/secret-token-123"
+        self.ping_url = f"http://127.0.0.1:{self.server.server_address[1]}/ping/check-uuid"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
