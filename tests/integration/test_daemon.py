@@ -181,7 +181,8 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
     first = sidecar_container(config, state)
     logs = lambda c=first: c.logs().decode(errors="replace")  # noqa: E731
     wait_until(lambda: status_of(app) == "exited", "the scheduled run stopping the app", 90, logs)
-    time.sleep(1)
+    pipes = Path(docker_client.volumes.get(state).attrs["Mountpoint"]) / ".fifo"
+    killed_pipes = wait_until(lambda: list(pipes.glob("*.tar")), "the run copying through its pipe", 30, logs)
     first.kill(signal="SIGKILL")
     first.wait(timeout=30)
     assert status_of(app) == "exited"
@@ -194,6 +195,7 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
                lambda: second.logs().decode(errors="replace"))
     wait_until(lambda: "start-up recovery: " in second.logs().decode(errors="replace"), "the recovery log line",
                10, lambda: second.logs().decode(errors="replace"))
+    assert not any(p.exists() for p in killed_pipes), "the killed daemon's pipe is removed by the next one"
 
 
 def test_a_container_held_by_a_killed_cli_backup_is_started_by_the_running_daemon(
