@@ -281,7 +281,9 @@ def test_a_run_deaf_to_its_cancel_does_not_keep_the_daemon_from_exiting(
            "hooks": {"before": [{"container": app.name, "command": ["sleep", "300"], "timeout": "10m"}]}}
     config = write_config(tmp_path, helper_image, {"hung": job},
                           scheduler={"misfire_grace": "30s", "stop_grace": "1s"})
-    daemon = daemons(config)
+    # Its temp directory is the test's: exiting without unwinding leaves its pipe directory for
+    # the next start to remove, and no next start comes here.
+    daemon = daemons(config, {"TMPDIR": str(tmp_path)})
     wait_until(lambda: "step 1/6: before hooks" in daemon.text(), "the scheduled run's before hook", 90, daemon.text)
     started = time.monotonic()
     daemon.proc.send_signal(signal.SIGTERM)
