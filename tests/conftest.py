@@ -12,4 +12,3 @@ def _forget_secrets():
     """A process never forgets a secret; a test must not mask another test's text."""
     yield
     SECRETS.clear()
-

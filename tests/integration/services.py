@@ -137,10 +137,15 @@ def fill_volume(client: docker.DockerClient, helper_image: str, volume: str, scr
     return output
 
 
+def mountpoint(client: docker.DockerClient, volume: str) -> Path:
+    """Where a volume's files are on the host (the tests run beside the engine, as root)."""
+    return Path(client.volumes.get(volume).attrs["Mountpoint"])
+
+
 def volume_files(client: docker.DockerClient, volume: str) -> list[str]:
-    """The files in a volume, relative to its root, read on the host (the tests run beside the
-    engine): no container whose output could come back short."""
-    root = Path(client.volumes.get(volume).attrs["Mountpoint"])
+    """The files in a volume, relative to its root, read on the host: no container whose
+    output could come back short."""
+    root = mountpoint(client, volume)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 

@@ -26,7 +26,7 @@ import pytest
 from tests.integration.services import APP_COMMAND
 from tests.integration.test_repository import repo_config, restic_image  # noqa: F401 - a fixture
 from tests.integration.test_sidecar import SOCKET, _fill
-from tests.integration.test_volumes import REPO, backupd, listing, write_config
+from tests.integration.test_volumes import REPO, backupd, listing, mountpoint, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -181,7 +181,7 @@ def test_the_same_holds_when_the_next_daemon_is_a_new_container_with_a_new_hostn
     first = sidecar_container(config, state)
     logs = lambda c=first: c.logs().decode(errors="replace")  # noqa: E731
     wait_until(lambda: status_of(app) == "exited", "the scheduled run stopping the app", 90, logs)
-    pipes = Path(docker_client.volumes.get(state).attrs["Mountpoint"]) / ".fifo"
+    pipes = mountpoint(docker_client, state) / ".fifo"
     killed_pipes = wait_until(lambda: list(pipes.glob("*.tar")), "the run copying through its pipe", 30, logs)
     first.kill(signal="SIGKILL")
     first.wait(timeout=30)
@@ -244,7 +244,7 @@ def test_a_cancelled_snapshot_stuck_in_its_helper_is_ended_and_the_stopped_app_s
     the app it stopped runs again. Before, the run never saw the cancel: the daemon gave up after
     30 s and exited with the app stopped."""
     app, vol = held_app
-    with open(Path(docker_client.volumes.get(vol).attrs["Mountpoint"]) / "big.bin", "wb") as f:
+    with open(mountpoint(docker_client, vol) / "big.bin", "wb") as f:
         for _ in range(300):  # seconds of restic work: time to catch its helper
             f.write(os.urandom(1 << 20))
     config, _ = repo_config(tmp_path, helper_image, restic_image,

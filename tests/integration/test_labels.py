@@ -33,7 +33,7 @@ from tests.integration.services import APP_COMMAND, DB_IMAGE, MARIADB_SCRIPT, PG
     require_image
 from tests.integration.test_daemon import Daemon, wait_until
 from tests.integration.test_sidecar import Webhook, webhook  # noqa: F401 - fixture
-from tests.integration.test_volumes import backupd, listing
+from tests.integration.test_volumes import backupd, listing, mountpoint
 
 pytestmark = pytest.mark.integration
 
@@ -371,7 +371,7 @@ def test_real_compose_labels_make_one_job_per_project_and_stop_the_service_aroun
         # Read on the host, as the kernel has it: a container's output read back through the engine
         # can come back empty when it exits at once (seen under load), which would also make an
         # empty listing pass for the wrong reason.
-        restored_root = Path(made.client.volumes.get(f"{project}_restored").attrs["Mountpoint"])
+        restored_root = mountpoint(made.client, f"{project}_restored")
         assert (restored_root / "upload").read_bytes() == b"an upload"
         assert list((restored_root / "tmp").iterdir()) == []  # tmp/* was left out; the directory itself stays
         pruned = backupd(config, "prune", "--job", project, "--dry-run")  # discovery.retention applies

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_volumes import REPO
+from tests.integration.test_volumes import REPO, mountpoint
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +34,7 @@ def test_the_quickstart_backs_up_the_demo_volume_on_the_defaults_and_its_printed
         done = subprocess.run(["sh", "-c", restore.replace("backupd_demo_restored", target)], cwd=REPO,
                               capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert (Path(docker_client.volumes.get(target).attrs["Mountpoint"]) / "app" / "hello.txt").read_bytes() \
-            == b"hello from backupd\n"
+        assert (mountpoint(docker_client, target) / "app" / "hello.txt").read_bytes() == b"hello from backupd\n"
     finally:
         try:
             docker_client.volumes.get(target).remove(force=True)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 try:
-    from .services import (DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, remove_dead_dbs, run_to_end,
-                           unique_name)
+    from .services import (DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, mountpoint, remove_dead_dbs,
+                           run_to_end, unique_name)
 except ImportError:
-    from services import (DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, remove_dead_dbs, run_to_end,
-                          unique_name)
+    from services import (DB_IMAGE, TEST_LABELS, fill_volume, fingerprint_sha256, mountpoint, remove_dead_dbs,
+                          run_to_end, unique_name)
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def test_helper_image_has_gnu_tar_and_busybox(docker_client, helper_image):
 def test_fill_volume_writes_into_the_volume(docker_client, helper_image, volume_factory):
     vol = volume_factory("fill")
     fill_volume(docker_client, helper_image, vol, "mkdir -p /data/d && echo hi > /data/d/f && chown 1234:5678 /data/d/f")
-    root = Path(docker_client.volumes.get(vol).attrs["Mountpoint"])
+    root = mountpoint(docker_client, vol)
     st = (root / "d" / "f").stat()
     assert (root / "d" / "f").read_text() == "hi\n" and (st.st_uid, st.st_gid) == (1234, 5678)
     # Inside sh, GNU tar must be called by path (busybox sh prefers its own applets).

@@ -24,7 +24,7 @@ import pytest
 import zstandard
 
 from tests.integration.conftest import remove_volume
-from tests.integration.services import APP_COMMAND
+from tests.integration.services import APP_COMMAND, mountpoint
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def mountpoint(client, volume: str) -> Path:
-    return Path(client.volumes.get(volume).attrs["Mountpoint"])
 
 
 def snapshot(root: Path) -> dict:
